@@ -1,0 +1,5 @@
+import sys
+
+from gcd.cli import main
+
+sys.exit(main())

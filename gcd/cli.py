@@ -1,0 +1,148 @@
+"""gcd's command line: main(argv) -> exit code. Plans and reports go to stdout, logs to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from gcd import __version__, config, cycle, report
+from gcd.errors import ConfigError, GcdError, StateError, UsageError
+from gcd.state import Store
+
+log = logging.getLogger("gcd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gcd",
+        description="Garbage collector for the local image cache of a Docker engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"gcd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", metavar="PATH", help="default: $GCD_CONFIG, else /etc/gcd/config.yaml"
+        )
+
+    def with_output(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--output", choices=("text", "json"), default="text")
+
+    p = sub.add_parser("run", help="one cycle: snapshot, plan, remove, report")
+    with_config(p)
+    p.add_argument("--dry-run", action="store_true", help="plan and report only; remove nothing")
+    with_output(p)
+    p = sub.add_parser("plan", help="same as run --dry-run")
+    with_config(p)
+    with_output(p)
+    p = sub.add_parser("explain", help="why each image is kept or removed")
+    with_config(p)
+    p.add_argument("refs", nargs="+", metavar="REF_OR_ID")
+    p = sub.add_parser("check-config", help='validate a configuration; print errors or "ok"')
+    p.add_argument("path", nargs="?", metavar="PATH")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+    )
+    try:
+        if args.command == "check-config":
+            config.load(args.path)
+            print("ok")
+            return 0
+        cfg = config.load(args.config)
+        if args.command == "explain":
+            return _explain(cfg, args.refs)
+        if args.command == "plan" or args.dry_run:
+            return _plan(cfg, args.output)
+        return _run(cfg, args.output)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return e.exit_code
+    except GcdError as e:
+        print(f"gcd: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _open_store(cfg: config.Config, must_write: bool) -> Store:
+    """The state store; a dry run may plan from a store it cannot write."""
+    try:
+        return Store(cfg.state_dir)
+    except StateError as e:
+        if must_write:
+            raise
+        log.warning("%s; planning without recording observations", e)
+        return Store(cfg.state_dir, writable=False)
+
+
+def _plan(cfg: config.Config, output: str) -> int:
+    now = cycle.utcnow()
+    store = _open_store(cfg, must_write=False)
+    engine = cycle.connect(cfg)
+    try:
+        plan = cycle.prepare(cfg, engine, store, now)
+    finally:
+        engine.close()
+        store.close()
+    rendered = report.planned(plan, now)
+    print(report.to_json(rendered) if output == "json" else report.to_text(rendered), end="")
+    log.info("%s", report.summary_line(rendered))
+    return 0
+
+
+def _run(cfg: config.Config, output: str) -> int:
+    now = cycle.utcnow()
+    store = _open_store(cfg, must_write=True)
+    engine = cycle.connect(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.warning("%s received: stopping after the current removal", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        result = cycle.run(cfg, engine, store, now, stop.is_set)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        engine.close()
+        store.close()
+    print(report.to_json(result) if output == "json" else report.to_text(result), end="")
+    log.info("%s", report.summary_line(result))
+    return 1 if result.count("failed") else 0
+
+
+def _explain(cfg: config.Config, refs: list[str]) -> int:
+    now = cycle.utcnow()
+    store = _open_store(cfg, must_write=False)
+    engine = cycle.connect(cfg)
+    try:
+        plan = cycle.prepare(cfg, engine, store, now)
+    finally:
+        engine.close()
+        store.close()
+    missing = []
+    for ref in refs:
+        image = plan.snapshot.resolve(ref)
+        if image is None:
+            missing.append(ref)
+            continue
+        print(f"{ref}: " + report.explain(plan, image.id), end="")
+    if missing:
+        raise UsageError(
+            f"no image matches {', '.join(missing)} in the engine at {plan.snapshot.engine.url}"
+        )
+    return 0

@@ -1,0 +1,234 @@
+"""The Docker Engine API, and the only module that imports docker.
+
+Raw JSON stops here: callers get model values, and docker/requests exceptions become gcd
+errors (EngineUnavailable, ConflictError, NotFoundError, EngineError).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
+from gcd.model import Container, EngineInfo, Image, ImageFacts, Snapshot
+
+T = TypeVar("T")
+_NO_TAG = "<none>:<none>"
+_NO_DIGEST = "<none>@<none>"
+_ISO_FRACTION = re.compile(r"(\.\d{1,6})\d*")
+
+
+class Engine(Protocol):
+    url: str
+    calls: int
+
+    def snapshot(self, facts: Mapping[str, ImageFacts]) -> tuple[Snapshot, dict[str, ImageFacts]]:
+        """Read the engine once; return the snapshot and the facts learned by inspecting."""
+
+    def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """The image's tags and digest references now, or None if it is gone."""
+
+    def users(self, image_id: str) -> tuple[Container, ...]:
+        """Containers (any state) created from this image or from a descendant of it."""
+
+    def delete(self, ref: str) -> tuple[str, ...]:
+        """Delete one reference or an image ID, never forced; the image IDs the engine deleted."""
+
+
+class DockerEngine:
+    """Engine over docker.APIClient: explicit timeout, API version negotiated on first use."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.calls = 0
+        self._client: docker.APIClient | None = None
+
+    @property
+    def client(self) -> docker.APIClient:
+        if self._client is None:
+            self.calls += 1  # version negotiation is a request of its own
+            self._client = self._call(
+                lambda: docker.APIClient(base_url=self.url, version="auto", timeout=self.timeout)
+            )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except docker.errors.NotFound as e:
+            raise NotFoundError(_explanation(e)) from None
+        except docker.errors.APIError as e:
+            if e.status_code == 409:
+                raise ConflictError(_explanation(e)) from None
+            raise EngineError(
+                f"the Docker engine at {self.url} answered: {_explanation(e)}"
+            ) from None
+        except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as e:
+            # A broken connection is worth a fresh one next time (engine restarted).
+            self._client = None
+            raise EngineUnavailable(
+                f"cannot reach the Docker engine at {self.url}: {self._why(e)}"
+            ) from None
+
+    def _why(self, e: BaseException) -> str:
+        text = str(e)
+        if isinstance(e, requests.exceptions.Timeout) or "timed out" in text.lower():
+            return f"no answer within {self.timeout:g}s (engine.timeout)"
+        if "Permission denied" in text:
+            return "permission denied on the socket (is this user in the docker group?)"
+        if "No such file" in text or "FileNotFoundError" in text:
+            return "no such socket (is dockerd running? set engine.url or $DOCKER_HOST)"
+        if "Connection refused" in text:
+            return "connection refused (is dockerd running?)"
+        return text
+
+    def _get(self, fn: Callable[[], T]) -> T:
+        self.calls += 1
+        return self._call(fn)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def snapshot(self, facts: Mapping[str, ImageFacts]) -> tuple[Snapshot, dict[str, ImageFacts]]:
+        client = self.client
+        version = self._get(client.version)
+        raw_images = self._get(lambda: client.images(all=True))
+        raw_containers = self._get(lambda: client.containers(all=True))
+        learned: dict[str, ImageFacts] = {}
+        images = []
+        for raw in raw_images:
+            tags = tuple(sorted(t for t in raw.get("RepoTags") or () if t != _NO_TAG))
+            known = facts.get(raw["Id"])
+            if known is None or known.tags != tags:
+                try:
+                    known = self._inspect(raw["Id"], tags, known)
+                except NotFoundError:
+                    continue  # deleted between the list and the inspect
+                learned[raw["Id"]] = known
+            images.append(_image(raw, tags, known))
+        containers = tuple(_container(c) for c in raw_containers)
+        info = EngineInfo(
+            self.url, str(version.get("Version", "")), str(version.get("ApiVersion", ""))
+        )
+        return Snapshot(info, tuple(images), containers), learned
+
+    def _inspect(
+        self, image_id: str, tags: tuple[str, ...], known: ImageFacts | None
+    ) -> ImageFacts:
+        raw = self._get(lambda: self.client.inspect_image(image_id))
+        last_tag_time = _parse_time((raw.get("Metadata") or {}).get("LastTagTime"))
+        if known is not None:  # only the tags changed: layers are content addressed
+            return ImageFacts(tags, known.layers, known.layer_sizes, last_tag_time)
+        diff_ids = tuple((raw.get("RootFS") or {}).get("Layers") or ())
+        history = self._get(lambda: self.client.history(image_id))
+        sizes = _layer_sizes(len(diff_ids), history, int(raw.get("Size") or 0))
+        if sizes is None:
+            return ImageFacts(tags, (), (), last_tag_time)
+        return ImageFacts(tags, _chain_ids(diff_ids), sizes, last_tag_time)
+
+    def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        try:
+            raw = self._get(lambda: self.client.inspect_image(image_id))
+        except NotFoundError:
+            return None
+        return _refs(raw.get("RepoTags"), _NO_TAG), _refs(raw.get("RepoDigests"), _NO_DIGEST)
+
+    def users(self, image_id: str) -> tuple[Container, ...]:
+        raw = self._get(lambda: self.client.containers(all=True, filters={"ancestor": image_id}))
+        return tuple(_container(c) for c in raw)
+
+    # --- removing --------------------------------------------------------------------------
+
+    def delete(self, ref: str) -> tuple[str, ...]:
+        # force=False, noprune=False: the engine refuses what is in use and prunes parents.
+        answer = self._get(lambda: self.client.remove_image(ref, force=False, noprune=False))
+        return tuple(item["Deleted"] for item in answer or () if "Deleted" in item)
+
+
+def _explanation(e: docker.errors.APIError) -> str:
+    return str(e.explanation or e).strip()
+
+
+def _refs(values: Any, placeholder: str) -> tuple[str, ...]:
+    return tuple(sorted(v for v in values or () if v != placeholder))
+
+
+def _image(raw: Mapping[str, Any], tags: tuple[str, ...], facts: ImageFacts) -> Image:
+    return Image(
+        id=raw["Id"],
+        tags=tags,
+        digests=_refs(raw.get("RepoDigests"), _NO_DIGEST),
+        parent=raw.get("ParentId") or None,
+        created=datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),
+        size=int(raw.get("Size") or 0),
+        labels=dict(raw.get("Labels") or {}),
+        last_tag_time=facts.last_tag_time,
+        layers=facts.layers,
+        layer_sizes=facts.layer_sizes,
+    )
+
+
+def _container(raw: Mapping[str, Any]) -> Container:
+    names = raw.get("Names") or [raw["Id"][:12]]
+    return Container(
+        id=raw["Id"],
+        name=names[0].lstrip("/"),
+        image_id=raw.get("ImageID") or "",
+        image=raw.get("Image") or "",
+        state=raw.get("State") or "unknown",
+        created=datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),
+    )
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    """Docker's RFC 3339 times (nanoseconds, Z); the zero time 0001-01-01 means none."""
+    if not text or text.startswith("0001-01-01"):
+        return None
+    value = datetime.fromisoformat(_ISO_FRACTION.sub(r"\1", text.replace("Z", "+00:00")))
+    return value.astimezone(UTC)
+
+
+def _chain_ids(diff_ids: tuple[str, ...]) -> tuple[str, ...]:
+    """The layer store's identity of each layer: a hash of the diff IDs below and including it."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        if chain:
+            digest = hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
+            chain.append(f"sha256:{digest}")
+        else:
+            chain.append(diff_id)
+    return tuple(chain)
+
+
+def _layer_sizes(
+    layers: int, history: list[Mapping[str, Any]], total: int
+) -> tuple[int, ...] | None:
+    """Each layer's size from the image history (newest entry first in the API).
+
+    History entries of empty layers (ENV, CMD, ...) have size 0 and are not layers; a real
+    layer may be empty too. Entries with a size are layers; a zero entry counts as a layer
+    only when the remaining entries are needed to reach the layer count. Returns None when
+    the sizes do not add up to the image size, so bytes fall back to whole images.
+    """
+    entries = [int(e.get("Size") or 0) for e in reversed(history)]
+    sizes: list[int] = []
+    for index, size in enumerate(entries):
+        if len(sizes) == layers:
+            break
+        if size > 0 or len(entries) - index <= layers - len(sizes):
+            sizes.append(size)
+    if len(sizes) != layers or sum(sizes) != total:
+        return None
+    return tuple(sizes)

@@ -1,0 +1,243 @@
+"""The data gcd works on: frozen values with no I/O and no docker import."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Literal
+
+DecisionKind = Literal["keep", "remove"]
+OutcomeKind = Literal["planned", "done", "skipped", "failed"]
+
+
+def short_id(image_id: str) -> str:
+    """The 12-hex-digit form `docker images` prints."""
+    return image_id.removeprefix("sha256:")[:12]
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """`registry:5000/team/app:1.2` -> (`registry:5000/team/app`, `1.2`)."""
+    repository, _, tag = ref.rpartition(":")
+    return repository, tag
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    url: str
+    server_version: str
+    api_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    id: str
+    tags: tuple[str, ...]
+    digests: tuple[str, ...]
+    parent: str | None
+    created: datetime
+    size: int
+    labels: Mapping[str, str]
+    last_tag_time: datetime | None = None
+    # Chain IDs bottom first and their sizes: what the store really holds, so bytes can be
+    # counted once per layer however many images share it.
+    layers: tuple[str, ...] = ()
+    layer_sizes: tuple[int, ...] = ()
+
+    @property
+    def short_id(self) -> str:
+        return short_id(self.id)
+
+    @property
+    def repositories(self) -> frozenset[str]:
+        return frozenset(split_ref(t)[0] for t in self.tags)
+
+    def layer_bytes(self) -> Iterator[tuple[str, int]]:
+        """(layer key, bytes) pairs; an image whose layers are unknown counts as one layer."""
+        if self.layers:
+            yield from zip(self.layers, self.layer_sizes, strict=True)
+        else:
+            yield self.id, self.size
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    id: str
+    name: str
+    image_id: str
+    image: str
+    state: str
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One consistent read of the engine plus the graph queries the planner needs."""
+
+    engine: EngineInfo
+    images: tuple[Image, ...]
+    containers: tuple[Container, ...]
+    _by_id: Mapping[str, Image] = field(init=False, repr=False, compare=False)
+    _children: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+    _users: Mapping[str, tuple[Container, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_id = {image.id: image for image in self.images}
+        children: dict[str, list[str]] = {}
+        for image in self.images:
+            if image.parent and image.parent in by_id:
+                children.setdefault(image.parent, []).append(image.id)
+        users: dict[str, list[Container]] = {}
+        for container in self.containers:
+            users.setdefault(container.image_id, []).append(container)
+        object.__setattr__(self, "_by_id", MappingProxyType(by_id))
+        object.__setattr__(
+            self, "_children", MappingProxyType({k: tuple(v) for k, v in children.items()})
+        )
+        object.__setattr__(
+            self, "_users", MappingProxyType({k: tuple(v) for k, v in users.items()})
+        )
+
+    def image(self, image_id: str) -> Image:
+        return self._by_id[image_id]
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._by_id
+
+    def children(self, image_id: str) -> tuple[str, ...]:
+        return self._children.get(image_id, ())
+
+    def users(self, image_id: str) -> tuple[Container, ...]:
+        """Containers in any state created from exactly this image."""
+        return self._users.get(image_id, ())
+
+    def ancestors(self, image_id: str) -> Iterator[str]:
+        """Parent, grandparent, ... of an image, as far as the store holds them."""
+        seen = {image_id}
+        parent = self._by_id[image_id].parent
+        while parent and parent in self._by_id and parent not in seen:
+            seen.add(parent)
+            yield parent
+            parent = self._by_id[parent].parent
+
+    def depth(self, image_id: str) -> int:
+        return sum(1 for _ in self.ancestors(image_id))
+
+    def is_dangling(self, image_id: str) -> bool:
+        """No tag and no child image (digest references are allowed)."""
+        return not self._by_id[image_id].tags and not self.children(image_id)
+
+    def freed_bytes(self, removed: set[str]) -> dict[str, int]:
+        """Bytes that removing `removed` frees, per image, every layer counted once.
+
+        A layer is freed when every image holding it goes; it is credited to the removed
+        image that holds the fewest layers (the one closest to the base), so the per-image
+        figures add up to the total without counting a shared layer twice.
+        """
+        holders: dict[str, list[Image]] = {}
+        sizes: dict[str, int] = {}
+        for image in self.images:
+            for layer, size in image.layer_bytes():
+                holders.setdefault(layer, []).append(image)
+                sizes[layer] = size
+        freed: dict[str, int] = {}
+        for layer, images in holders.items():
+            if all(i.id in removed for i in images):
+                owner = min(images, key=lambda i: (len(i.layers), i.id))
+                freed[owner.id] = freed.get(owner.id, 0) + sizes[layer]
+        return freed
+
+    def resolve(self, ref_or_id: str) -> Image | None:
+        """An image by tag (`demo` means `demo:latest`), full ID, or unique ID prefix."""
+        wanted = ref_or_id if ":" in ref_or_id.rpartition("/")[2] else f"{ref_or_id}:latest"
+        for image in self.images:
+            if wanted in image.tags or ref_or_id in image.digests:
+                return image
+        hex_part = ref_or_id.removeprefix("sha256:")
+        if len(hex_part) >= 4 and all(c in "0123456789abcdef" for c in hex_part):
+            found = [i for i in self.images if i.id.removeprefix("sha256:").startswith(hex_part)]
+            if len(found) == 1:
+                return found[0]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class StateView:
+    """What gcd itself remembers about images (Docker records none of it)."""
+
+    new_store: bool
+    first_seen: Mapping[str, datetime] = field(default_factory=dict)
+    first_seen_dangling: Mapping[str, datetime] = field(default_factory=dict)
+    last_used: Mapping[str, datetime] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    image_id: str
+    tags: tuple[str, ...]
+    decision: DecisionKind
+    reasons: tuple[str, ...]
+    untag: tuple[str, ...] = ()
+    bytes: int = 0
+    # Removed by the engine together with its last child: gcd sends no request of its own.
+    implied: bool = False
+    protected: bool = False
+    dangling: bool = False
+    # (tag, rule name or "unmatched") for every tag that expired on this image.
+    expired: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    snapshot: Snapshot
+    now: datetime
+    decisions: tuple[Decision, ...]
+    reclaimable_bytes: int
+
+    def removals(self) -> tuple[Decision, ...]:
+        return tuple(d for d in self.decisions if d.decision == "remove")
+
+    def decision(self, image_id: str) -> Decision:
+        for d in self.decisions:
+            if d.image_id == image_id:
+                return d
+        raise KeyError(image_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    image_id: str
+    outcome: OutcomeKind
+    reason: str | None = None
+    error: str | None = None
+    untagged: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    plan: Plan
+    dry_run: bool
+    started_at: datetime
+    outcomes: Mapping[str, Outcome]
+    reclaimed_bytes: int = 0
+
+    def outcome(self, image_id: str) -> Outcome:
+        return self.outcomes[image_id]
+
+    def count(self, kind: OutcomeKind) -> int:
+        return sum(1 for o in self.outcomes.values() if o.outcome == kind)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFacts:
+    """What only an inspect tells about an image; cached by ID (content addressed).
+
+    `tags` is the tag set when it was read: LastTagTime is the one fact that changes, and it
+    changes only when the tags do.
+    """
+
+    tags: tuple[str, ...]
+    layers: tuple[str, ...]
+    layer_sizes: tuple[int, ...]
+    last_tag_time: datetime | None

@@ -1,0 +1,403 @@
+"""plan(snapshot, config, state, now) -> Plan: the retention policy as a pure function.
+
+Mark and sweep. Roots are protected images, images a rule (or `unmatched: keep`) keeps, and
+untagged images still inside their dangling grace; every ancestor of a root is kept too. The
+rest is garbage. Safety guards then turn some removals back into keeps, and the sweep runs
+again. No I/O, no logging, no clock: every decision carries the reasons that produced it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import semver
+
+from gcd.config import Config, Protect, Rule
+from gcd.model import Decision, Image, Plan, Snapshot, StateView, short_id, split_ref
+from gcd.units import format_duration
+
+# Reproducible builds stamp `created` with 1970 (SOURCE_DATE_EPOCH=0): not a signal of age.
+CREATED_FLOOR = datetime(2000, 1, 1, tzinfo=UTC)
+_OLDEST = datetime.min.replace(tzinfo=UTC)
+_NATURAL_CHUNK = re.compile(r"\d+|\D+")
+
+
+def image_age(image: Image, state: StateView, now: datetime) -> timedelta | None:
+    """now - youngest(created, last_tag_time, first_seen); None when no signal exists."""
+    signals = [t for t in (image.last_tag_time, state.first_seen.get(image.id)) if t]
+    if image.created >= CREATED_FLOOR:
+        signals.append(image.created)
+    return now - max(signals) if signals else None
+
+
+@dataclass(slots=True)
+class _Verdict:
+    """Mutable working record for one image while the plan is built."""
+
+    image: Image
+    age: timedelta | None
+    first_seen: datetime | None = None
+    last_used: datetime | None = None
+    protections: list[str] = field(default_factory=list)
+    min_age_protected: bool = False
+    keep_reasons: list[str] = field(default_factory=list)
+    expire_reasons: list[str] = field(default_factory=list)
+    expired: list[tuple[str, str]] = field(default_factory=list)
+    kept_tags: list[str] = field(default_factory=list)
+    guard: str | None = None
+    parent_of: str | None = None
+    remove: bool = False
+
+
+def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
+    """Decide, for every image of the snapshot, whether it is kept or removed, and why."""
+    verdicts = {
+        i.id: _Verdict(
+            i, image_age(i, state, now), state.first_seen.get(i.id), state.last_used.get(i.id)
+        )
+        for i in snapshot.images
+    }
+    _protect(snapshot, config, verdicts)
+    _apply_rules(snapshot, config, verdicts)
+    _mark_candidates(snapshot, config, state, now, verdicts)
+    _sweep(snapshot, verdicts)
+    _guard(snapshot, config, verdicts)
+    _sweep(snapshot, verdicts)
+    freed = snapshot.freed_bytes({i for i, v in verdicts.items() if v.remove})
+    decisions = tuple(
+        _decide(snapshot, config, v, freed.get(v.image.id, 0))
+        for v in sorted(verdicts.values(), key=lambda v: v.image.id)
+    )
+    return Plan(snapshot, now, decisions, sum(freed.values()))
+
+
+# --- protection -------------------------------------------------------------------------------
+
+
+def _protect(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
+    for container in snapshot.containers:
+        if container.image_id not in verdicts:
+            continue
+        verdicts[container.image_id].protections.append(
+            f"in use by container {container.name} ({container.state})"
+        )
+        for ancestor in snapshot.ancestors(container.image_id):
+            reasons = verdicts[ancestor].protections
+            if not any(r.startswith("parent of in-use image") for r in reasons):
+                reasons.append(
+                    f"parent of in-use image {short_id(container.image_id)} "
+                    f"(container {container.name})"
+                )
+    min_age = config.safety.min_age
+    for v in verdicts.values():
+        if v.age is not None and v.age < min_age:
+            v.min_age_protected = True
+            v.protections.append(
+                f"younger than safety.min_age {format_duration(min_age)} "
+                f"(age {format_duration(v.age)})"
+            )
+        for entry in config.protect:
+            hit = _protect_hit(entry, v.image)
+            if hit:
+                v.protections.append(f'protect[{entry.index}] {entry.kind} "{entry.value}" {hit}')
+
+
+def _protect_hit(entry: Protect, image: Image) -> str | None:
+    """How `entry` matches `image` (for the reason), or None."""
+    if entry.kind == "ref":
+        for tag in image.tags:
+            if fnmatch.fnmatchcase(tag, entry.value):
+                return f"matches {tag}"
+    elif entry.kind == "tag":
+        assert entry.regex is not None
+        for tag in image.tags:
+            if entry.regex.fullmatch(split_ref(tag)[1]):
+                return f"matches {tag}"
+    elif entry.kind == "label":
+        key, has_value, value = entry.value.partition("=")
+        if key in image.labels and (not has_value or image.labels[key] == value):
+            return "matches the image's labels"
+    elif image.id.removeprefix("sha256:").startswith(entry.value.removeprefix("sha256:")):
+        return "matches the image ID"
+    return None
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+def _apply_rules(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
+    """Rank each rule's groups; collect, per tag, the rules that keep or expire it."""
+    keeps: dict[str, list[str]] = defaultdict(list)
+    expires: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for rule in config.rules:
+        for label, members in _groups(snapshot, rule).items():
+            _rank_group(rule, label, members, verdicts, keeps, expires)
+    for v in verdicts.values():
+        for tag in v.image.tags:
+            if tag in keeps:
+                v.kept_tags.append(tag)
+                v.keep_reasons.extend(r for r in keeps[tag] if r not in v.keep_reasons)
+            elif tag in expires:
+                for rule_name, reason in expires[tag]:
+                    v.expired.append((tag, rule_name))
+                    if reason not in v.expire_reasons:
+                        v.expire_reasons.append(reason)
+            elif config.unmatched == "keep":
+                v.kept_tags.append(tag)
+                v.keep_reasons.append(f"no rule matches {tag} (unmatched: keep)")
+            else:
+                v.expired.append((tag, "unmatched"))
+                v.expire_reasons.append(f"no rule matches {tag} (unmatched: expire)")
+
+
+def _groups(
+    snapshot: Snapshot, rule: Rule
+) -> dict[str, dict[str, list[tuple[str, re.Match[str]]]]]:
+    """group label -> image ID -> the (tag, match) pairs of that image the rule matches."""
+    groups: dict[str, dict[str, list[tuple[str, re.Match[str]]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for image in snapshot.images:
+        for tag in image.tags:
+            repository, name = split_ref(tag)
+            if not rule.repository.fullmatch(repository):
+                continue
+            match = rule.tag.fullmatch(name)
+            if match is None or (rule.exclude_tag and rule.exclude_tag.fullmatch(name)):
+                continue
+            label = ", ".join(
+                f"{g}={repository if g == 'repository' else match.group(g) or ''}"
+                for g in rule.group_by
+            )
+            groups[label or "(all)"][image.id].append((tag, match))
+    return groups
+
+
+def _rank_group(
+    rule: Rule,
+    label: str,
+    members: dict[str, list[tuple[str, re.Match[str]]]],
+    verdicts: dict[str, _Verdict],
+    keeps: dict[str, list[str]],
+    expires: dict[str, list[tuple[str, str]]],
+) -> None:
+    ranked: list[tuple[Any, datetime, str, str]] = []
+    ranked_tags: dict[str, list[str]] = {}
+    for image_id, matches in members.items():
+        image = verdicts[image_id].image
+        best: Any = None
+        for tag, match in matches:
+            key = _sort_key(rule, tag, match, verdicts[image_id])
+            if key is None:
+                keeps[tag].append(f"{rule.name}: cannot order {tag} by {rule.order_by}; kept")
+                continue
+            ranked_tags.setdefault(image_id, []).append(tag)
+            best = key if best is None or key > best else best
+        if best is not None:
+            ranked.append((best, image.created, max(ranked_tags[image_id]), image_id))
+    ranked.sort(reverse=True)
+    for rank, (_, _, _, image_id) in enumerate(ranked, start=1):
+        age = verdicts[image_id].age
+        if rank <= rule.keep_last:
+            reason = f"{rule.name}: rank {rank} <= keep_last {rule.keep_last} in group {label}"
+            for tag in ranked_tags[image_id]:
+                keeps[tag].append(reason)
+        elif rule.keep_within is not None and (age is None or age < rule.keep_within):
+            # An image with no age signal at all is not known to be old: keep it.
+            shown = "unknown" if age is None else format_duration(age)
+            reason = (
+                f"{rule.name}: age {shown} < keep_within {format_duration(rule.keep_within)} "
+                f"in group {label}"
+            )
+            for tag in ranked_tags[image_id]:
+                keeps[tag].append(reason)
+        else:
+            reason = f"{rule.name}: rank {rank} > keep_last {rule.keep_last} in group {label}"
+            for tag in ranked_tags[image_id]:
+                expires[tag].append((rule.name, reason))
+
+
+def _sort_key(rule: Rule, tag: str, match: re.Match[str], verdict: _Verdict) -> Any:
+    """The value `order_by` sorts on (greater is newer), or None if it cannot be parsed."""
+    kind, image = rule.order_by.kind, verdict.image
+    value = match.group(rule.order_by.group) if rule.order_by.group else None
+    if kind == "semver":
+        if not value:
+            return None
+        try:
+            return semver.Version.parse(
+                value.removeprefix("v").removeprefix("V"), optional_minor_and_patch=True
+            )
+        except ValueError:
+            return None
+    if kind == "numeric":
+        try:
+            return int(value) if value else None
+        except ValueError:
+            return None
+    if kind == "natural":
+        name = split_ref(tag)[1]
+        return tuple(
+            (0, int(c), "") if c.isdigit() else (1, 0, c) for c in _NATURAL_CHUNK.findall(name)
+        )
+    if kind == "created":
+        return image.created
+    if kind == "tagged":
+        return image.last_tag_time or image.created
+    if kind == "first_seen":
+        return verdict.first_seen or image.created
+    return verdict.last_used or _OLDEST
+
+
+# --- marking, sweeping, guards ----------------------------------------------------------------
+
+
+def _mark_candidates(
+    snapshot: Snapshot,
+    config: Config,
+    state: StateView,
+    now: datetime,
+    verdicts: dict[str, _Verdict],
+) -> None:
+    """First pass: removal candidates are unprotected images whose every tag expired, and
+    dangling images past their grace. Intermediates wait for the sweep."""
+    for v in verdicts.values():
+        image = v.image
+        if v.protections:
+            continue
+        if image.tags:
+            v.remove = not v.kept_tags
+            continue
+        if snapshot.children(image.id):
+            v.remove = True  # an intermediate: kept by the sweep if any descendant is kept
+            continue
+        if config.dangling.action == "keep":
+            v.keep_reasons.append("dangling (dangling.action: keep)")
+            continue
+        since = state.first_seen_dangling.get(image.id)
+        # Dangling since before the store existed: the image's own age stands in.
+        dangling_for = now - since if since else v.age
+        grace = format_duration(config.dangling.min_age)
+        if dangling_for is not None and dangling_for < config.dangling.min_age:
+            v.keep_reasons.append(
+                f"dangling for {format_duration(dangling_for)} < dangling.min_age {grace}"
+            )
+        else:
+            shown = "an unknown time" if dangling_for is None else format_duration(dangling_for)
+            v.expire_reasons.append(f"dangling for {shown} >= dangling.min_age {grace}")
+            v.remove = True
+
+
+def _sweep(snapshot: Snapshot, verdicts: dict[str, _Verdict]) -> None:
+    """Every ancestor of a kept image is kept: the engine could not delete it anyway."""
+    for v in verdicts.values():
+        if v.remove:
+            continue
+        for ancestor in snapshot.ancestors(v.image.id):
+            a = verdicts[ancestor]
+            if a.parent_of is None:
+                a.parent_of = v.image.id
+            a.remove = False
+
+
+def _guard(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
+    safety = config.safety
+    by_repository: dict[str, list[_Verdict]] = defaultdict(list)
+    for v in verdicts.values():
+        for repository in v.image.repositories:
+            by_repository[repository].append(v)
+    for repository, members in sorted(by_repository.items()):
+        removing = [v for v in members if v.remove]
+        if removing and len(removing) / len(members) > safety.max_removal_fraction:
+            why = (
+                f"guard safety.max_removal_fraction: would remove {len(removing)} of "
+                f"{len(members)} tagged images of {repository} "
+                f"({len(removing) / len(members):.0%} > {safety.max_removal_fraction:.0%})"
+            )
+            for v in removing:
+                _refuse(v, why)
+        if safety.keep_one_per_repository and all(v.remove for v in members):
+            last = max(members, key=lambda v: (v.image.created, max(v.image.tags)))
+            _refuse(
+                last, f"guard safety.keep_one_per_repository: last tagged image of {repository}"
+            )
+    direct = [v for v in verdicts.values() if v.remove and not _is_implied(snapshot, v.image)]
+    if len(direct) > safety.max_removals_per_run:
+        # Oldest first: an image with no age signal counts as the oldest of all.
+        direct.sort(
+            key=lambda v: (v.age is not None, -(v.age or timedelta()).total_seconds(), v.image.id)
+        )
+        for v in direct[safety.max_removals_per_run :]:
+            _refuse(
+                v,
+                f"guard safety.max_removals_per_run: {safety.max_removals_per_run} removals "
+                "reached; older images go first",
+            )
+
+
+def _refuse(v: _Verdict, why: str) -> None:
+    v.remove = False
+    if v.guard is None:
+        v.guard = why
+
+
+def _is_implied(snapshot: Snapshot, image: Image) -> bool:
+    """An untagged, unreferenced parent: the engine deletes it with its last child."""
+    return not image.tags and not image.digests and bool(snapshot.children(image.id))
+
+
+# --- bytes and decisions ----------------------------------------------------------------------
+
+
+def _decide(snapshot: Snapshot, config: Config, v: _Verdict, freed: int) -> Decision:
+    image = v.image
+    tags = tuple(sorted(image.tags))
+    expired = tuple(sorted(v.expired))
+    dangling = snapshot.is_dangling(image.id)
+    if v.remove:
+        reasons = list(v.expire_reasons)
+        if not image.tags and snapshot.children(image.id):
+            child = sorted(snapshot.children(image.id))[0]
+            reasons.append(f"intermediate: goes with its last child {short_id(child)}")
+        return Decision(
+            image.id,
+            tags,
+            "remove",
+            tuple(reasons),
+            bytes=freed,
+            implied=_is_implied(snapshot, image),
+            dangling=dangling,
+            expired=expired,
+        )
+    reasons = list(v.protections)
+    if v.guard:
+        reasons.append(v.guard)
+    if v.parent_of:
+        reasons.append(f"parent of kept image {short_id(v.parent_of)}")
+    reasons.extend(v.keep_reasons)
+    untag: tuple[str, ...] = ()
+    expired_tags = sorted({tag for tag, _ in v.expired})
+    if expired_tags:
+        # Untag only where a name stays, the image is not young, and no guard refused it.
+        if config.untag_expired and v.kept_tags and not v.guard and not v.min_age_protected:
+            untag = tuple(expired_tags)
+            reasons.extend(f"untag {tag}: expired" for tag in untag)
+        reasons.extend(r for r in v.expire_reasons if r not in reasons)
+    if not reasons:
+        reasons.append("kept: nothing expired it")
+    protected = bool(v.protections) or v.parent_of is not None
+    return Decision(
+        image.id,
+        tags,
+        "keep",
+        tuple(reasons),
+        untag=untag,
+        protected=protected,
+        dangling=dangling,
+        expired=expired,
+    )

@@ -1,0 +1,139 @@
+"""Render a Report as a table a person reads, or as the JSON document of spec section 6."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from gcd import __version__
+from gcd.model import Decision, Outcome, Plan, Report, short_id
+from gcd.units import format_bytes
+
+_COLUMNS = ("IMAGE", "TAGS", "DECISION", "SIZE", "REASON")
+
+
+def planned(plan: Plan, started_at: datetime) -> Report:
+    """The report of a dry run: every outcome is `planned`."""
+    outcomes = {d.image_id: Outcome(d.image_id, "planned") for d in plan.decisions}
+    return Report(plan, True, started_at, outcomes, 0)
+
+
+def summary(report: Report) -> dict[str, int]:
+    plan = report.plan
+    snap = plan.snapshot
+    return {
+        "images": len(snap.images),
+        "tags": sum(len(i.tags) for i in snap.images),
+        "containers": len(snap.containers),
+        "remove": sum(1 for d in plan.decisions if d.decision == "remove"),
+        "untag": sum(len(d.untag) for d in plan.decisions),
+        "keep": sum(1 for d in plan.decisions if d.decision == "keep"),
+        "skipped": report.count("skipped"),
+        "failed": report.count("failed"),
+        "reclaimable_bytes": plan.reclaimable_bytes,
+        "reclaimed_bytes": report.reclaimed_bytes,
+    }
+
+
+def to_json(report: Report) -> str:
+    plan = report.plan
+    engine = plan.snapshot.engine
+    document: dict[str, Any] = {
+        "version": f"gcd {__version__}",
+        "dry_run": report.dry_run,
+        "started_at": _iso(report.started_at),
+        "engine": {
+            "url": engine.url,
+            "server_version": engine.server_version,
+            "api_version": engine.api_version,
+        },
+        "summary": summary(report),
+        "decisions": [_decision(report, d) for d in _ordered(plan)],
+    }
+    return json.dumps(document, indent=2)
+
+
+def _decision(report: Report, d: Decision) -> dict[str, Any]:
+    o = report.outcome(d.image_id)
+    reasons = list(d.reasons)
+    if o.reason:
+        reasons.append(f"{o.outcome}: {o.reason}")
+    return {
+        "image_id": d.image_id,
+        "tags": list(d.tags),
+        "decision": d.decision,
+        "untag": list(d.untag),
+        "reasons": reasons,
+        "bytes": d.bytes,
+        "size": report.plan.snapshot.image(d.image_id).size,
+        "outcome": o.outcome,
+        "error": o.error,
+    }
+
+
+def to_text(report: Report) -> str:
+    """One row an image, removals first, then a summary line."""
+    plan = report.plan
+    rows = [_COLUMNS if report.dry_run else (*_COLUMNS[:3], "OUTCOME", *_COLUMNS[3:])]
+    for d in _ordered(plan):
+        o = report.outcome(d.image_id)
+        decision = "untag" if d.decision == "keep" and d.untag else d.decision
+        reason = d.reasons[0] if d.reasons else ""
+        if len(d.reasons) > 1:
+            reason += f" (+{len(d.reasons) - 1} more)"
+        if o.reason or o.error:
+            reason = f"{o.reason or o.error}; planned: {reason}"
+        tags = ", ".join(d.tags) or "<none>"
+        size = format_bytes(plan.snapshot.image(d.image_id).size)
+        row = (short_id(d.image_id), tags, decision, size, reason)
+        rows.append(row if report.dry_run else (*row[:3], o.outcome, *row[3:]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows
+    ]
+    lines.append("")
+    lines.append(summary_line(report))
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def summary_line(report: Report) -> str:
+    s = summary(report)
+    counts = f"{s['images']} images, {s['remove']} to remove, {s['untag']} tags to untag, {s['keep']} kept"
+    if report.dry_run:
+        return f"plan: {counts}; {format_bytes(s['reclaimable_bytes'])} reclaimable (dry run: nothing removed)"
+    removed = sum(
+        1
+        for d in report.plan.decisions
+        if d.decision == "remove" and report.outcome(d.image_id).outcome == "done"
+    )
+    return (
+        f"run: {counts}; removed {removed}, skipped {s['skipped']}, failed {s['failed']}; "
+        f"reclaimed {format_bytes(s['reclaimed_bytes'])} of {format_bytes(s['reclaimable_bytes'])} planned"
+    )
+
+
+def explain(plan: Plan, image_id: str) -> str:
+    """Every reason behind one image's decision, for `gcd explain`."""
+    d = plan.decision(image_id)
+    image = plan.snapshot.image(image_id)
+    lines = [
+        f"{image.id}",
+        f"  tags:     {', '.join(d.tags) or '<none>'}",
+        f"  created:  {_iso(image.created)}",
+        f"  size:     {format_bytes(image.size)} ({format_bytes(d.bytes)} freed by removing it)",
+        f"  decision: {d.decision}" + (f" (untag {', '.join(d.untag)})" if d.untag else ""),
+        "  reasons:",
+        *(f"    - {r}" for r in d.reasons),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _ordered(plan: Plan) -> list[Decision]:
+    return sorted(
+        plan.decisions, key=lambda d: (d.decision != "remove", d.tags == (), d.tags, d.image_id)
+    )
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

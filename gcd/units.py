@@ -1,0 +1,38 @@
+"""Durations and byte counts, as users write and read them."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(?:\d+[smhdw])+")
+_PART = re.compile(r"(\d+)([smhdw])")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse `90s`, `15m`, `2h`, `7d`, `2w` (or a sum such as `1h30m`); raise ValueError."""
+    if not _DURATION.fullmatch(text):
+        raise ValueError(text)
+    return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _PART.findall(text)))
+
+
+def format_duration(delta: timedelta) -> str:
+    """The largest two units of a duration: `3d4h`, `12m`, `45s`, `0s`."""
+    seconds = max(0, int(delta.total_seconds()))
+    parts = []
+    for unit in ("w", "d", "h", "m", "s"):
+        n, seconds = divmod(seconds, _UNIT_SECONDS[unit])
+        if n:
+            parts.append(f"{n}{unit}")
+    return "".join(parts[:2]) or "0s"
+
+
+def format_bytes(n: int) -> str:
+    """Decimal units as `docker images` shows them: 940.6MB, 1.2GB, 512B."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{int(value)}B" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
