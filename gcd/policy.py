@@ -299,10 +299,10 @@ def _sweep(snapshot: Snapshot, verdicts: dict[str, _Verdict]) -> None:
         if v.remove:
             continue
         for ancestor in snapshot.ancestors(v.image.id):
-            a = verdicts[ancestor]
-            if a.parent_of is None:
-                a.parent_of = v.image.id
-            a.remove = False
+            verdicts[ancestor].remove = False
+    for v in verdicts.values():
+        kept_children = sorted(c for c in snapshot.children(v.image.id) if not verdicts[c].remove)
+        v.parent_of = kept_children[0] if kept_children else None
 
 
 def _guard(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:

@@ -1,0 +1,160 @@
+"""Fixture images built offline: `docker load` of tarballs crafted here, or legacy builds.
+
+A crafted image controls everything gcd looks at: tags, layers (shared by content), the
+`created` time, labels. Legacy builds (the API's /build, FROM scratch) give real
+intermediate parent images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import docker
+
+BUSYBOX = "/bin/busybox"
+
+
+@dataclass
+class Layer:
+    """One layer: a file `/name` with `size` bytes of content derived from `name`."""
+
+    name: str
+    size: int = 1024
+    binary: str | None = None  # a host file to put at /bin/busybox instead (runnable images)
+
+    def tar(self) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            if self.binary:
+                data = open(self.binary, "rb").read()
+                _add(tar, "bin/busybox", data, 0o755)
+                for applet in ("sh", "sleep", "true"):
+                    link = tarfile.TarInfo(f"bin/{applet}")
+                    link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "busybox", 0
+                    tar.addfile(link)
+            else:
+                seed = hashlib.sha256(self.name.encode()).digest()
+                data = (seed * (self.size // len(seed) + 1))[: self.size]
+                _add(tar, self.name.strip("/").replace("/", "_"), data, 0o644)
+        return out.getvalue()
+
+
+def busybox_layer() -> Layer:
+    return Layer("busybox", binary=BUSYBOX)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass
+class Spec:
+    """An image to load. Two specs with the same layers, created and labels are one image."""
+
+    tags: Sequence[str] = ()
+    layers: Sequence[Layer] = ()
+    created: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    labels: dict[str, str] = field(default_factory=dict)
+    note: str = ""  # makes otherwise identical specs distinct images
+
+    def config(self) -> tuple[bytes, list[bytes]]:
+        tars = [layer.tar() for layer in self.layers]
+        created = self.created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        config = {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": created,
+            "config": {"Labels": self.labels or None, "Cmd": ["/bin/busybox", "sleep", "3600"]},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in tars]},
+            "history": [{"created": created, "created_by": f"layer {layer.name}"} for layer in self.layers]
+            + [{"created": created, "created_by": f"CMD {self.note}", "empty_layer": True}],
+        }
+        return json.dumps(config, sort_keys=True).encode(), tars
+
+
+def image_id(spec: Spec) -> str:
+    return "sha256:" + hashlib.sha256(spec.config()[0]).hexdigest()
+
+
+def tarball(specs: Iterable[Spec]) -> bytes:
+    """A `docker save`-format archive holding every spec."""
+    out = io.BytesIO()
+    manifest = []
+    written: set[str] = set()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for spec in specs:
+            config, tars = spec.config()
+            config_name = hashlib.sha256(config).hexdigest() + ".json"
+            if config_name not in written:
+                _add(tar, config_name, config, 0o644)
+                written.add(config_name)
+            layer_names = []
+            for data in tars:
+                name = hashlib.sha256(data).hexdigest() + "/layer.tar"
+                if name not in written:
+                    _add(tar, name, data, 0o644)
+                    written.add(name)
+                layer_names.append(name)
+            manifest.append({"Config": config_name, "RepoTags": list(spec.tags) or None, "Layers": layer_names})
+        _add(tar, "manifest.json", json.dumps(manifest).encode(), 0o644)
+    return out.getvalue()
+
+
+def load(client: docker.APIClient, specs: Sequence[Spec]) -> list[str]:
+    """Load the specs; return their image IDs in order. A tag already present moves."""
+    for _ in client.load_image(tarball(specs)) or ():
+        pass
+    return [image_id(s) for s in specs]
+
+
+def legacy_build(
+    client: docker.APIClient, tags: Sequence[str], files: dict[str, str], base: str = "scratch",
+    labels: dict[str, str] | None = None,
+) -> str:
+    """`DOCKER_BUILDKIT=0 docker build --network none` FROM `base`: one parent image per step.
+
+    Steps: COPY busybox, then one COPY per file (in order), then CMD. Returns the image ID.
+    """
+    context = tempfile.mkdtemp(prefix="gcd-build-")
+    try:
+        lines = [f"FROM {base}"]
+        if base == "scratch":
+            shutil.copy(BUSYBOX, os.path.join(context, "busybox"))
+            lines.append("COPY busybox /bin/busybox")
+        for name, content in files.items():
+            with open(os.path.join(context, name), "w") as f:
+                f.write(content)
+            lines.append(f"COPY {name} /app/{name}")
+        for key, value in (labels or {}).items():
+            lines.append(f'LABEL {key}="{value}"')
+        lines.append('CMD ["/bin/busybox", "sleep", "3600"]')
+        with open(os.path.join(context, "Dockerfile"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        image = None
+        for chunk in client.build(path=context, tag=tags[0] if tags else None, network_mode="none", rm=True, decode=True):
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if "aux" in chunk and "ID" in chunk["aux"]:
+                image = chunk["aux"]["ID"]
+            stream = chunk.get("stream", "")
+            if stream.startswith("Successfully built "):
+                image = image or stream.split()[-1]
+        assert image, "build produced no image"
+        full = client.inspect_image(image)["Id"]
+        for tag in tags[1:]:
+            repository, _, name = tag.rpartition(":")
+            client.tag(full, repository, name)
+        return str(full)
+    finally:
+        shutil.rmtree(context, ignore_errors=True)

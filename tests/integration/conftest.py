@@ -1,0 +1,98 @@
+"""A private dockerd for the whole session; every test starts from an empty engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from tests.dockerd import PrivateEngine
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[PrivateEngine]:
+    if os.geteuid() != 0:
+        pytest.fail("integration tests start a private dockerd and need root")
+    engine = PrivateEngine()
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        engine.remove()
+
+
+@pytest.fixture
+def client(dockerd: PrivateEngine) -> Iterator[docker.APIClient]:
+    api = docker.APIClient(base_url=dockerd.url, version="auto", timeout=60)
+    _wipe(api)
+    yield api
+    api.close()
+
+
+def _wipe(api: docker.APIClient) -> None:
+    """Test set-up only: gcd itself never forces."""
+    for c in api.containers(all=True):
+        api.remove_container(c["Id"], force=True)
+    for _ in range(5):
+        images = api.images(all=True)
+        if not images:
+            return
+        for image in images:
+            try:
+                api.remove_image(image["Id"], force=True)
+            except docker.errors.APIError:
+                pass  # a parent goes with its children; retried next round
+
+
+@dataclass
+class Gcd:
+    """Runs the real `gcd` command line against the private engine."""
+
+    url: str
+    tmp: Path
+
+    def config(self, body: str = "") -> Path:
+        text = f"version: 1\nengine:\n  url: {self.url}\nstate_dir: {self.tmp / 'state'}\n"
+        path = self.tmp / "config.yaml"
+        path.write_text(text + textwrap.dedent(body))
+        return path
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gcd", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **(env or {})},
+        )
+
+    def json(self, *args: str) -> dict[str, Any]:
+        result = self(*args, "--output", "json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def gcd(dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path) -> Gcd:
+    return Gcd(dockerd.url, tmp_path)
+
+
+def tags_now(api: docker.APIClient) -> dict[str, str]:
+    """tag -> image ID, as the engine holds them now."""
+    return {t: i["Id"] for i in api.images(all=True) for t in i.get("RepoTags") or () if t != "<none>:<none>"}
+
+
+def ids_now(api: docker.APIClient) -> set[str]:
+    return {i["Id"] for i in api.images(all=True)}

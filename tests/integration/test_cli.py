@@ -1,0 +1,153 @@
+"""The command line against the real engine: outputs, exit codes, nothing removed on error."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import docker
+
+from gcd import __version__
+from tests.images import Layer, Spec, load
+from tests.integration.conftest import Gcd, ids_now
+
+WHEN = datetime(2026, 3, 1, tzinfo=UTC)
+POLICY = r"""
+safety: {min_age: 0s, max_removal_fraction: 1.0}
+dangling: {min_age: 0s}
+rules:
+  - name: ci
+    match: {repository: app, tag: '(?P<n>\d+)'}
+    order_by: numeric(n)
+    keep_last: 1
+"""
+
+
+def two_builds(client: docker.APIClient) -> tuple[str, str]:
+    old, new = load(client, [Spec([f"app:{n}"], [Layer(f"app-{n}", 2_000_000)], WHEN) for n in (1, 2)])
+    return old, new
+
+
+def test_plan_and_dry_run_change_nothing_and_print_a_table(gcd: Gcd, client: docker.APIClient) -> None:
+    old, new = two_builds(client)
+    config = str(gcd.config(POLICY))
+    before = ids_now(client)
+    for args in (["plan"], ["run", "--dry-run"]):
+        result = gcd(*args, "--config", config)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == (
+            "IMAGE         TAGS   DECISION  SIZE   REASON\n"
+            f"{old[7:19]}  app:1  remove    2.0MB  ci: rank 2 > keep_last 1 in group repository=app\n"
+            f"{new[7:19]}  app:2  keep      2.0MB  ci: rank 1 <= keep_last 1 in group repository=app\n"
+            "\n"
+            "plan: 2 images, 1 to remove, 0 tags to untag, 1 kept; 2.0MB reclaimable (dry run: nothing removed)\n"
+        )
+    assert ids_now(client) == before
+    document = gcd.json("plan", "--config", config)
+    assert document["dry_run"] is True
+    assert {d["outcome"] for d in document["decisions"]} == {"planned"}
+    assert document["engine"]["url"] == gcd.url
+    assert document["version"] == f"gcd {__version__}"
+    assert set(document["summary"]) == {
+        "images", "tags", "containers", "remove", "untag", "keep", "skipped", "failed",
+        "reclaimable_bytes", "reclaimed_bytes",
+    }
+
+
+def test_run_prints_outcomes_and_a_summary(gcd: Gcd, client: docker.APIClient) -> None:
+    old, new = two_builds(client)
+    result = gcd("run", "--config", str(gcd.config(POLICY)))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "IMAGE         TAGS   DECISION  OUTCOME  SIZE   REASON"
+    assert lines[1] == f"{old[7:19]}  app:1  remove    done     2.0MB  ci: rank 2 > keep_last 1 in group repository=app"
+    assert lines[-1] == (
+        "run: 2 images, 1 to remove, 0 tags to untag, 1 kept; removed 1, skipped 0, failed 0; "
+        "reclaimed 2.0MB of 2.0MB planned"
+    )
+    assert f"INFO removed {old[7:19]} app:1" in result.stderr
+    assert ids_now(client) == {new}
+
+
+def test_bad_config_exits_2_names_every_problem_and_removes_nothing(gcd: Gcd, client: docker.APIClient) -> None:
+    two_builds(client)
+    before = ids_now(client)
+    config = gcd.config(POLICY + "  - name: broken\n    keep_last: three\n    order_by: semver(version)\nunmatchd: keep\n")
+    result = gcd("run", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"{config}:14: rules[1].keep_last: expected an integer >= 1, got \"three\"\n"
+        f"{config}:15: rules[1].order_by: unknown group \"version\"; match.tag has no group of that name\n"
+        f"{config}:16: unmatchd: unknown key (expected one of: version, engine, schedule, metrics, "
+        "state_dir, safety, protect, rules, dangling, unmatched, untag_expired)\n"
+    )
+    assert ids_now(client) == before
+    check = gcd("check-config", str(config))
+    assert (check.returncode, check.stdout) == (2, "")
+    assert check.stderr.count("\n") == 3
+    ok = gcd("check-config", str(gcd.config(POLICY)))
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "ok\n", "")
+
+
+def test_unreachable_engine_exits_3_naming_the_address(gcd: Gcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "c.yaml"
+    config.write_text(f"version: 1\nstate_dir: {tmp_path}/state\nengine: {{url: 'unix://{tmp_path}/none.sock'}}\n")
+    result = gcd("run", "--config", str(config))
+    assert result.returncode == 3
+    assert result.stderr == (
+        f"gcd: cannot reach the Docker engine at unix://{tmp_path}/none.sock: "
+        "no such socket (is dockerd running? set engine.url or $DOCKER_HOST)\n"
+    )
+
+
+def test_engine_address_comes_from_docker_host_when_the_config_has_none(gcd: Gcd, client: docker.APIClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    two_builds(client)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"version: 1\nstate_dir: {tmp_path}/state\n")
+    result = gcd("plan", "--config", str(config), "--output", "json", env={"DOCKER_HOST": gcd.url})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["summary"]["images"] == 2
+
+
+def test_unwritable_state_dir_stops_a_run_before_anything_is_removed(gcd: Gcd, client: docker.APIClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    two_builds(client)
+    before = ids_now(client)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"version: 1\nengine: {{url: '{gcd.url}'}}\nstate_dir: {blocker}/state\n" + POLICY)
+    result = gcd("run", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"gcd: state_dir {blocker}/state is not writable: Not a directory; "
+        "give the gcd user write access or set state_dir in the configuration\n"
+    )
+    assert ids_now(client) == before
+    planned = gcd("plan", "--config", str(config))
+    assert planned.returncode == 0
+    assert "planning without recording observations" in planned.stderr
+
+
+def test_explain_names_every_reason(gcd: Gcd, client: docker.APIClient) -> None:
+    old, _ = two_builds(client)
+    result = gcd("explain", "--config", str(gcd.config(POLICY)), "app:1", old[7:19])
+    assert result.returncode == 0, result.stderr
+    block = (
+        f"{old}\n"
+        "  tags:     app:1\n"
+        "  created:  2026-03-01T00:00:00Z\n"
+        "  size:     2.0MB (2.0MB freed by removing it)\n"
+        "  decision: remove\n"
+        "  reasons:\n"
+        "    - ci: rank 2 > keep_last 1 in group repository=app\n"
+    )
+    assert result.stdout == f"app:1: {block}{old[7:19]}: {block}"
+    missing = gcd("explain", "--config", str(gcd.config(POLICY)), "nope:1")
+    assert missing.returncode == 2
+    assert missing.stderr.endswith(f"gcd: no image matches nope:1 in the engine at {gcd.url}\n")
+
+
+def test_version_and_module_entry_point(gcd: Gcd) -> None:
+    result = gcd("--version")
+    assert (result.returncode, result.stdout) == (0, f"gcd {__version__}\n")

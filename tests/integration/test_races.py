@@ -1,0 +1,119 @@
+"""The world changes between plan and execute: the executor re-checks and never forces."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import docker
+
+from gcd import config as gcd_config
+from gcd import cycle, executor
+from gcd.engine import DockerEngine
+from gcd.model import Plan
+from gcd.state import Store
+from tests.images import Layer, Spec, busybox_layer, legacy_build, load
+from tests.integration.conftest import ids_now, tags_now
+from tests.dockerd import PrivateEngine
+
+POLICY = r"""
+version: 1
+safety: {min_age: 0s, max_removal_fraction: 1.0, keep_one_per_repository: false}
+dangling: {min_age: 0s}
+rules:
+  - name: ci
+    match: {tag: '(?P<n>\d+)'}
+    order_by: numeric(n)
+    keep_last: 1
+"""
+WHEN = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def prepare(dockerd: PrivateEngine, tmp_path: Path) -> tuple[Plan, DockerEngine]:
+    cfg = gcd_config.parse(POLICY, "test.yaml")
+    engine = DockerEngine(dockerd.url, 30)
+    plan = cycle.prepare(cfg, engine, Store(str(tmp_path / "state")), cycle.utcnow())
+    return plan, engine
+
+
+def two_builds(client: docker.APIClient) -> tuple[str, str]:
+    old, new = load(client, [Spec([f"app:{n}"], [busybox_layer(), Layer(f"app-{n}")], WHEN) for n in (1, 2)])
+    return old, new
+
+
+def test_container_created_between_plan_and_execute_skips_the_image(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
+    old, _ = two_builds(client)
+    plan, engine = prepare(dockerd, tmp_path)
+    assert plan.decision(old).decision == "remove"
+    client.create_container(old, ["/bin/busybox", "true"], name="late", host_config=client.create_host_config(network_mode="none"))
+    report = executor.execute(plan, engine, plan.now)
+    outcome = report.outcome(old)
+    assert (outcome.outcome, outcome.reason) == ("skipped", "now used by container late (created)")
+    assert tags_now(client)["app:1"] == old
+
+
+def test_tag_moved_between_plan_and_execute_stays_on_its_new_image(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
+    old, _ = two_builds(client)
+    plan, engine = prepare(dockerd, tmp_path)
+    (moved_to,) = load(client, [Spec(["app:1"], [busybox_layer(), Layer("app-1-rebuilt")], WHEN)])
+    report = executor.execute(plan, engine, plan.now)
+    # app:1 now names another image: gcd must not delete it. The old image lost its only
+    # expired tag to the move and is removed by ID, as planned.
+    assert tags_now(client)["app:1"] == moved_to
+    assert report.outcome(old).outcome == "done"
+    assert old not in ids_now(client)
+
+
+def test_image_that_gained_a_tag_is_skipped(dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path) -> None:
+    old, _ = two_builds(client)
+    plan, engine = prepare(dockerd, tmp_path)
+    client.tag(old, "app", "hotfix")
+    report = executor.execute(plan, engine, plan.now)
+    assert report.outcome(old).reason == "gained tag app:hotfix since the plan"
+    assert tags_now(client)["app:1"] == old
+
+
+def test_engine_conflict_is_a_skip_with_the_engines_reason(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
+    # A dangling image that gets a child between plan and execute: the engine answers 409.
+    parent = legacy_build(client, [], {"f": "dangling parent"})
+    plan, engine = prepare(dockerd, tmp_path)
+    assert plan.decision(parent).decision == "remove"
+    child = legacy_build(client, ["child:1"], {"g": "child"}, base=parent)
+    report = executor.execute(plan, engine, plan.now)
+    outcome = report.outcome(parent)
+    assert outcome.outcome == "skipped"
+    assert outcome.reason is not None and outcome.reason.startswith("engine refused: conflict: unable to delete")
+    assert "image has dependent child images" in outcome.reason
+    assert report.count("failed") == 0
+    assert {parent, child} <= ids_now(client)
+
+
+def test_image_removed_by_someone_else_is_already_gone(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
+    old, _ = two_builds(client)
+    plan, engine = prepare(dockerd, tmp_path)
+    client.remove_image("app:1")
+    report = executor.execute(plan, engine, plan.now)
+    assert (report.outcome(old).outcome, report.outcome(old).reason) == ("skipped", "already gone")
+
+
+def test_stop_between_removals_leaves_the_rest_untouched(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
+    ids = load(client, [Spec([f"app:{n}"], [Layer(f"app-{n}")], WHEN) for n in range(1, 7)])
+    plan, engine = prepare(dockerd, tmp_path)
+    assert len(plan.removals()) == 5
+    calls = iter([False, False, True])
+    report = executor.execute(plan, engine, plan.now, stop=lambda: next(calls, True))
+    done = [i for i in ids if report.outcome(i).outcome == "done" and plan.decision(i).decision == "remove"]
+    stopped = [i for i in ids if report.outcome(i).reason == "cycle stopped before this action"]
+    assert (len(done), len(stopped)) == (2, 3)
+    assert set(stopped) <= ids_now(client)
+    assert not set(done) & ids_now(client)
