@@ -164,7 +164,8 @@ class _Checker:
 
     def problem(self, node: yaml.Node, path: str, message: str) -> None:
         line = node.start_mark.line + 1
-        self.problems.append((line, f"{self.filename}:{line}: {path}: {message}"))
+        where = f"{path}: " if path else ""
+        self.problems.append((line, f"{self.filename}:{line}: {where}{message}"))
 
     # --- structure -----------------------------------------------------------------------
 

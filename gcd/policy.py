@@ -381,13 +381,18 @@ def _decide(snapshot: Snapshot, config: Config, v: _Verdict, freed: int) -> Deci
         reasons.append(f"parent of kept image {short_id(v.parent_of)}")
     reasons.extend(v.keep_reasons)
     untag: tuple[str, ...] = ()
-    expired_tags = sorted({tag for tag, _ in v.expired})
-    if expired_tags:
-        # Untag only where a name stays, the image is not young, and no guard refused it.
-        if config.untag_expired and v.kept_tags and not v.guard and not v.min_age_protected:
-            untag = tuple(expired_tags)
-            reasons.extend(f"untag {tag}: expired" for tag in untag)
-        reasons.extend(r for r in v.expire_reasons if r not in reasons)
+    # Untag only where a name stays, the image is not young, and no guard refused it.
+    if (
+        config.untag_expired
+        and v.expired
+        and v.kept_tags
+        and not v.guard
+        and not v.min_age_protected
+    ):
+        untag = tuple(sorted({tag for tag, _ in v.expired}))
+        reasons.extend(f"untag {tag}: expired" for tag in untag)
+    # What would have removed it, so a kept image still explains what expired.
+    reasons.extend(r for r in v.expire_reasons if r not in reasons)
     if not reasons:
         reasons.append("kept: nothing expired it")
     protected = bool(v.protections) or v.parent_of is not None

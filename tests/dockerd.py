@@ -48,7 +48,9 @@ class PrivateEngine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"dockerd exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"dockerd exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             if os.path.exists(self.socket) and self._ping():
                 return
             time.sleep(0.1)
@@ -97,7 +99,10 @@ class PrivateEngine:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
         self.remove()

@@ -35,7 +35,8 @@ class Layer:
         out = io.BytesIO()
         with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             if self.binary:
-                data = open(self.binary, "rb").read()
+                with open(self.binary, "rb") as f:
+                    data = f.read()
                 _add(tar, "bin/busybox", data, 0o755)
                 for applet in ("sh", "sleep", "true"):
                     link = tarfile.TarInfo(f"bin/{applet}")
@@ -76,8 +77,13 @@ class Spec:
             "os": "linux",
             "created": created,
             "config": {"Labels": self.labels or None, "Cmd": ["/bin/busybox", "sleep", "3600"]},
-            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in tars]},
-            "history": [{"created": created, "created_by": f"layer {layer.name}"} for layer in self.layers]
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in tars],
+            },
+            "history": [
+                {"created": created, "created_by": f"layer {layer.name}"} for layer in self.layers
+            ]
             + [{"created": created, "created_by": f"CMD {self.note}", "empty_layer": True}],
         }
         return json.dumps(config, sort_keys=True).encode(), tars
@@ -106,7 +112,9 @@ def tarball(specs: Iterable[Spec]) -> bytes:
                     _add(tar, name, data, 0o644)
                     written.add(name)
                 layer_names.append(name)
-            manifest.append({"Config": config_name, "RepoTags": list(spec.tags) or None, "Layers": layer_names})
+            manifest.append(
+                {"Config": config_name, "RepoTags": list(spec.tags) or None, "Layers": layer_names}
+            )
         _add(tar, "manifest.json", json.dumps(manifest).encode(), 0o644)
     return out.getvalue()
 
@@ -119,7 +127,10 @@ def load(client: docker.APIClient, specs: Sequence[Spec]) -> list[str]:
 
 
 def legacy_build(
-    client: docker.APIClient, tags: Sequence[str], files: dict[str, str], base: str = "scratch",
+    client: docker.APIClient,
+    tags: Sequence[str],
+    files: dict[str, str],
+    base: str = "scratch",
     labels: dict[str, str] | None = None,
 ) -> str:
     """`DOCKER_BUILDKIT=0 docker build --network none` FROM `base`: one parent image per step.
@@ -142,7 +153,9 @@ def legacy_build(
         with open(os.path.join(context, "Dockerfile"), "w") as f:
             f.write("\n".join(lines) + "\n")
         image = None
-        for chunk in client.build(path=context, tag=tags[0] if tags else None, network_mode="none", rm=True, decode=True):
+        for chunk in client.build(
+            path=context, tag=tags[0] if tags else None, network_mode="none", rm=True, decode=True
+        ):
             if "error" in chunk:
                 raise RuntimeError(chunk["error"])
             if "aux" in chunk and "ID" in chunk["aux"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -50,10 +51,9 @@ def _wipe(api: docker.APIClient) -> None:
         if not images:
             return
         for image in images:
-            try:
+            # A parent goes with its children; whatever is left is retried next round.
+            with contextlib.suppress(docker.errors.APIError):
                 api.remove_image(image["Id"], force=True)
-            except docker.errors.APIError:
-                pass  # a parent goes with its children; retried next round
 
 
 @dataclass
@@ -69,7 +69,9 @@ class Gcd:
         path.write_text(text + textwrap.dedent(body))
         return path
 
-    def __call__(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "gcd", *args],
             capture_output=True,
@@ -91,7 +93,12 @@ def gcd(dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path) -> Gcd
 
 def tags_now(api: docker.APIClient) -> dict[str, str]:
     """tag -> image ID, as the engine holds them now."""
-    return {t: i["Id"] for i in api.images(all=True) for t in i.get("RepoTags") or () if t != "<none>:<none>"}
+    return {
+        t: i["Id"]
+        for i in api.images(all=True)
+        for t in i.get("RepoTags") or ()
+        if t != "<none>:<none>"
+    }
 
 
 def ids_now(api: docker.APIClient) -> set[str]:

@@ -24,11 +24,15 @@ rules:
 
 
 def two_builds(client: docker.APIClient) -> tuple[str, str]:
-    old, new = load(client, [Spec([f"app:{n}"], [Layer(f"app-{n}", 2_000_000)], WHEN) for n in (1, 2)])
+    old, new = load(
+        client, [Spec([f"app:{n}"], [Layer(f"app-{n}", 2_000_000)], WHEN) for n in (1, 2)]
+    )
     return old, new
 
 
-def test_plan_and_dry_run_change_nothing_and_print_a_table(gcd: Gcd, client: docker.APIClient) -> None:
+def test_plan_and_dry_run_change_nothing_and_print_a_table(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
     old, new = two_builds(client)
     config = str(gcd.config(POLICY))
     before = ids_now(client)
@@ -49,8 +53,16 @@ def test_plan_and_dry_run_change_nothing_and_print_a_table(gcd: Gcd, client: doc
     assert document["engine"]["url"] == gcd.url
     assert document["version"] == f"gcd {__version__}"
     assert set(document["summary"]) == {
-        "images", "tags", "containers", "remove", "untag", "keep", "skipped", "failed",
-        "reclaimable_bytes", "reclaimed_bytes",
+        "images",
+        "tags",
+        "containers",
+        "remove",
+        "untag",
+        "keep",
+        "skipped",
+        "failed",
+        "reclaimable_bytes",
+        "reclaimed_bytes",
     }
 
 
@@ -60,7 +72,10 @@ def test_run_prints_outcomes_and_a_summary(gcd: Gcd, client: docker.APIClient) -
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "IMAGE         TAGS   DECISION  OUTCOME  SIZE   REASON"
-    assert lines[1] == f"{old[7:19]}  app:1  remove    done     2.0MB  ci: rank 2 > keep_last 1 in group repository=app"
+    assert (
+        lines[1]
+        == f"{old[7:19]}  app:1  remove    done     2.0MB  ci: rank 2 > keep_last 1 in group repository=app"
+    )
     assert lines[-1] == (
         "run: 2 images, 1 to remove, 0 tags to untag, 1 kept; removed 1, skipped 0, failed 0; "
         "reclaimed 2.0MB of 2.0MB planned"
@@ -69,16 +84,21 @@ def test_run_prints_outcomes_and_a_summary(gcd: Gcd, client: docker.APIClient) -
     assert ids_now(client) == {new}
 
 
-def test_bad_config_exits_2_names_every_problem_and_removes_nothing(gcd: Gcd, client: docker.APIClient) -> None:
+def test_bad_config_exits_2_names_every_problem_and_removes_nothing(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
     two_builds(client)
     before = ids_now(client)
-    config = gcd.config(POLICY + "  - name: broken\n    keep_last: three\n    order_by: semver(version)\nunmatchd: keep\n")
+    config = gcd.config(
+        POLICY
+        + "  - name: broken\n    keep_last: three\n    order_by: semver(version)\nunmatchd: keep\n"
+    )
     result = gcd("run", "--config", str(config))
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == (
-        f"{config}:14: rules[1].keep_last: expected an integer >= 1, got \"three\"\n"
-        f"{config}:15: rules[1].order_by: unknown group \"version\"; match.tag has no group of that name\n"
+        f'{config}:14: rules[1].keep_last: expected an integer >= 1, got "three"\n'
+        f'{config}:15: rules[1].order_by: unknown group "version"; match.tag has no group of that name\n'
         f"{config}:16: unmatchd: unknown key (expected one of: version, engine, schedule, metrics, "
         "state_dir, safety, protect, rules, dangling, unmatched, untag_expired)\n"
     )
@@ -92,7 +112,9 @@ def test_bad_config_exits_2_names_every_problem_and_removes_nothing(gcd: Gcd, cl
 
 def test_unreachable_engine_exits_3_naming_the_address(gcd: Gcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
     config = tmp_path / "c.yaml"
-    config.write_text(f"version: 1\nstate_dir: {tmp_path}/state\nengine: {{url: 'unix://{tmp_path}/none.sock'}}\n")
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path}/state\nengine: {{url: 'unix://{tmp_path}/none.sock'}}\n"
+    )
     result = gcd("run", "--config", str(config))
     assert result.returncode == 3
     assert result.stderr == (
@@ -101,7 +123,9 @@ def test_unreachable_engine_exits_3_naming_the_address(gcd: Gcd, tmp_path) -> No
     )
 
 
-def test_engine_address_comes_from_docker_host_when_the_config_has_none(gcd: Gcd, client: docker.APIClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_engine_address_comes_from_docker_host_when_the_config_has_none(
+    gcd: Gcd, client: docker.APIClient, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     two_builds(client)
     config = tmp_path / "c.yaml"
     config.write_text(f"version: 1\nstate_dir: {tmp_path}/state\n")
@@ -110,13 +134,17 @@ def test_engine_address_comes_from_docker_host_when_the_config_has_none(gcd: Gcd
     assert json.loads(result.stdout)["summary"]["images"] == 2
 
 
-def test_unwritable_state_dir_stops_a_run_before_anything_is_removed(gcd: Gcd, client: docker.APIClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_unwritable_state_dir_stops_a_run_before_anything_is_removed(
+    gcd: Gcd, client: docker.APIClient, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     two_builds(client)
     before = ids_now(client)
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     config = tmp_path / "c.yaml"
-    config.write_text(f"version: 1\nengine: {{url: '{gcd.url}'}}\nstate_dir: {blocker}/state\n" + POLICY)
+    config.write_text(
+        f"version: 1\nengine: {{url: '{gcd.url}'}}\nstate_dir: {blocker}/state\n" + POLICY
+    )
     result = gcd("run", "--config", str(config))
     assert result.returncode == 2
     assert result.stderr == (

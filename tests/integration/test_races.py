@@ -12,9 +12,9 @@ from gcd import cycle, executor
 from gcd.engine import DockerEngine
 from gcd.model import Plan
 from gcd.state import Store
+from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
 from tests.integration.conftest import ids_now, tags_now
-from tests.dockerd import PrivateEngine
 
 POLICY = r"""
 version: 1
@@ -37,7 +37,9 @@ def prepare(dockerd: PrivateEngine, tmp_path: Path) -> tuple[Plan, DockerEngine]
 
 
 def two_builds(client: docker.APIClient) -> tuple[str, str]:
-    old, new = load(client, [Spec([f"app:{n}"], [busybox_layer(), Layer(f"app-{n}")], WHEN) for n in (1, 2)])
+    old, new = load(
+        client, [Spec([f"app:{n}"], [busybox_layer(), Layer(f"app-{n}")], WHEN) for n in (1, 2)]
+    )
     return old, new
 
 
@@ -47,7 +49,12 @@ def test_container_created_between_plan_and_execute_skips_the_image(
     old, _ = two_builds(client)
     plan, engine = prepare(dockerd, tmp_path)
     assert plan.decision(old).decision == "remove"
-    client.create_container(old, ["/bin/busybox", "true"], name="late", host_config=client.create_host_config(network_mode="none"))
+    client.create_container(
+        old,
+        ["/bin/busybox", "true"],
+        name="late",
+        host_config=client.create_host_config(network_mode="none"),
+    )
     report = executor.execute(plan, engine, plan.now)
     outcome = report.outcome(old)
     assert (outcome.outcome, outcome.reason) == ("skipped", "now used by container late (created)")
@@ -68,7 +75,9 @@ def test_tag_moved_between_plan_and_execute_stays_on_its_new_image(
     assert old not in ids_now(client)
 
 
-def test_image_that_gained_a_tag_is_skipped(dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path) -> None:
+def test_image_that_gained_a_tag_is_skipped(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
     old, _ = two_builds(client)
     plan, engine = prepare(dockerd, tmp_path)
     client.tag(old, "app", "hotfix")
@@ -88,7 +97,9 @@ def test_engine_conflict_is_a_skip_with_the_engines_reason(
     report = executor.execute(plan, engine, plan.now)
     outcome = report.outcome(parent)
     assert outcome.outcome == "skipped"
-    assert outcome.reason is not None and outcome.reason.startswith("engine refused: conflict: unable to delete")
+    assert outcome.reason is not None and outcome.reason.startswith(
+        "engine refused: conflict: unable to delete"
+    )
     assert "image has dependent child images" in outcome.reason
     assert report.count("failed") == 0
     assert {parent, child} <= ids_now(client)
@@ -112,7 +123,11 @@ def test_stop_between_removals_leaves_the_rest_untouched(
     assert len(plan.removals()) == 5
     calls = iter([False, False, True])
     report = executor.execute(plan, engine, plan.now, stop=lambda: next(calls, True))
-    done = [i for i in ids if report.outcome(i).outcome == "done" and plan.decision(i).decision == "remove"]
+    done = [
+        i
+        for i in ids
+        if report.outcome(i).outcome == "done" and plan.decision(i).decision == "remove"
+    ]
     stopped = [i for i in ids if report.outcome(i).reason == "cycle stopped before this action"]
     assert (len(done), len(stopped)) == (2, 3)
     assert set(stopped) <= ids_now(client)

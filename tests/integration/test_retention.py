@@ -18,73 +18,108 @@ dangling: {min_age: 0s}
 
 def builds(repository: str, tags: list[str], created: datetime = SAME_TIME) -> list[Spec]:
     """One image per tag, all created at the same second so only the tag can order them."""
-    return [Spec([f"{repository}:{t}"], [Layer("base", 50_000), Layer(f"{repository}-{t}")], created) for t in tags]
+    return [
+        Spec([f"{repository}:{t}"], [Layer("base", 50_000), Layer(f"{repository}-{t}")], created)
+        for t in tags
+    ]
 
 
 def decisions_of(plan: dict) -> dict[str, dict]:  # type: ignore[type-arg]
     return {t: d for d in plan["decisions"] for t in d["tags"]}
 
 
-def test_numbered_builds_keep_the_highest_numbers_not_the_lexically_last(gcd: Gcd, client: docker.APIClient) -> None:
+def test_numbered_builds_keep_the_highest_numbers_not_the_lexically_last(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
     load(client, builds("app", ["build-9", "build-10", "build-11"]))
-    config = gcd.config(NO_GUARDS + r"""
+    config = gcd.config(
+        NO_GUARDS
+        + r"""
 rules:
   - name: ci
     match: {tag: 'build-(?P<n>\d+)'}
     order_by: numeric(n)
     keep_last: 2
-""")
+"""
+    )
     run = gcd.json("run", "--config", str(config))
     by_tag = decisions_of(run)
     assert by_tag["app:build-9"]["decision"] == "remove"
     assert by_tag["app:build-9"]["reasons"] == ["ci: rank 3 > keep_last 2 in group repository=app"]
-    assert by_tag["app:build-11"]["reasons"] == ["ci: rank 1 <= keep_last 2 in group repository=app"]
-    assert by_tag["app:build-10"]["reasons"] == ["ci: rank 2 <= keep_last 2 in group repository=app"]
+    assert by_tag["app:build-11"]["reasons"] == [
+        "ci: rank 1 <= keep_last 2 in group repository=app"
+    ]
+    assert by_tag["app:build-10"]["reasons"] == [
+        "ci: rank 2 <= keep_last 2 in group repository=app"
+    ]
     assert sorted(tags_now(client)) == ["app:build-10", "app:build-11"]
 
 
 def test_natural_order_sorts_numbers_inside_tags(gcd: Gcd, client: docker.APIClient) -> None:
     load(client, builds("app", ["r9", "r10", "r100"]))
-    config = gcd.config(NO_GUARDS + """
+    config = gcd.config(
+        NO_GUARDS
+        + """
 rules:
   - {name: nat, order_by: natural, keep_last: 1}
-""")
+"""
+    )
     gcd.json("run", "--config", str(config))
     assert sorted(tags_now(client)) == ["app:r100"]
 
 
-def test_semver_precedence_with_leniency_and_unparseable_tags_kept(gcd: Gcd, client: docker.APIClient) -> None:
+def test_semver_precedence_with_leniency_and_unparseable_tags_kept(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
     load(client, builds("lib", ["1.2.0", "1.10.0", "1.9", "2.0.0-rc.1", "v2.0", "1.x"]))
-    config = gcd.config(NO_GUARDS + r"""
+    config = gcd.config(
+        NO_GUARDS
+        + r"""
 rules:
   - name: releases
     match: {tag: '(?P<version>v?[0-9x][0-9a-z.\-]*)'}
     order_by: semver(version)
     keep_last: 2
-""")
+"""
+    )
     run = gcd.json("run", "--config", str(config))
     by_tag = decisions_of(run)
-    assert by_tag["lib:v2.0"]["reasons"] == ["releases: rank 1 <= keep_last 2 in group repository=lib"]
-    assert by_tag["lib:2.0.0-rc.1"]["reasons"] == ["releases: rank 2 <= keep_last 2 in group repository=lib"]
-    assert by_tag["lib:1.10.0"]["reasons"] == ["releases: rank 3 > keep_last 2 in group repository=lib"]
-    assert by_tag["lib:1.9"]["reasons"] == ["releases: rank 4 > keep_last 2 in group repository=lib"]
-    assert by_tag["lib:1.x"]["reasons"] == ["releases: cannot order lib:1.x by semver(version); kept"]
+    assert by_tag["lib:v2.0"]["reasons"] == [
+        "releases: rank 1 <= keep_last 2 in group repository=lib"
+    ]
+    assert by_tag["lib:2.0.0-rc.1"]["reasons"] == [
+        "releases: rank 2 <= keep_last 2 in group repository=lib"
+    ]
+    assert by_tag["lib:1.10.0"]["reasons"] == [
+        "releases: rank 3 > keep_last 2 in group repository=lib"
+    ]
+    assert by_tag["lib:1.9"]["reasons"] == [
+        "releases: rank 4 > keep_last 2 in group repository=lib"
+    ]
+    assert by_tag["lib:1.x"]["reasons"] == [
+        "releases: cannot order lib:1.x by semver(version); kept"
+    ]
     assert sorted(tags_now(client)) == ["lib:1.x", "lib:2.0.0-rc.1", "lib:v2.0"]
 
 
 def test_branch_builds_are_ranked_per_branch(gcd: Gcd, client: docker.APIClient) -> None:
     load(client, builds("svc", ["main-17", "main-18", "main-19", "feat-login-3", "feat-login-4"]))
-    config = gcd.config(NO_GUARDS + r"""
+    config = gcd.config(
+        NO_GUARDS
+        + r"""
 rules:
   - name: branches
     match: {tag: '(?P<branch>.+)-(?P<n>\d+)'}
     group_by: [repository, branch]
     order_by: numeric(n)
     keep_last: 1
-""")
+"""
+    )
     run = gcd.json("run", "--config", str(config))
     by_tag = decisions_of(run)
-    assert by_tag["svc:main-18"]["reasons"] == ["branches: rank 2 > keep_last 1 in group repository=svc, branch=main"]
+    assert by_tag["svc:main-18"]["reasons"] == [
+        "branches: rank 2 > keep_last 1 in group repository=svc, branch=main"
+    ]
     assert by_tag["svc:feat-login-3"]["reasons"] == [
         "branches: rank 2 > keep_last 1 in group repository=svc, branch=feat-login"
     ]
@@ -96,13 +131,16 @@ def test_an_image_with_one_kept_and_one_expired_tag_is_kept_and_untagged_on_requ
 ) -> None:
     old, _, _ = load(client, builds("web", ["1", "2", "3"]))
     client.tag(old, "web", "stable")  # release alias on the oldest build
-    rules = NO_GUARDS + r"""
+    rules = (
+        NO_GUARDS
+        + r"""
 rules:
   - name: ci
     match: {tag: '(?P<n>\d+)'}
     order_by: numeric(n)
     keep_last: 2
 """
+    )
     kept = decisions_of(gcd.json("run", "--config", str(gcd.config(rules))))["web:1"]
     assert kept["decision"] == "keep"
     assert kept["untag"] == []
@@ -112,7 +150,9 @@ rules:
     ]
     assert tags_now(client)["web:1"] == old
 
-    untagged = decisions_of(gcd.json("run", "--config", str(gcd.config(rules + "untag_expired: true\n"))))
+    untagged = decisions_of(
+        gcd.json("run", "--config", str(gcd.config(rules + "untag_expired: true\n")))
+    )
     assert untagged["web:1"]["untag"] == ["web:1"]
     assert untagged["web:1"]["outcome"] == "done"
     assert "web:1" not in tags_now(client)
@@ -126,15 +166,22 @@ def test_images_used_by_stopped_and_running_containers_and_their_parents_are_kep
     running_image = legacy_build(client, ["tool:2"], {"f": "running"})
     legacy_build(client, ["tool:3"], {"f": "newest"})
     none = client.create_host_config(network_mode="none")
-    stopped = client.create_container(stopped_image, ["/bin/busybox", "true"], host_config=none, name="stopped")
+    stopped = client.create_container(
+        stopped_image, ["/bin/busybox", "true"], host_config=none, name="stopped"
+    )
     client.start(stopped)
     client.wait(stopped)
-    running = client.create_container(running_image, ["/bin/busybox", "sleep", "600"], host_config=none, name="running")
+    running = client.create_container(
+        running_image, ["/bin/busybox", "sleep", "600"], host_config=none, name="running"
+    )
     client.start(running)
-    config = gcd.config(NO_GUARDS + """
+    config = gcd.config(
+        NO_GUARDS
+        + """
 rules:
   - {name: all, keep_last: 1}
-""")
+"""
+    )
     run = gcd.json("run", "--config", str(config))
     by_id = {d["image_id"]: d for d in run["decisions"]}
     assert by_id[stopped_image]["decision"] == "keep"
@@ -142,7 +189,10 @@ rules:
     assert by_id[running_image]["reasons"][0] == "in use by container running (running)"
     parent = client.inspect_image(running_image)["Parent"]
     assert by_id[parent]["decision"] == "keep"
-    assert by_id[parent]["reasons"][0] == f"parent of in-use image {running_image[7:19]} (container running)"
+    assert (
+        by_id[parent]["reasons"][0]
+        == f"parent of in-use image {running_image[7:19]} (container running)"
+    )
     assert {stopped_image, running_image, parent} <= ids_now(client)
     assert sorted(tags_now(client)) == ["tool:1", "tool:2", "tool:3"]
     client.remove_container(running, force=True)
@@ -164,21 +214,39 @@ def test_dangling_images_wait_for_their_grace_then_go(gcd: Gcd, client: docker.A
     assert young in ids_now(client)
 
 
-def test_shared_layers_are_counted_once_in_reclaimed_bytes(gcd: Gcd, client: docker.APIClient) -> None:
+def test_shared_layers_are_counted_once_in_reclaimed_bytes(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
     shared = Layer("shared-base", 400_000)
-    load(client, [Spec([f"big:{n}"], [busybox_layer(), shared, Layer(f"own-{n}", 10_000)], SAME_TIME, note=str(n)) for n in (1, 2, 3)])
+    load(
+        client,
+        [
+            Spec(
+                [f"big:{n}"],
+                [busybox_layer(), shared, Layer(f"own-{n}", 10_000)],
+                SAME_TIME,
+                note=str(n),
+            )
+            for n in (1, 2, 3)
+        ],
+    )
     load(client, [Spec(["keeper:1"], [busybox_layer(), Layer("keeper", 1000)], SAME_TIME)])
     before = client.df()["LayersSize"]
-    config = gcd.config(NO_GUARDS + """
+    config = gcd.config(
+        NO_GUARDS
+        + """
 rules:
   - {name: gone, match: {repository: big}, keep_last: 1}
   - {name: keeper, match: {repository: keeper}, keep_last: 1}
 unmatched: expire
-""")
+"""
+    )
     run = gcd.json("run", "--config", str(config))
     removed = [d for d in run["decisions"] if d["decision"] == "remove"]
     assert len(removed) == 2
     after = client.df()["LayersSize"]
     # Each removed image held its own 10 kB layer; the shared base stays with big:3.
-    assert run["summary"]["reclaimable_bytes"] == run["summary"]["reclaimed_bytes"] == before - after
+    assert (
+        run["summary"]["reclaimable_bytes"] == run["summary"]["reclaimed_bytes"] == before - after
+    )
     assert sum(d["size"] for d in removed) > 10 * run["summary"]["reclaimed_bytes"]

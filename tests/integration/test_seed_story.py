@@ -47,7 +47,9 @@ def test_seed_story_end_to_end(gcd: Gcd, client: docker.APIClient) -> None:
     assert f"parent of kept image {own_parent[v3][7:19]}" in decisions[copy_busybox]["reasons"]
     for v in (v1, v2):
         assert decisions[own_parent[v]]["decision"] == "remove"
-        assert decisions[own_parent[v]]["reasons"] == [f"intermediate: goes with its last child {v[7:19]}"]
+        assert decisions[own_parent[v]]["reasons"] == [
+            f"intermediate: goes with its last child {v[7:19]}"
+        ]
     assert plan["summary"]["remove"] == 4
     assert plan["summary"]["reclaimable_bytes"] > 0
 
@@ -56,7 +58,13 @@ def test_seed_story_end_to_end(gcd: Gcd, client: docker.APIClient) -> None:
     assert result.returncode == 0, result.stderr
     report = __import__("json").loads(result.stdout)
     outcomes = {d["image_id"]: d["outcome"] for d in report["decisions"]}
-    assert outcomes[v1] == outcomes[v2] == outcomes[own_parent[v1]] == outcomes[own_parent[v2]] == "done"
+    assert (
+        outcomes[v1]
+        == outcomes[v2]
+        == outcomes[own_parent[v1]]
+        == outcomes[own_parent[v2]]
+        == "done"
+    )
     assert outcomes[v3] == "done"  # kept: nothing to do
     # demo:1.0 and demo:1 were untagged one by one; the last untag deleted v1 and its own parent
     assert ids_now(client) == before - {v1, v2, own_parent[v1], own_parent[v2]}

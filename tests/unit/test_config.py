@@ -1,0 +1,285 @@
+"""Configuration: defaults, the v1 grammar, and every error with file, line and key path."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from gcd import config
+from gcd.config import Config
+from gcd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(text, "config.yaml")
+    return list(caught.value.problems)
+
+
+def test_no_file_means_builtin_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "DEFAULT_PATH", "/nonexistent/gcd.yaml")
+    cfg = config.load(None, environ={})
+    assert cfg == Config()
+    assert cfg.dangling.action == "remove" and cfg.dangling.min_age == timedelta(hours=24)
+    assert cfg.rules == () and cfg.unmatched == "keep"
+    assert cfg.engine_url({}) == "unix:///var/run/docker.sock"
+    assert cfg.engine_url({"DOCKER_HOST": "tcp://127.0.0.1:2375"}) == "tcp://127.0.0.1:2375"
+
+
+def test_config_path_precedence(tmp_path: Path) -> None:
+    assert config.config_path("/x.yaml", {"GCD_CONFIG": "/y.yaml"}) == "/x.yaml"
+    assert config.config_path(None, {"GCD_CONFIG": "/y.yaml"}) == "/y.yaml"
+
+
+def test_missing_explicit_file_is_an_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load("/nonexistent/config.yaml", environ={})
+    assert caught.value.problems == (
+        "/nonexistent/config.yaml: cannot read the configuration: No such file or directory",
+    )
+
+
+def test_example_config_loads_and_documents_every_option() -> None:
+    text = (ROOT / "config.example.yaml").read_text()
+    cfg = config.parse(text, "config.example.yaml")
+    assert [r.name for r in cfg.rules] == ["builds", "branches"]
+    assert cfg.engine_url({}) == "unix:///var/run/docker.sock"
+    keys = {
+        "version",
+        "engine",
+        "url",
+        "timeout",
+        "schedule",
+        "every",
+        "cron",
+        "metrics",
+        "listen",
+        "textfile",
+        "state_dir",
+        "safety",
+        "min_age",
+        "max_removals_per_run",
+        "max_removal_fraction",
+        "keep_one_per_repository",
+        "protect",
+        "ref",
+        "tag",
+        "label",
+        "id",
+        "rules",
+        "name",
+        "match",
+        "repository",
+        "exclude_tag",
+        "group_by",
+        "order_by",
+        "keep_last",
+        "keep_within",
+        "dangling",
+        "action",
+        "unmatched",
+        "untag_expired",
+    }
+    sections = {"version", "engine", "metrics", "safety", "protect", "rules", "match", "dangling"}
+    lines = text.splitlines()
+    for key in keys:
+        at = next(
+            (n for n, ln in enumerate(lines) if re.match(rf"\s*(#\s*)?(- )?{key}:", ln)), None
+        )
+        assert at is not None, f"config.example.yaml does not show {key}"
+        commented = "#" in lines[at] or lines[at - 1].lstrip().startswith("#")
+        assert commented or key in sections, f"{key} has no comment in config.example.yaml"
+
+
+def test_full_grammar_is_read() -> None:
+    cfg = config.parse(
+        r"""
+version: 1
+engine: {url: "tcp://127.0.0.1:2375", timeout: 90s}
+schedule: {cron: "*/5 * * * *"}
+metrics: {listen: "", textfile: /tmp/gcd.prom}
+state_dir: /tmp/gcd
+safety: {min_age: 0s, max_removals_per_run: 7, max_removal_fraction: 1, keep_one_per_repository: false}
+protect:
+  - ref: "base/*"
+  - tag: "stable"
+  - label: "keep"
+  - id: "sha256:abcd"
+rules:
+  - name: r
+    match: {repository: "a|b", tag: '(?P<branch>\w+)-(?P<n>\d+)', exclude_tag: "tmp-.*"}
+    group_by: []
+    order_by: numeric(n)
+    keep_last: 2
+    keep_within: 1w
+dangling: {action: keep, min_age: 0s}
+unmatched: expire
+untag_expired: yes
+""",
+        "c.yaml",
+    )
+    assert cfg.source == "c.yaml"
+    assert cfg.engine.timeout == timedelta(seconds=90)
+    assert cfg.schedule.cron == "*/5 * * * *" and cfg.schedule.every is None
+    assert cfg.metrics.listen == "" and cfg.metrics.textfile == "/tmp/gcd.prom"
+    assert cfg.safety.min_age == timedelta(0) and cfg.safety.max_removals_per_run == 7
+    assert cfg.safety.max_removal_fraction == 1.0 and cfg.safety.keep_one_per_repository is False
+    assert [(p.kind, p.value) for p in cfg.protect] == [
+        ("ref", "base/*"),
+        ("tag", "stable"),
+        ("label", "keep"),
+        ("id", "sha256:abcd"),
+    ]
+    (rule,) = cfg.rules
+    assert rule.group_by == () and str(rule.order_by) == "numeric(n)"
+    assert rule.keep_within == timedelta(weeks=1)
+    assert rule.exclude_tag is not None and rule.exclude_tag.pattern == "tmp-.*"
+    assert cfg.dangling.action == "keep" and cfg.dangling.min_age == timedelta(0)
+    assert cfg.unmatched == "expire" and cfg.untag_expired is True
+
+
+def test_all_errors_reported_at_once_with_line_and_key_path() -> None:
+    text = r"""version: 1
+engine:
+  urll: x
+  timeout: 0s
+safety:
+  min_age: soon
+  max_removal_fraction: 1.5
+rules:
+  - name: builds
+    match: {repository: "demo(", tag: '(?P<version>\d+)'}
+    order_by: semver(ver)
+    group_by: [repository, branch]
+    keep_last: three
+  - match: {}
+    keep_last: 0
+dangling: {action: delete}
+protect:
+  - ref: x
+    tag: y
+  - id: zz
+"""
+    assert problems(text) == [
+        "config.yaml:3: engine.urll: unknown key (expected one of: url, timeout)",
+        "config.yaml:4: engine.timeout: expected a duration greater than 0s",
+        'config.yaml:6: safety.min_age: expected a duration such as 90s, 15m, 2h, 7d, 2w, got "soon"',
+        "config.yaml:7: safety.max_removal_fraction: expected a number in (0, 1], got 1.5",
+        'config.yaml:10: rules[0].match.repository: invalid regular expression "demo(": missing ), unterminated subpattern at position 4',
+        'config.yaml:11: rules[0].order_by: unknown group "ver"; match.tag has no group of that name',
+        'config.yaml:12: rules[0].group_by[1]: unknown group "branch"; match.tag has no group of that name (expected one of: repository, version)',
+        'config.yaml:13: rules[0].keep_last: expected an integer >= 1, got "three"',
+        "config.yaml:14: rules[1].name: required",
+        "config.yaml:15: rules[1].keep_last: expected an integer >= 1, got 0",
+        'config.yaml:16: dangling.action: expected one of remove | keep, got "delete"',
+        "config.yaml:18: protect[0]: expected exactly one of ref, tag, label, id",
+        'config.yaml:20: protect[1].id: expected an image ID or a prefix of at least 4 hex digits, got "zz"',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ["config.yaml:1: version: required; write `version: 1` at the top"]),
+        ("engine: {}\n", ["config.yaml:1: version: required; write `version: 1` at the top"]),
+        (
+            "version: 2\n",
+            ["config.yaml:1: version: unsupported version 2; this gcd reads version 1"],
+        ),
+        (
+            "version: 1\nrules: [\n",
+            ["config.yaml:3: invalid YAML: expected the node content, but found '<stream end>'"],
+        ),
+        ("- 1\n", ["config.yaml:1: expected a mapping, got a list"]),
+        ("version: 1\nversion: 1\n", ["config.yaml:2: version: duplicate key"]),
+        (
+            "version: 1\nunmatched: drop\n",
+            ['config.yaml:2: unmatched: expected one of keep | expire, got "drop"'],
+        ),
+        (
+            "version: 1\nuntag_expired: 1\n",
+            ["config.yaml:2: untag_expired: expected true or false, got 1"],
+        ),
+        (
+            "version: 1\nschedule: {every: 5m, cron: '* * * * *'}\n",
+            ["config.yaml:2: schedule: set one of every or cron, not both"],
+        ),
+        (
+            "version: 1\nschedule: {cron: 'often'}\n",
+            [
+                'config.yaml:2: schedule.cron: invalid crontab line "often": Wrong number of fields; got 1, expected 5'
+            ],
+        ),
+        (
+            "version: 1\nmetrics: {listen: '9782'}\n",
+            [
+                'config.yaml:2: metrics.listen: expected host:port such as 127.0.0.1:9782, or "" to disable, got "9782"'
+            ],
+        ),
+        (
+            "version: 1\nengine: {url: /var/run/docker.sock}\n",
+            [
+                'config.yaml:2: engine.url: expected unix://, tcp:// or ssh:// address, got "/var/run/docker.sock"'
+            ],
+        ),
+        (
+            "version: 1\nsafety: {max_removals_per_run: 0}\n",
+            ["config.yaml:2: safety.max_removals_per_run: expected an integer >= 1, got 0"],
+        ),
+        (
+            "version: 1\nrules: {name: x}\n",
+            ["config.yaml:2: rules: expected a list, got a mapping"],
+        ),
+        (
+            "version: 1\nrules:\n  - {name: a, keep_last: 1}\n  - {name: a, keep_last: 2}\n",
+            ['config.yaml:4: rules[1].name: duplicate rule name "a"'],
+        ),
+        (
+            "version: 1\nrules:\n  - {name: a, keep_last: 1, order_by: semver}\n",
+            [
+                "config.yaml:3: rules[0].order_by: semver needs a named group of match.tag, e.g. semver(version)"
+            ],
+        ),
+        (
+            "version: 1\nrules:\n  - {name: a, keep_last: 1, order_by: newest}\n",
+            [
+                'config.yaml:3: rules[0].order_by: expected semver(group) | numeric(group) | natural | created | tagged | first_seen | last_used, got "newest"'
+            ],
+        ),
+        (
+            "version: 1\nrules:\n  - {name: a, keep_last: 1, order_by: created(x)}\n",
+            ['config.yaml:3: rules[0].order_by: created takes no group, got "created(x)"'],
+        ),
+        (
+            "version: 1\nrules:\n  - {name: a, keep_last: 1, keep_within: soon}\n",
+            [
+                'config.yaml:3: rules[0].keep_within: expected a duration such as 90s, 15m, 2h, 7d, 2w, got "soon"'
+            ],
+        ),
+        (
+            "version: 1\nrules:\n  - {name: a b, keep_last: 1}\n",
+            ['config.yaml:3: rules[0].name: expected letters, digits, _ . or -, got "a b"'],
+        ),
+        (
+            "version: 1\nrules:\n  - name: a\n",
+            ["config.yaml:3: rules[0].keep_last: required (an integer >= 1)"],
+        ),
+        (
+            "version: 1\nprotect:\n  - tag: '('\n",
+            [
+                'config.yaml:3: protect[0].tag: invalid regular expression "(": missing ), unterminated subpattern at position 0'
+            ],
+        ),
+        (
+            "version: 1\nprotect:\n  - label: '=x'\n",
+            ['config.yaml:3: protect[0].label: expected key or key=value, got "=x"'],
+        ),
+    ],
+)
+def test_each_error_word_for_word(text: str, expected: list[str]) -> None:
+    assert problems(text) == expected

@@ -1,0 +1,237 @@
+"""The properties spec.md section 4 requires of the planner, checked with hypothesis."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from datetime import timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gcd import policy
+from gcd.config import Config
+from gcd.model import Snapshot, StateView, split_ref
+from tests.unit.snapshots import NOW, cfg, container, iid, image, snapshot, state
+
+REPOS = ("a", "b", "reg.example/c")
+TAG_NAMES = (
+    "1",
+    "2",
+    "3",
+    "10",
+    "v1.2",
+    "1.10",
+    "latest",
+    "stable",
+    "main-1",
+    "main-2",
+    "dev-7",
+    "x",
+)
+RULE_POOL = (
+    "{name: nums, match: {tag: '(?P<n>\\d+)'}, order_by: numeric(n), keep_last: %d}",
+    "{name: branches, match: {tag: '(?P<b>[a-z]+)-(?P<n>\\d+)'}, group_by: [repository, b], order_by: numeric(n), keep_last: %d}",
+    "{name: rel, match: {tag: '(?P<v>v?[0-9.]+)'}, order_by: semver(v), keep_last: %d, keep_within: 20d}",
+    "{name: everything, order_by: created, keep_last: %d}",
+    "{name: nat, match: {repository: 'a|b'}, order_by: natural, keep_last: %d}",
+    "{name: recent, match: {repository: '.*/.*'}, order_by: tagged, keep_last: %d, keep_within: 3d}",
+)
+PROTECT_POOL = ("{ref: 'reg.example/*'}", "{tag: 'stable'}", "{label: keep}")
+STATES = ("created", "running", "exited", "paused", "dead")
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> tuple[Snapshot, StateView]:
+    count = draw(st.integers(1, 9))
+    free = [f"{r}:{t}" for r in REPOS for t in TAG_NAMES]
+    images = []
+    for i in range(count):
+        parent = draw(st.one_of(st.none(), st.integers(0, i - 1))) if i else None
+        tags = draw(st.lists(st.sampled_from(free), max_size=3, unique=True)) if free else []
+        free = [t for t in free if t not in tags]
+        images.append(
+            image(
+                f"i{i}",
+                tags,
+                parent=f"i{parent}" if parent is not None else None,
+                age=timedelta(hours=draw(st.integers(0, 24 * 60))),
+                tagged_age=draw(
+                    st.one_of(st.none(), st.integers(0, 24 * 60).map(lambda h: timedelta(hours=h)))
+                ),
+                labels={"keep": "1"} if draw(st.booleans()) and draw(st.booleans()) else {},
+                layers=[("base", 100), (f"own{i}", 10)],
+            )
+        )
+    used = draw(st.lists(st.tuples(st.integers(0, count - 1), st.sampled_from(STATES)), max_size=2))
+    containers = [container(f"c{n}", f"i{i}", s) for n, (i, s) in enumerate(used)]
+    hours = st.integers(0, 24 * 60).map(lambda h: timedelta(hours=h))
+    names = [f"i{i}" for i in range(count)]
+    view = state(
+        new_store=False,
+        first_seen=draw(st.dictionaries(st.sampled_from(names), hours, max_size=3)),
+        dangling_since=draw(st.dictionaries(st.sampled_from(names), hours, max_size=3)),
+        last_used=draw(st.dictionaries(st.sampled_from(names), hours, max_size=3)),
+    )
+    return snapshot(images, containers), view
+
+
+@st.composite
+def configs(draw: st.DrawFn, guards: bool = True) -> Config:
+    rules = draw(st.lists(st.sampled_from(RULE_POOL), max_size=4, unique=True))
+    protect = draw(st.lists(st.sampled_from(PROTECT_POOL), max_size=2, unique=True))
+    body = [
+        f"safety: {{min_age: {draw(st.sampled_from(['0s', '1h', '2d']))}, "
+        + (
+            f"max_removal_fraction: {draw(st.sampled_from([0.3, 0.5, 1.0]))}, keep_one_per_repository: {str(draw(st.booleans())).lower()}}}"
+            if guards
+            else "max_removal_fraction: 1.0, keep_one_per_repository: false}"
+        ),
+        f"dangling: {{min_age: {draw(st.sampled_from(['0s', '1d', '10d']))}}}",
+        f"unmatched: {draw(st.sampled_from(['keep', 'expire']))}",
+        f"untag_expired: {str(draw(st.booleans())).lower()}",
+    ]
+    if rules:
+        body.append("rules:")
+        body += ["  - " + r % draw(st.integers(1, 3)) for r in rules]
+    if protect:
+        body.append("protect:")
+        body += [f"  - {p}" for p in protect]
+    return cfg("\n".join(body) + "\n")
+
+
+def verdicts(snap: Snapshot, config: Config, view: StateView) -> dict[str, str]:
+    return {d.image_id: d.decision for d in policy.plan(snap, config, view, NOW).decisions}
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds(), configs())
+def test_protected_images_are_never_removed(
+    world: tuple[Snapshot, StateView], config: Config
+) -> None:
+    snap, view = world
+    protected: set[str] = set()
+    for c in snap.containers:
+        protected |= {c.image_id, *snap.ancestors(c.image_id)}
+    for img in snap.images:
+        age = policy.image_age(img, view, NOW)
+        if age is not None and age < config.safety.min_age:
+            protected.add(img.id)
+        for entry in config.protect:
+            if entry.kind == "ref" and any(fnmatch.fnmatchcase(t, entry.value) for t in img.tags):
+                protected.add(img.id)
+            if (
+                entry.kind == "tag"
+                and entry.regex
+                and any(entry.regex.fullmatch(split_ref(t)[1]) for t in img.tags)
+            ):
+                protected.add(img.id)
+            if entry.kind == "label" and entry.value in img.labels:
+                protected.add(img.id)
+    plan = policy.plan(snap, config, view, NOW)
+    for d in plan.decisions:
+        if d.image_id in protected:
+            assert d.decision == "keep", d
+            assert d.protected
+        if d.decision == "keep":  # a parent of any kept image is protected too
+            for ancestor in snap.ancestors(d.image_id):
+                assert plan.decision(ancestor).decision == "keep"
+                assert plan.decision(ancestor).protected
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds(), configs(), st.randoms(use_true_random=False))
+def test_rule_order_changes_nothing(world: tuple[Snapshot, StateView], config: Config, rnd) -> None:  # type: ignore[no-untyped-def]
+    snap, view = world
+    shuffled = list(config.rules)
+    rnd.shuffle(shuffled)
+    a = policy.plan(snap, config, view, NOW)
+    b = policy.plan(snap, dataclasses.replace(config, rules=tuple(shuffled)), view, NOW)
+    for x, y in zip(a.decisions, b.decisions, strict=True):
+        assert (x.image_id, x.decision, x.untag, set(x.reasons)) == (
+            y.image_id,
+            y.decision,
+            y.untag,
+            set(y.reasons),
+        )
+    assert a.reclaimable_bytes == b.reclaimable_bytes
+
+
+def _matched(config: Config, tag: str) -> bool:
+    repository, name = split_ref(tag)
+    return any(
+        r.repository.fullmatch(repository)
+        and r.tag.fullmatch(name)
+        and not (r.exclude_tag and r.exclude_tag.fullmatch(name))
+        for r in config.rules
+    )
+
+
+def _loosen(config: Config, how: int, extra: str) -> Config:
+    """Add a rule, add a protection, raise a keep_last, or raise a keep_within."""
+    if how == 0:
+        rule = cfg(f"rules:\n  - {extra % 2}\n").rules[0]
+        rule = dataclasses.replace(rule, name="added")
+        return dataclasses.replace(config, rules=(*config.rules, rule))
+    if how == 1:
+        return dataclasses.replace(
+            config,
+            protect=(
+                *config.protect,
+                *cfg(f"protect: [{PROTECT_POOL[1]}, {PROTECT_POOL[2]}]\n").protect,
+            ),
+        )
+    raised = []
+    for r in config.rules:
+        if how == 2:
+            raised.append(dataclasses.replace(r, keep_last=r.keep_last + 1))
+        else:
+            raised.append(
+                dataclasses.replace(
+                    r, keep_within=(r.keep_within or timedelta(0)) + timedelta(days=5)
+                )
+            )
+    return dataclasses.replace(config, rules=tuple(raised))
+
+
+@settings(max_examples=400, deadline=None)
+@given(worlds(), configs(guards=False), st.integers(0, 3), st.sampled_from(RULE_POOL))
+def test_loosening_the_policy_never_turns_a_keep_into_a_remove(
+    world: tuple[Snapshot, StateView], config: Config, how: int, extra: str
+) -> None:
+    snap, view = world
+    before = verdicts(snap, config, view)
+    after = verdicts(snap, _loosen(config, how, extra), view)
+
+    def settled(image_id: str) -> bool:
+        """Its tags, and its descendants' tags, were already matched by some rule."""
+        family = [image_id, *(i.id for i in snap.images if image_id in snap.ancestors(i.id))]
+        return all(_matched(config, t) for f in family for t in snap.image(f).tags)
+
+    for image_id, decision in before.items():
+        if decision == "keep" and settled(image_id):
+            assert after[image_id] == "keep", snap.image(image_id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds(), configs())
+def test_a_second_plan_after_a_completed_run_removes_nothing(
+    world: tuple[Snapshot, StateView], config: Config
+) -> None:
+    snap, view = world
+    plan = policy.plan(snap, config, view, NOW)
+    removed = {d.image_id for d in plan.removals()}
+    untagged = {t for d in plan.decisions for t in d.untag}
+    remaining = [
+        dataclasses.replace(i, tags=tuple(t for t in i.tags if t not in untagged))
+        for i in snap.images
+        if i.id not in removed
+    ]
+    after = Snapshot(snap.engine, tuple(remaining), snap.containers)
+    again = policy.plan(after, config, view, NOW)
+    assert again.removals() == ()
+    assert all(not d.untag for d in again.decisions)
+
+
+def test_the_ids_in_this_module_are_stable() -> None:
+    assert iid("i0") == iid("i0") != iid("i1")
