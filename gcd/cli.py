@@ -98,7 +98,6 @@ def _plan(cfg: config.Config, output: str) -> int:
         store.close()
     rendered = report.planned(plan, now)
     print(report.to_json(rendered) if output == "json" else report.to_text(rendered), end="")
-    log.info("%s", report.summary_line(rendered))
     return 0
 
 
@@ -121,7 +120,6 @@ def _run(cfg: config.Config, output: str) -> int:
         engine.close()
         store.close()
     print(report.to_json(result) if output == "json" else report.to_text(result), end="")
-    log.info("%s", report.summary_line(result))
     return 1 if result.count("failed") else 0
 
 

@@ -87,7 +87,9 @@ def to_text(report: Report) -> str:
         tags = ", ".join(d.tags) or "<none>"
         size = format_bytes(plan.snapshot.image(d.image_id).size)
         row = (short_id(d.image_id), tags, decision, size, reason)
-        rows.append(row if report.dry_run else (*row[:3], o.outcome, *row[3:]))
+        # A kept image with nothing to do has no outcome worth a word in the table.
+        shown = "-" if d.decision == "keep" and not d.untag and o.outcome == "done" else o.outcome
+        rows.append(row if report.dry_run else (*row[:3], shown, *row[3:]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows

@@ -250,3 +250,15 @@ unmatched: expire
         run["summary"]["reclaimable_bytes"] == run["summary"]["reclaimed_bytes"] == before - after
     )
     assert sum(d["size"] for d in removed) > 10 * run["summary"]["reclaimed_bytes"]
+
+
+def test_expired_parent_and_child_are_removed_children_first_without_conflicts(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
+    base = legacy_build(client, ["base:1"], {"f": "base"})
+    app = legacy_build(client, ["app:1"], {"g": "app"}, base="base:1")
+    run = gcd.json("run", "--config", str(gcd.config(NO_GUARDS + "unmatched: expire\n")))
+    by_id = {d["image_id"]: d for d in run["decisions"]}
+    assert (by_id[base]["outcome"], by_id[app]["outcome"]) == ("done", "done")
+    assert run["summary"]["skipped"] == run["summary"]["failed"] == 0
+    assert ids_now(client) == set()

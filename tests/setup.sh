@@ -1,0 +1,28 @@
+# Sourced by tests/check and tests/demo: installs what is missing and leaves $VENV ready.
+# Debian/Ubuntu: docker.io (dockerd), busybox-static (a static /bin/busybox for runnable
+# fixture images) and python3-venv; then a virtualenv with gcd and its test tools.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "run as root (sudo): the tests and the demo start a private dockerd" >&2
+    exit 2
+fi
+
+missing=()
+command -v dockerd >/dev/null || missing+=(docker.io)
+# ldd fails on a static binary: that is the busybox a FROM-scratch image can run.
+if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
+python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+VENV=${GCD_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+export VENV
