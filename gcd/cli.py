@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
+from typing import ClassVar
 
 from gcd import __version__, config, cycle, report
-from gcd.errors import ConfigError, GcdError, StateError, UsageError
+from gcd.errors import ConfigError, EngineUnavailable, GcdError, StateError, UsageError
+from gcd.metrics import Metrics
+from gcd.model import Report
 from gcd.state import Store
 
 log = logging.getLogger("gcd")
@@ -45,17 +50,57 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("refs", nargs="+", metavar="REF_OR_ID")
     p = sub.add_parser("check-config", help='validate a configuration; print errors or "ok"')
     p.add_argument("path", nargs="?", metavar="PATH")
+    p = sub.add_parser("daemon", help="run cycles on the configured schedule (systemd Type=notify)")
+    with_config(p)
     return parser
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under journald: a syslog priority prefix (<6>...) instead of a timestamp and level,
+    so `journalctl -p warning` works and lines carry one timestamp, the journal's."""
+
+    PRIORITY: ClassVar[dict[int, int]] = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _under_journald() -> bool:
+    """systemd sets JOURNAL_STREAM=dev:inode when stderr is connected to the journal."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{stat.st_dev}:{stat.st_ino}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if _under_journald():
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S%z"
+            )
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("urllib3", "docker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
-    )
+    _setup_logging(args.verbose)
     try:
         if args.command == "check-config":
             config.load(args.path)
@@ -64,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config.load(args.config)
         if args.command == "explain":
             return _explain(cfg, args.refs)
+        if args.command == "daemon":
+            from gcd.daemon import Daemon  # APScheduler is loaded for the daemon only
+
+            return Daemon(cfg, config.config_path(args.config)).run()
         if args.command == "plan" or args.dry_run:
             return _plan(cfg, args.output)
         return _run(cfg, args.output)
@@ -106,6 +155,7 @@ def _run(cfg: config.Config, output: str) -> int:
     store = _open_store(cfg, must_write=True)
     engine = cycle.connect(cfg)
     stop = threading.Event()
+    started = time.monotonic()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.warning("%s received: stopping after the current removal", signal.Signals(signum).name)
@@ -114,13 +164,33 @@ def _run(cfg: config.Config, output: str) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         result = cycle.run(cfg, engine, store, now, stop.is_set)
+    except EngineUnavailable:
+        _write_textfile(cfg, None, time.monotonic() - started)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         engine.close()
         store.close()
+    _write_textfile(cfg, result, time.monotonic() - started)
     print(report.to_json(result) if output == "json" else report.to_text(result), end="")
     return 1 if result.count("failed") else 0
+
+
+def _write_textfile(cfg: config.Config, result: Report | None, duration: float) -> None:
+    """metrics.textfile: this run's metrics for node_exporter (engine_up 0 if it failed)."""
+    if not cfg.metrics.textfile:
+        return
+    metrics = Metrics()
+    if result is None:
+        metrics.engine_up.set(0)
+        metrics.cycle_ended("error", duration, time.time())
+    else:
+        metrics.record(result, duration, time.time())
+    try:
+        metrics.write_textfile(cfg.metrics.textfile)
+    except GcdError as e:
+        log.error("%s", e)
 
 
 def _explain(cfg: config.Config, refs: list[str]) -> int:

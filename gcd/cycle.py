@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from gcd import executor, policy
@@ -10,6 +11,9 @@ from gcd.config import Config
 from gcd.engine import DockerEngine, Engine
 from gcd.model import Plan, Report
 from gcd.state import Store
+
+# How long a removing cycle waits for another one (daemon or shell) to finish.
+LOCK_WAIT = 60.0
 
 
 def utcnow() -> datetime:
@@ -20,9 +24,15 @@ def connect(config: Config) -> DockerEngine:
     return DockerEngine(config.engine_url(), config.engine.timeout.total_seconds())
 
 
-def prepare(config: Config, engine: Engine, store: Store, now: datetime) -> Plan:
+def prepare(
+    config: Config,
+    engine: Engine,
+    store: Store,
+    now: datetime,
+    stop: Callable[[], bool] = lambda: False,
+) -> Plan:
     """Snapshot the engine, record what it shows, and plan. Removes nothing."""
-    snapshot, learned = engine.snapshot(store.facts())
+    snapshot, learned = engine.snapshot(store.facts(), stop)
     state = store.observe(snapshot, learned, now)
     return policy.plan(snapshot, config, state, now)
 
@@ -33,7 +43,26 @@ def run(
     store: Store,
     now: datetime,
     stop: Callable[[], bool] = lambda: False,
+    lock_wait: float = LOCK_WAIT,
 ) -> Report:
-    """A whole cycle: prepare, then carry the plan out."""
-    plan = prepare(config, engine, store, now)
-    return executor.execute(plan, engine, now, stop)
+    """A whole cycle under the state lock: prepare, then carry the plan out."""
+    with store.lock(lock_wait, stop):
+        plan = prepare(config, engine, store, now, stop)
+        return executor.execute(plan, engine, now, stop)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanChange:
+    """How a new configuration's plan differs from the old one's, on the same snapshot."""
+
+    newly_removed: int
+    newly_kept: int
+    removals: int
+
+
+def compare(old: Config, new: Config, engine: Engine, store: Store, now: datetime) -> PlanChange:
+    snapshot, learned = engine.snapshot(store.facts())
+    state = store.observe(snapshot, learned, now)
+    before = {d.image_id for d in policy.plan(snapshot, old, state, now).removals()}
+    after = {d.image_id for d in policy.plan(snapshot, new, state, now).removals()}
+    return PlanChange(len(after - before), len(before - after), len(after))

@@ -16,7 +16,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
+from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import Container, EngineInfo, Image, ImageFacts, Snapshot
 
 T = TypeVar("T")
@@ -29,8 +29,11 @@ class Engine(Protocol):
     url: str
     calls: int
 
-    def snapshot(self, facts: Mapping[str, ImageFacts]) -> tuple[Snapshot, dict[str, ImageFacts]]:
-        """Read the engine once; return the snapshot and the facts learned by inspecting."""
+    def snapshot(
+        self, facts: Mapping[str, ImageFacts], stop: Callable[[], bool] = ...
+    ) -> tuple[Snapshot, dict[str, ImageFacts]]:
+        """Read the engine once; return the snapshot and the facts learned by inspecting.
+        `stop` is polled between inspects; raises Stopped when it says so."""
 
     def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         """The image's tags and digest references now, or None if it is gone."""
@@ -101,7 +104,9 @@ class DockerEngine:
 
     # --- reading ---------------------------------------------------------------------------
 
-    def snapshot(self, facts: Mapping[str, ImageFacts]) -> tuple[Snapshot, dict[str, ImageFacts]]:
+    def snapshot(
+        self, facts: Mapping[str, ImageFacts], stop: Callable[[], bool] = lambda: False
+    ) -> tuple[Snapshot, dict[str, ImageFacts]]:
         client = self.client
         version = self._get(client.version)
         raw_images = self._get(lambda: client.images(all=True))
@@ -112,6 +117,8 @@ class DockerEngine:
             tags = tuple(sorted(t for t in raw.get("RepoTags") or () if t != _NO_TAG))
             known = facts.get(raw["Id"])
             if known is None or known.tags != tags:
+                if stop():
+                    raise Stopped("stopped while reading the engine")
                 try:
                     known = self._inspect(raw["Id"], tags, known)
                 except NotFoundError:

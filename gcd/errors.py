@@ -49,3 +49,15 @@ class ConflictError(EngineError):
 
 class NotFoundError(EngineError):
     """HTTP 404: the image or reference is already gone. A skip, not a failure."""
+
+
+class LockBusy(GcdError):
+    """Another gcd cycle held the state lock for longer than we wait (exit 1)."""
+
+    exit_code = 1
+
+
+class Stopped(GcdError):
+    """The cycle was asked to stop (SIGTERM) before it had planned anything."""
+
+    exit_code = 0

@@ -8,7 +8,7 @@ alone, an image that a container now uses or that gained a tag is skipped. 409 i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from gcd.engine import Engine
@@ -29,7 +29,7 @@ def execute(
     snapshot = plan.snapshot
     outcomes: dict[str, Outcome] = {}
     deleted: set[str] = set()
-    halted: str | None = None
+    halted: tuple[str, str] | None = None
     # Children before parents, so no removal meets "image has dependent child images".
     direct = sorted(
         (d for d in plan.removals() if not d.implied),
@@ -38,24 +38,25 @@ def execute(
     untags = [d for d in plan.decisions if d.decision == "keep" and d.untag]
     for d in [*direct, *untags]:
         if halted is None and stop():
-            halted = "cycle stopped before this action"
+            halted = ("stopped", "cycle stopped before this action")
         if halted is not None:
-            outcomes[d.image_id] = Outcome(d.image_id, "skipped", reason=halted)
+            outcomes[d.image_id] = _skip(d, *halted)
             continue
         try:
             act = _remove if d.decision == "remove" else _untag
             outcomes[d.image_id] = act(d, engine, deleted)
         except EngineUnavailable as e:
             # Every further call would wait for the same timeout: stop the cycle here.
-            outcomes[d.image_id] = Outcome(d.image_id, "failed", error=str(e))
-            halted = "engine unreachable"
-            log.error("%s", e)
+            outcomes[d.image_id] = Outcome(d.image_id, "failed", error=str(e), code="engine_down")
+            halted = ("engine_down", "engine unreachable")
         _log(d, outcomes[d.image_id])
     for d in plan.decisions:
         if d.image_id in outcomes:
             continue
-        if d.implied:
-            outcomes[d.image_id] = _implied(d, deleted)
+        if d.implied and d.image_id not in deleted:
+            outcomes[d.image_id] = _skip(
+                d, "kept_by_engine", "a child image was not removed, so the engine kept this parent"
+            )
             _log(d, outcomes[d.image_id])
         else:
             outcomes[d.image_id] = Outcome(d.image_id, "done")
@@ -68,85 +69,66 @@ def execute(
     return Report(plan, False, started_at, outcomes, reclaimed)
 
 
+def _skip(d: Decision, code: str, reason: str, untagged: Sequence[str] = ()) -> Outcome:
+    return Outcome(d.image_id, "skipped", reason=reason, untagged=tuple(untagged), code=code)
+
+
 def _remove(d: Decision, engine: Engine, deleted: set[str]) -> Outcome:
     now = engine.current(d.image_id)
     if now is None:
-        return Outcome(d.image_id, "skipped", reason="already gone")
+        return _skip(d, "gone", "already gone")
     tags, digests = now
     users = engine.users(d.image_id)
     if users:
         c = users[0]
-        return Outcome(d.image_id, "skipped", reason=f"now used by container {c.name} ({c.state})")
+        return _skip(d, "in_use", f"now used by container {c.name} ({c.state})")
     gained = sorted(set(tags) - set(d.tags))
     if gained:
-        return Outcome(
-            d.image_id, "skipped", reason=f"gained tag {', '.join(gained)} since the plan"
-        )
+        return _skip(d, "tag_changed", f"gained tag {', '.join(gained)} since the plan")
     # Tags that moved away since the plan are not in `tags` any more: they are left alone.
-    refs = [*tags, *digests] or [d.image_id]
-    done: list[str] = []
-    for ref in refs:
-        try:
-            deleted.update(engine.delete(ref))
-        except NotFoundError:
-            pass
-        except ConflictError as e:
-            return Outcome(
-                d.image_id, "skipped", reason=f"engine refused: {e}", untagged=tuple(done)
-            )
-        except EngineUnavailable:
-            raise
-        except EngineError as e:
-            return Outcome(d.image_id, "failed", error=str(e), untagged=tuple(done))
-        if ref != d.image_id:
-            done.append(ref)
+    refs = [*tags, *digests]
+    failure, done = _delete(d, engine, refs or [d.image_id], deleted)
+    if failure is not None:
+        return failure
     if d.image_id in deleted or engine.current(d.image_id) is None:
         deleted.add(d.image_id)
         return Outcome(d.image_id, "done", untagged=tuple(done))
-    return Outcome(
-        d.image_id,
-        "skipped",
-        reason="untagged, but the engine kept the image (it has child images)",
-        untagged=tuple(done),
+    return _skip(
+        d, "kept_by_engine", "untagged, but the engine kept the image (it has child images)", done
     )
 
 
 def _untag(d: Decision, engine: Engine, deleted: set[str]) -> Outcome:
     now = engine.current(d.image_id)
     if now is None:
-        return Outcome(d.image_id, "skipped", reason="already gone")
+        return _skip(d, "gone", "already gone")
     tags = set(now[0])
     wanted = [t for t in d.untag if t in tags]  # a tag that moved away is not ours to delete
     if not tags - set(wanted):
-        return Outcome(
-            d.image_id, "skipped", reason="untagging would leave the image without a tag"
-        )
+        return _skip(d, "no_tag_left", "untagging would leave the image without a tag")
+    failure, done = _delete(d, engine, wanted, deleted)
+    return failure or Outcome(d.image_id, "done", untagged=tuple(done))
+
+
+def _delete(
+    d: Decision, engine: Engine, refs: Sequence[str], deleted: set[str]
+) -> tuple[Outcome | None, list[str]]:
+    """Delete each reference in turn; the first refusal or error ends it as an outcome."""
     done: list[str] = []
-    for tag in wanted:
+    for ref in refs:
         try:
-            deleted.update(engine.delete(tag))
+            deleted.update(engine.delete(ref))
         except NotFoundError:
             continue
         except ConflictError as e:
-            return Outcome(
-                d.image_id, "skipped", reason=f"engine refused: {e}", untagged=tuple(done)
-            )
+            return _skip(d, "conflict", f"engine refused: {e}", done), done
         except EngineUnavailable:
             raise
         except EngineError as e:
-            return Outcome(d.image_id, "failed", error=str(e), untagged=tuple(done))
-        done.append(tag)
-    return Outcome(d.image_id, "done", untagged=tuple(done))
-
-
-def _implied(d: Decision, deleted: set[str]) -> Outcome:
-    if d.image_id in deleted:
-        return Outcome(d.image_id, "done")
-    return Outcome(
-        d.image_id,
-        "skipped",
-        reason="a child image was not removed, so the engine kept this parent",
-    )
+            return Outcome(d.image_id, "failed", error=str(e), untagged=tuple(done)), done
+        if ref != d.image_id:
+            done.append(ref)
+    return None, done
 
 
 def _log(d: Decision, o: Outcome) -> None:

@@ -212,6 +212,9 @@ class Outcome:
     reason: str | None = None
     error: str | None = None
     untagged: tuple[str, ...] = ()
+    # Why it was skipped, as a metric label: gone, in_use, tag_changed, conflict,
+    # kept_by_engine, no_tag_left, stopped, engine_down.
+    code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

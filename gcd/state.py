@@ -6,20 +6,23 @@ file is recreated (with a warning), never a crash. One transaction per cycle.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from gcd.errors import StateError
+from gcd.errors import LockBusy, StateError, Stopped
 from gcd.model import ImageFacts, Snapshot, StateView
 
 log = logging.getLogger(__name__)
 
 FILENAME = "state.db"
+LOCKNAME = "gcd.lock"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS images (
@@ -50,6 +53,7 @@ class Store:
     """The state store of one state_dir. `writable=False` observes in memory only."""
 
     def __init__(self, state_dir: str, writable: bool = True) -> None:
+        self.state_dir = state_dir
         self.path = os.path.join(state_dir, FILENAME)
         self.writable = writable
         self._rows: dict[str, _Row] = {}
@@ -103,9 +107,36 @@ class Store:
         finally:
             self._db = None
 
+    @contextmanager
+    def lock(self, wait: float, stop: Callable[[], bool] = lambda: False) -> Iterator[None]:
+        """Hold the cycle lock of this state_dir: one removing cycle at a time per host,
+        whether it is the daemon's or a `gcd run` from a shell. Waits up to `wait` seconds."""
+        path = os.path.join(self.state_dir, LOCKNAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if stop():
+                        raise Stopped("stopped while waiting for the state lock") from None
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(
+                            f"another gcd cycle holds {path} (waited {wait:g}s); "
+                            "try again when it has finished"
+                        ) from None
+                    time.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None)
+        # The daemon opens the store on its main thread and uses it on the scheduler's single
+        # worker; uses never overlap, so sqlite3's same-thread check is lifted.
+        db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(_SCHEMA)
         return db

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import docker
@@ -179,3 +182,59 @@ def test_explain_names_every_reason(gcd: Gcd, client: docker.APIClient) -> None:
 def test_version_and_module_entry_point(gcd: Gcd) -> None:
     result = gcd("--version")
     assert (result.returncode, result.stdout) == (0, f"gcd {__version__}\n")
+
+
+def test_run_writes_the_metrics_textfile_atomically(
+    gcd: Gcd, client: docker.APIClient, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.integration.test_daemon import promtool
+
+    two_builds(client)
+    textfile = tmp_path / "textfile" / "gcd.prom"
+    textfile.parent.mkdir()
+    config = gcd.config(POLICY + f"metrics: {{textfile: '{textfile}'}}\n")
+    assert gcd("run", "--config", str(config)).returncode == 0
+    text = textfile.read_text()
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert values[("gcd_images_removed_total", (("reason", "expired"),))] == 1
+    assert values[("gcd_tags_removed_total", (("rule", "ci"),))] == 1
+    assert values[("gcd_cycles_total", (("result", "success"),))] == 1
+    assert values[("gcd_bytes_reclaimed_total", ())] == 2_000_000  # the one layer app:1 held alone
+    assert values[("gcd_engine_up", ())] == 1
+    assert [p.name for p in textfile.parent.iterdir()] == ["gcd.prom"]  # no temporary file left
+    lint = subprocess.run(
+        [promtool(), "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+    down = tmp_path / "down.yaml"
+    down.write_text(
+        f"version: 1\nstate_dir: {tmp_path}/state2\nengine: {{url: 'unix://{tmp_path}/none.sock'}}\nmetrics: {{textfile: '{textfile}'}}\n"
+    )
+    assert gcd("run", "--config", str(down)).returncode == 3
+    assert "gcd_engine_up 0.0" in textfile.read_text().splitlines()
+    assert 'gcd_cycles_total{result="error"} 1.0' in textfile.read_text().splitlines()
+
+
+def test_logs_under_journald_carry_priorities_instead_of_timestamps(
+    gcd: Gcd, client: docker.APIClient, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    two_builds(client)
+    log = tmp_path / "journal.log"
+    with open(log, "w") as stderr:
+        st = os.fstat(stderr.fileno())
+        subprocess.run(
+            [sys.executable, "-m", "gcd", "run", "--config", str(gcd.config(POLICY))],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            check=True,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith("<6>removed ") for line in lines), lines

@@ -122,3 +122,22 @@ def test_read_only_store_plans_from_the_file_but_writes_nothing(tmp_path: Path) 
     assert Store(str(tmp_path)).observe(
         snapshot([image("x"), image("new")]), {}, LATER
     ).first_seen == {iid("new"): LATER}
+
+
+def test_the_cycle_lock_is_exclusive_bounded_and_stoppable(tmp_path: Path) -> None:
+    import fcntl
+
+    from gcd.errors import LockBusy, Stopped
+
+    store = Store(str(tmp_path))
+    with open(tmp_path / "gcd.lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another gcd process's cycle
+        with pytest.raises(LockBusy) as caught, store.lock(0.3):
+            pass
+        assert str(caught.value) == (
+            f"another gcd cycle holds {tmp_path}/gcd.lock (waited 0.3s); try again when it has finished"
+        )
+        with pytest.raises(Stopped), store.lock(30, stop=lambda: True):
+            pass
+    with store.lock(0.3):
+        pass  # free again once the other holder is gone

@@ -1,0 +1,282 @@
+"""`gcd daemon`: cycles on a schedule under systemd (Type=notify), metrics, reload, signals.
+
+Threads: the main thread owns signals, the scheduler and the systemd watchdog; APScheduler
+runs cycles and reloads one at a time on a single worker thread. The watchdog is pinged only
+while that worker makes progress, so a wedged daemon is restarted by systemd instead of kept
+alive. Jobs never call into the scheduler: its shutdown(wait=True) holds the job store lock
+while it waits for the running job, so a job that asked it anything would deadlock the exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sdnotify import SystemdNotifier
+
+from gcd import config as gcd_config
+from gcd import cycle, report
+from gcd.config import Config
+from gcd.engine import DockerEngine
+from gcd.errors import ConfigError, EngineUnavailable, GcdError, LockBusy, Stopped
+from gcd.metrics import Metrics, Server
+from gcd.model import Report
+from gcd.state import Store
+from gcd.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+# Between two watchdog checks when systemd asks for no watchdog: how soon a signal is handled.
+IDLE_TICK = 1.0
+
+
+def trigger_of(config: Config) -> CronTrigger | IntervalTrigger:
+    if config.schedule.cron:
+        return CronTrigger.from_crontab(config.schedule.cron, timezone=UTC)
+    assert config.schedule.every is not None
+    return IntervalTrigger(seconds=config.schedule.every.total_seconds(), timezone=UTC)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        metrics: Metrics | None = None,
+        notifier: Any = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.metrics = metrics or Metrics()
+        self.notifier = notifier or SystemdNotifier()
+        env = os.environ if environ is None else environ
+        usec = int(env.get("WATCHDOG_USEC", "0") or 0)
+        owner = env.get("WATCHDOG_PID")
+        self.watchdog = usec / 1e6 if usec and (not owner or owner == str(os.getpid())) else 0.0
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.reload_requested = False
+        self.trigger = trigger_of(config)
+        self.new_trigger: CronTrigger | IntervalTrigger | None = None
+        self.engine: DockerEngine = cycle.connect(config)
+        self.store: Store | None = None
+        self.engine_down_since: datetime | None = None
+        self.in_cycle = False
+        self.polls = 0
+        self._progress_marker: tuple[int, int] = (0, 0)
+        self._progress_at = time.monotonic()
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={
+                "coalesce": True,  # missed runs (host asleep, long cycle) become one run
+                "max_instances": 1,
+                "misfire_grace_time": None,  # a late cycle is still worth running
+            },
+        )
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code."""
+        self.store = Store(self.config.state_dir)
+        server: Server | None = None
+        if self.config.metrics.listen:
+            server = self.metrics.serve(self.config.metrics.listen)
+            log.info("serving metrics on http://%s/metrics", self.config.metrics.listen)
+        previous = {
+            s: signal.signal(s, self._on_signal)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        self.scheduler.add_job(
+            self._cycle, self.trigger, id="cycle", next_run_time=datetime.now(UTC)
+        )
+        log.info("gcd daemon started: %s, engine %s", self._schedule_text(), self.engine.url)
+        self.scheduler.start()
+        self._notify("READY=1", f"STATUS=started; first cycle now, then {self._schedule_text()}")
+        try:
+            self._main_loop()
+        finally:
+            self._notify("STOPPING=1", "STATUS=stopping")
+            log.info("stopping: waiting for the current cycle to stop between two removals")
+            self.scheduler.shutdown(wait=True)
+            if server is not None:
+                server.close()
+            self.engine.close()
+            self.store.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        log.info("gcd daemon stopped")
+        return 0
+
+    def _main_loop(self) -> None:
+        tick = min(self.watchdog / 2, IDLE_TICK * 5) if self.watchdog else IDLE_TICK
+        while not self.stopping.is_set():
+            self.wake.wait(tick)
+            self.wake.clear()
+            if self.stopping.is_set():
+                break
+            if self.reload_requested:
+                self.reload_requested = False
+                self.scheduler.add_job(self._reload, id="reload", replace_existing=True)
+            if self.new_trigger is not None:  # set by a reload, applied here (see above)
+                self.trigger, self.new_trigger = self.new_trigger, None
+                self.scheduler.reschedule_job("cycle", trigger=self.trigger)
+                log.info("schedule is now %s", self._schedule_text())
+            if self.watchdog and self._healthy():
+                self._notify("WATCHDOG=1")
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self.stopping.set()
+        self.wake.set()
+
+    def _healthy(self) -> bool:
+        """The scheduler thread runs, and a running cycle made progress within the watchdog
+        time (an engine call or a step between removals)."""
+        thread = getattr(self.scheduler, "_thread", None)
+        if not self.scheduler.running or thread is None or not thread.is_alive():
+            return False
+        marker = (self.engine.calls, self.polls)
+        now = time.monotonic()
+        if marker != self._progress_marker or not self.in_cycle:
+            self._progress_marker, self._progress_at = marker, now
+        return now - self._progress_at < self.watchdog
+
+    def _poll_stop(self) -> bool:
+        self.polls += 1
+        return self.stopping.is_set()
+
+    # --- jobs (on the scheduler's single worker) ---------------------------------------------
+
+    def _cycle(self) -> None:
+        assert self.store is not None
+        self.in_cycle = True
+        started = time.monotonic()
+        try:
+            result = cycle.run(
+                self.config, self.engine, self.store, cycle.utcnow(), stop=self._poll_stop
+            )
+        except EngineUnavailable as e:
+            self._engine_lost(e, started)
+            return
+        except Stopped as e:
+            log.info("cycle %s", e)
+            return
+        except LockBusy as e:
+            log.warning("cycle skipped: %s", e)
+            self.metrics.cycle_ended("skipped", time.monotonic() - started, time.time())
+            return
+        except GcdError as e:
+            log.error("cycle failed: %s", e)
+            self.metrics.cycle_ended("error", time.monotonic() - started, time.time())
+            self._notify(f"STATUS=last cycle failed: {e}; next {self._next_run()}")
+            return
+        except Exception:  # a bug must not stop the service: log it, count it, go on
+            log.exception("cycle crashed")
+            self.metrics.cycle_ended("error", time.monotonic() - started, time.time())
+            return
+        finally:
+            self.in_cycle = False
+        if self.engine_down_since is not None:
+            log.info("the Docker engine at %s answers again", self.engine.url)
+            self.engine_down_since = None
+        self.metrics.record(result, time.monotonic() - started, time.time())
+        log.info("%s", report.summary_line(result))
+        self._notify(f"STATUS={self._status(result)}")
+
+    def _engine_lost(self, error: EngineUnavailable, started: float) -> None:
+        self.metrics.engine_up.set(0)
+        self.metrics.cycle_ended("error", time.monotonic() - started, time.time())
+        if self.engine_down_since is None:
+            # Once, not once a cycle: the next cycles retry quietly until it answers again.
+            self.engine_down_since = datetime.now(UTC)
+            log.error("%s; retrying at every cycle", error)
+        else:
+            log.debug("engine still unreachable: %s", error)
+        since = self.engine_down_since.strftime("%H:%M:%SZ")
+        self._notify(f"STATUS=engine unreachable since {since}; next try {self._next_run()}")
+
+    def _reload(self) -> None:
+        assert self.store is not None
+        try:
+            new = gcd_config.load(self.config_path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload: %s", problem)
+            log.error("reload failed: keeping the configuration that runs now")
+            self.metrics.config_reloads.labels("failure").inc()
+            return
+        old, self.config = self.config, new
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("configuration reloaded from %s", self.config_path or "built-in defaults")
+        if (old.schedule.every, old.schedule.cron) != (new.schedule.every, new.schedule.cron):
+            self.new_trigger = trigger_of(new)
+            self.wake.set()
+        if (old.engine_url(), old.engine.timeout) != (new.engine_url(), new.engine.timeout):
+            self.engine.close()
+            self.engine = cycle.connect(new)
+            log.info("engine is now %s", self.engine.url)
+        for key, a, b in (
+            ("metrics.listen", old.metrics.listen, new.metrics.listen),
+            ("state_dir", old.state_dir, new.state_dir),
+        ):
+            if a != b:
+                log.warning("reload: %s changed from %r to %r; restart gcd to apply it", key, a, b)
+        try:
+            change = cycle.compare(old, new, self.engine, self.store, cycle.utcnow())
+        except GcdError as e:
+            log.warning("reload: cannot compare the old and new plans: %s", e)
+            return
+        log.info(
+            "reload: the new policy removes %d images the old one kept and keeps %d it removed "
+            "(%d to remove at the next cycle)",
+            change.newly_removed,
+            change.newly_kept,
+            change.removals,
+        )
+
+    # --- text --------------------------------------------------------------------------------
+
+    def _notify(self, *lines: str) -> None:
+        # sd_notify wants ASCII; reasons can carry any tag name.
+        self.notifier.notify("\n".join(lines).encode("ascii", "replace").decode("ascii"))
+
+    def _next_run(self) -> str:
+        when = self.trigger.get_next_fire_time(None, datetime.now(UTC))
+        return when.astimezone(UTC).strftime("%H:%M:%SZ") if when else "not scheduled"
+
+    def _schedule_text(self) -> str:
+        if self.config.schedule.cron:
+            return f'cron "{self.config.schedule.cron}" (UTC)'
+        every = self.config.schedule.every or timedelta(0)
+        return f"every {int(every.total_seconds())}s"
+
+    def _status(self, result: Report) -> str:
+        removed = sum(
+            1
+            for d in result.plan.decisions
+            if d.decision == "remove" and result.outcome(d.image_id).outcome == "done"
+        )
+        ended = datetime.now(UTC).strftime("%H:%M:%SZ")
+        text = (
+            f"last cycle {ended}: removed {removed} images, "
+            f"{format_bytes(result.reclaimed_bytes)} reclaimed"
+        )
+        if result.count("skipped") or result.count("failed"):
+            text += f", {result.count('skipped')} skipped, {result.count('failed')} failed"
+        return f"{text}; next {self._next_run()}"

@@ -1,0 +1,213 @@
+"""Prometheus metrics in one place: an own registry, record(report) after each cycle,
+an HTTP endpoint for the daemon, a node_exporter textfile for one-shot runs."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
+from prometheus_client.exposition import start_http_server
+
+from gcd import __version__
+from gcd.errors import GcdError
+from gcd.model import Report
+
+CYCLE_RESULTS = ("success", "failure", "error", "skipped")
+REMOVAL_REASONS = ("expired", "dangling", "intermediate")
+SKIP_REASONS = (
+    "gone",
+    "in_use",
+    "tag_changed",
+    "conflict",
+    "kept_by_engine",
+    "no_tag_left",
+    "stopped",
+    "engine_down",
+)
+IMAGE_STATES = ("keep", "remove", "protected", "dangling")
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
+_LISTEN = re.compile(r"\[?(?P<host>[^\[\]]*?)\]?:(?P<port>\d+)")
+
+
+@dataclass
+class Server:
+    """A running /metrics endpoint."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.cycles = Counter(
+            "gcd_cycles",
+            "Cycles run, by result: success; failure (some removals failed); "
+            "error (the cycle could not run, e.g. engine unreachable); skipped (another cycle held the lock).",
+            ["result"],
+            registry=r,
+        )
+        self.cycle_duration = Histogram(
+            "gcd_cycle_duration_seconds",
+            "Wall time of a cycle, snapshot to report.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.last_cycle = Gauge(
+            "gcd_last_cycle_timestamp_seconds",
+            "Unix time the last cycle ended, whatever its result.",
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "gcd_last_success_timestamp_seconds",
+            "Unix time the last cycle ended with result success.",
+            registry=r,
+        )
+        self.images_removed = Counter(
+            "gcd_images_removed",
+            "Images removed, by why: expired (every tag expired), dangling, "
+            "intermediate (deleted by the engine with its last child).",
+            ["reason"],
+            registry=r,
+        )
+        self.tags_removed = Counter(
+            "gcd_tags_removed",
+            "Tags removed (with their image, or untagged), by the rule that expired "
+            'them; rule="unmatched" for tags no rule matched.',
+            ["rule"],
+            registry=r,
+        )
+        self.bytes_reclaimed = Counter(
+            "gcd_bytes_reclaimed",
+            "Bytes freed by removals, every shared layer counted once.",
+            registry=r,
+        )
+        self.removals_skipped = Counter(
+            "gcd_removals_skipped",
+            "Planned removals not carried out, by why: " + ", ".join(SKIP_REASONS) + ".",
+            ["reason"],
+            registry=r,
+        )
+        self.removal_failures = Counter(
+            "gcd_removal_failures",
+            "Removals the engine failed with an error other than 409 or 404.",
+            registry=r,
+        )
+        self.images = Gauge(
+            "gcd_images",
+            "Images in the last plan, by state: keep, remove, protected (a subset of keep), "
+            "dangling (untagged without children).",
+            ["state"],
+            registry=r,
+        )
+        self.store_bytes = Gauge(
+            "gcd_image_store_bytes",
+            "Bytes of all image layers in the engine at the last snapshot, each layer once.",
+            registry=r,
+        )
+        self.reclaimable = Gauge(
+            "gcd_reclaimable_bytes", "Bytes the last plan would free, each layer once.", registry=r
+        )
+        self.engine_up = Gauge(
+            "gcd_engine_up",
+            "1 if the last attempt to talk to the engine succeeded, else 0.",
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "gcd_config_reloads",
+            "Configuration reloads (SIGHUP), by result: success, failure.",
+            ["result"],
+            registry=r,
+        )
+        Gauge(
+            "gcd_build_info",
+            "Always 1; the version label says which gcd runs.",
+            ["version"],
+            registry=r,
+        ).labels(__version__).set(1)
+        # Every label value exists from the start, so rate() and absent() behave.
+        for result in CYCLE_RESULTS:
+            self.cycles.labels(result)
+        for reason in REMOVAL_REASONS:
+            self.images_removed.labels(reason)
+        for reason in SKIP_REASONS:
+            self.removals_skipped.labels(reason)
+        for state in IMAGE_STATES:
+            self.images.labels(state)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+    def record(self, report: Report, duration: float, ended: float) -> None:
+        """Count one completed cycle (a dry run only sets the plan gauges)."""
+        plan = report.plan
+        snapshot = plan.snapshot
+        lost = any(o.code == "engine_down" for o in report.outcomes.values())
+        self.engine_up.set(0 if lost else 1)
+        self.images.labels("keep").set(sum(1 for d in plan.decisions if d.decision == "keep"))
+        self.images.labels("remove").set(sum(1 for d in plan.decisions if d.decision == "remove"))
+        self.images.labels("protected").set(sum(1 for d in plan.decisions if d.protected))
+        self.images.labels("dangling").set(sum(1 for d in plan.decisions if d.dangling))
+        self.store_bytes.set(sum(snapshot.freed_bytes({i.id for i in snapshot.images}).values()))
+        self.reclaimable.set(plan.reclaimable_bytes)
+        if report.dry_run:
+            return
+        for d in plan.decisions:
+            o = report.outcome(d.image_id)
+            if o.outcome == "skipped" and o.code:
+                self.removals_skipped.labels(o.code).inc()
+            elif o.outcome == "failed":
+                self.removal_failures.inc()
+            if o.outcome != "done":
+                continue
+            rule_of: dict[str, str] = {}
+            for tag, rule in d.expired:
+                rule_of.setdefault(tag, rule)
+            if d.decision == "remove":
+                reason = (
+                    "expired"
+                    if d.tags
+                    else ("intermediate" if snapshot.children(d.image_id) else "dangling")
+                )
+                self.images_removed.labels(reason).inc()
+                gone = d.tags
+            else:
+                gone = o.untagged
+            for tag in gone:
+                self.tags_removed.labels(rule_of.get(tag, "unmatched")).inc()
+        self.bytes_reclaimed.inc(report.reclaimed_bytes)
+        result = "failure" if report.count("failed") else "success"
+        self.cycle_ended(result, duration, ended)
+
+    def cycle_ended(self, result: str, duration: float, ended: float) -> None:
+        self.cycles.labels(result).inc()
+        self.cycle_duration.observe(duration)
+        self.last_cycle.set(ended)
+        if result == "success":
+            self.last_success.set(ended)
+
+    def serve(self, listen: str) -> Server:
+        """Serve /metrics on `host:port` (the config's metrics.listen)."""
+        match = _LISTEN.fullmatch(listen)
+        if match is None:
+            raise GcdError(f"metrics.listen {listen!r} is not host:port")
+        host = match["host"] or "0.0.0.0"
+        try:
+            httpd, thread = start_http_server(int(match["port"]), addr=host, registry=self.registry)
+        except OSError as e:
+            raise GcdError(f"cannot serve metrics on {listen}: {e.strerror}") from None
+        return Server(httpd, thread)
+
+    def write_textfile(self, path: str) -> None:
+        """Write every metric to `path` atomically (a temporary file renamed over it)."""
+        try:
+            write_to_textfile(path, self.registry)
+        except OSError as e:
+            raise GcdError(f"cannot write metrics.textfile {path}: {e.strerror}") from None

@@ -1,0 +1,279 @@
+"""`gcd daemon` as systemd runs it: a real NOTIFY_SOCKET, real signals, a real /metrics scrape."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import docker
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.dockerd import PrivateEngine
+from tests.images import Layer, Spec, load
+from tests.integration.conftest import ids_now, tags_now
+
+WHEN = datetime(2026, 3, 1, tzinfo=UTC)
+RULES = r"""
+safety: {min_age: 0s, max_removal_fraction: 1.0}
+dangling: {min_age: 0s}
+rules:
+  - name: ci
+    match: {tag: '(?P<n>\d+)'}
+    order_by: numeric(n)
+    keep_last: KEEP
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def promtool() -> str:
+    path = shutil.which("promtool") or os.path.join(os.path.dirname(sys.executable), "promtool")
+    assert os.access(path, os.X_OK), "promtool is missing: tests/setup.sh installs it"
+    return path
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:  # the endpoint is not up yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Daemon:
+    """`gcd daemon` in a subprocess, with the notify socket systemd would give it."""
+
+    def __init__(
+        self, tmp: Path, url: str, body: str, every: str = "1h", watchdog_usec: int = 0
+    ) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.config = tmp / "config.yaml"
+        self.write_config(url, body, every)
+        self.notify_path = str(tmp / "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.notify.settimeout(0.2)
+        self.messages: list[str] = []
+        self.log_path = tmp / "daemon.log"
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path}
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gcd", "daemon", "--config", str(self.config)],
+            stdout=self.log,
+            stderr=self.log,
+            env=env,
+        )
+
+    def write_config(self, url: str, body: str, every: str = "1h") -> None:
+        self.config.write_text(
+            f"version: 1\nengine: {{url: '{url}', timeout: 3s}}\nstate_dir: {self.tmp / 'state'}\n"
+            f"schedule: {{every: {every}}}\nmetrics: {{listen: '127.0.0.1:{self.port}'}}\n" + body
+        )
+
+    def receive(self) -> list[str]:
+        while self.notify.fileno() != -1:
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except TimeoutError:
+                break
+        return self.messages
+
+    def saw(self, prefix: str) -> bool:
+        return any(line.startswith(prefix) for m in self.receive() for line in m.splitlines())
+
+    def logs(self) -> str:
+        return self.log_path.read_text()
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def value(self, name: str, **labels: str) -> float:
+        for family in text_string_to_metric_families(self.scrape()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        raise KeyError(name)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self.receive()  # what it said on the way out
+        self.log.close()
+        self.notify.close()
+        return code
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.process.poll() is None:
+            d.process.kill()
+            d.process.wait()
+
+
+def test_notify_protocol_schedule_and_scraped_metrics(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    ids = load(
+        client,
+        [
+            Spec([f"app:{n}"], [Layer("shared", 100_000), Layer(f"own-{n}", 20_000)], WHEN)
+            for n in range(1, 6)
+        ],
+    )
+    layers_before = client.df()["LayersSize"]
+    d = Daemon(
+        tmp_path, dockerd.url, RULES.replace("KEEP", "2"), every="2s", watchdog_usec=1_000_000
+    )
+    daemons.append(d)
+    wait_for(lambda: d.saw("READY=1"), what="READY=1")
+    wait_for(lambda: d.saw("STATUS=last cycle"), what="a STATUS after the first cycle")
+    status = next(
+        line for m in d.messages for line in m.splitlines() if line.startswith("STATUS=last cycle")
+    )
+    assert "removed 3 images" in status and "; next " in status
+    assert status.isascii()
+    pings = sum(m == "WATCHDOG=1" for m in d.receive())
+    time.sleep(2)
+    assert sum(m == "WATCHDOG=1" for m in d.receive()) >= pings + 3  # every WatchdogSec/2 = 0.5s
+    wait_for(
+        lambda: d.value("gcd_cycles_total", result="success") >= 3, what="three cycles on schedule"
+    )
+
+    assert set(tags_now(client)) == {"app:4", "app:5"}
+    assert d.value("gcd_images_removed_total", reason="expired") == 3
+    assert d.value("gcd_tags_removed_total", rule="ci") == 3
+    assert d.value("gcd_bytes_reclaimed_total") == layers_before - client.df()["LayersSize"]
+    assert d.value("gcd_engine_up") == 1
+    assert d.value("gcd_images", state="keep") == 2
+    assert d.value("gcd_images", state="remove") == 0
+    assert d.value("gcd_reclaimable_bytes") == 0
+    assert d.value("gcd_image_store_bytes") == client.df()["LayersSize"]
+    assert d.value("gcd_last_success_timestamp_seconds") > time.time() - 10
+    assert d.value("gcd_cycle_duration_seconds_count") >= 3
+    assert d.value("gcd_build_info", version=__import__("gcd").__version__) == 1
+    assert d.value("gcd_removal_failures_total") == 0
+    lint = subprocess.run(
+        [promtool(), "check", "metrics"], input=d.scrape(), capture_output=True, text=True
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+    assert d.stop() == 0
+    assert d.saw("STOPPING=1")
+    assert not set(ids[3:]) - ids_now(client)
+
+
+def test_sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_broken_one(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    load(client, [Spec([f"app:{n}"], [Layer(f"own-{n}")], WHEN) for n in range(1, 6)])
+    d = Daemon(tmp_path, dockerd.url, RULES.replace("KEEP", "4"))
+    daemons.append(d)
+    wait_for(lambda: d.saw("STATUS=last cycle"), what="the first cycle")
+    assert len(tags_now(client)) == 4
+
+    d.write_config(dockerd.url, RULES.replace("KEEP", "2"))
+    d.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload: the new policy" in d.logs(), what="the reload diff")
+    assert (
+        "reload: the new policy removes 2 images the old one kept and keeps 0 it removed "
+        "(2 to remove at the next cycle)" in d.logs()
+    )
+    assert d.value("gcd_config_reloads_total", result="success") == 1
+
+    d.write_config(dockerd.url, RULES.replace("KEEP", "two"))
+    d.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed" in d.logs(), what="the failed reload")
+    assert (
+        f'ERROR reload: {d.config}:13: rules[0].keep_last: expected an integer >= 1, got "two"'
+        in d.logs()
+    )
+    assert "ERROR reload failed: keeping the configuration that runs now" in d.logs()
+    assert d.value("gcd_config_reloads_total", result="failure") == 1
+    assert d.process.poll() is None
+    assert len(tags_now(client)) == 4  # no cycle since: the next one is an hour away
+    assert d.stop() == 0
+
+
+def test_sigterm_mid_cycle_stops_between_removals_and_exits_cleanly(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    count = 300
+    load(client, [Spec([f"bulk:{n}"], [Layer(f"bulk-{n}", 100)], WHEN) for n in range(count)])
+    d = Daemon(
+        tmp_path,
+        dockerd.url,
+        RULES.replace("KEEP", "1").replace(
+            "max_removal_fraction: 1.0", "max_removal_fraction: 1.0, max_removals_per_run: 1000"
+        ),
+    )
+    daemons.append(d)
+    wait_for(lambda: "INFO removed " in d.logs(), what="the first removal")
+    d.process.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - stopped_at < 10
+    assert d.saw("STOPPING=1")
+    left = tags_now(client)
+    removed = count - len(left)
+    assert 0 < removed < count - 1, (
+        f"removed {removed} of {count - 1}: the stop came too late to test"
+    )
+    assert "stopping: waiting for the current cycle to stop between two removals" in d.logs()
+    # Every image left is whole: each still has its one tag.
+    assert all(tag.startswith("bulk:") for tag in left)
+    assert len(ids_now(client)) == len(left)
+
+
+def test_engine_stopped_and_restarted_while_the_daemon_runs(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    engine = PrivateEngine()
+    engine.start()
+    try:
+        d = Daemon(tmp_path, engine.url, "", every="1s")
+        daemons.append(d)
+        wait_for(lambda: d.saw("READY=1"), what="READY=1")
+        wait_for(lambda: d.value("gcd_cycles_total", result="success") >= 1, what="a first cycle")
+        engine.stop()
+        wait_for(lambda: d.value("gcd_engine_up") == 0, what="engine_up 0")
+        wait_for(
+            lambda: d.value("gcd_cycles_total", result="error") >= 3, what="three failed cycles"
+        )
+        assert d.process.poll() is None
+        assert d.logs().count("cannot reach the Docker engine") == 1
+        assert d.saw("STATUS=engine unreachable since")
+        engine.start()
+        wait_for(lambda: d.value("gcd_engine_up") == 1, timeout=30, what="engine_up 1 again")
+        assert d.logs().count(f"the Docker engine at {engine.url} answers again") == 1
+        assert d.stop() == 0
+    finally:
+        engine.stop()
+        engine.remove()

@@ -1,0 +1,93 @@
+"""Shipped files checked by the tools that consume them: systemd units, alert rules."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_daemon import promtool
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = ("gcd.service", "gcd-once.service", "gcd.timer")
+
+
+@pytest.fixture(scope="module")
+def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file-system root for `systemd-analyze verify --root`: the host's own units, the
+    commands our units run, and our units, so nothing is installed on the host."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing (Debian: systemd)")
+    root = tmp_path_factory.mktemp("root")
+    shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "usr/local/bin/gcd").write_text("#!/bin/sh\n")
+    (root / "usr/local/bin/gcd").chmod(0o755)
+    (root / "bin").mkdir()
+    shutil.copy("/bin/kill", root / "bin/kill")
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for unit in UNITS:
+        shutil.copy(ROOT / "systemd" / unit, root / "etc/systemd/system" / unit)
+    return root
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_pass_systemd_analyze_verify(unit_root: Path, unit: str) -> None:
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            f"--root={unit_root}",
+            "--man=no",
+            str(unit_root / "etc/systemd/system" / unit),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    # verify reports unknown keys and bad values on stderr but may still exit 0.
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize(("unit", "limit"), [("gcd.service", 1.5), ("gcd-once.service", 1.5)])
+def test_service_exposure_is_low(unit: str, limit: float) -> None:
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            str(ROOT / "systemd" / unit),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    match = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match[1]) <= limit
+
+
+def test_service_is_what_the_daemon_needs() -> None:
+    text = (ROOT / "systemd/gcd.service").read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=5min",
+        "Restart=on-failure",
+        "StateDirectory=gcd",
+        "SupplementaryGroups=docker",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecStart=/usr/local/bin/gcd daemon --config /etc/gcd/config.yaml",
+    ):
+        assert line in text.splitlines()
+
+
+def test_example_alert_rules_pass_promtool() -> None:
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(ROOT / "docs/alerts.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout

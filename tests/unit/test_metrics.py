@@ -1,0 +1,97 @@
+"""Metrics.record on a synthetic report: what each outcome adds to which series."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from gcd import policy
+from gcd.metrics import Metrics
+from gcd.model import Outcome, Report
+from tests.unit.snapshots import NOW, cfg, iid, image, snapshot, state
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_record_counts_removals_by_reason_tags_by_rule_and_skips_by_code() -> None:
+    images = [
+        image("mid"),
+        image("old", ["app:1"], parent="mid"),
+        image("gone", ["app:2"]),
+        image("busy", ["app:3"]),
+        image("dangling"),
+        image("top", ["app:9", "app:x"]),
+    ]
+    config = cfg(
+        "rules:\n  - {name: ci, match: {tag: '\\d+'}, order_by: natural, keep_last: 1}\nuntag_expired: true\n"
+    )
+    plan = policy.plan(snapshot(images), config, state(), NOW)
+    assert plan.decision(iid("top")).untag == ()
+    outcomes = {d.image_id: Outcome(d.image_id, "done") for d in plan.decisions}
+    outcomes[iid("gone")] = Outcome(iid("gone"), "skipped", reason="already gone", code="gone")
+    outcomes[iid("busy")] = Outcome(iid("busy"), "failed", error="500")
+    report = Report(plan, False, NOW, outcomes, reclaimed_bytes=1234)
+    metrics = Metrics()
+    metrics.record(report, duration=2.5, ended=1000.0)
+    assert sample(metrics, "gcd_images_removed_total", reason="expired") == 1
+    assert sample(metrics, "gcd_images_removed_total", reason="intermediate") == 1
+    assert sample(metrics, "gcd_images_removed_total", reason="dangling") == 1
+    assert sample(metrics, "gcd_tags_removed_total", rule="ci") == 1
+    assert sample(metrics, "gcd_removals_skipped_total", reason="gone") == 1
+    assert sample(metrics, "gcd_removal_failures_total") == 1
+    assert sample(metrics, "gcd_cycles_total", result="failure") == 1
+    assert sample(metrics, "gcd_cycles_total", result="success") == 0
+    assert sample(metrics, "gcd_last_cycle_timestamp_seconds") == 1000.0
+    assert sample(metrics, "gcd_last_success_timestamp_seconds") == 0
+    assert sample(metrics, "gcd_bytes_reclaimed_total") == 1234
+    assert sample(metrics, "gcd_cycle_duration_seconds_sum") == 2.5
+    assert sample(metrics, "gcd_images", state="remove") == 5
+    assert sample(metrics, "gcd_images", state="dangling") == 1
+    assert sample(metrics, "gcd_image_store_bytes") == 6000
+    assert sample(metrics, "gcd_engine_up") == 1
+
+
+def test_a_dry_run_sets_plan_gauges_only() -> None:
+    plan = policy.plan(snapshot([image("d")]), cfg(), state(), NOW)
+    metrics = Metrics()
+    metrics.record(Report(plan, True, NOW, {}, 0), duration=1, ended=1)
+    assert sample(metrics, "gcd_images", state="remove") == 1
+    assert sample(metrics, "gcd_reclaimable_bytes") == 1000
+    assert sample(metrics, "gcd_cycles_total", result="success") == 0
+    assert sample(metrics, "gcd_images_removed_total", reason="dangling") == 0
+
+
+def test_every_metric_has_help_and_every_label_value_exists_from_the_start() -> None:
+    text = generate_latest(Metrics().registry).decode()
+    for name in (
+        "gcd_cycles_total",
+        "gcd_cycle_duration_seconds",
+        "gcd_last_cycle_timestamp_seconds",
+        "gcd_last_success_timestamp_seconds",
+        "gcd_images_removed_total",
+        "gcd_tags_removed_total",
+        "gcd_bytes_reclaimed_total",
+        "gcd_removals_skipped_total",
+        "gcd_removal_failures_total",
+        "gcd_images",
+        "gcd_image_store_bytes",
+        "gcd_reclaimable_bytes",
+        "gcd_engine_up",
+        "gcd_config_reloads_total",
+        "gcd_build_info",
+    ):
+        family = name.removesuffix("_total")
+        assert f"# HELP {family}" in text or f"# HELP {name}" in text, name
+    assert 'gcd_cycles_total{result="skipped"} 0.0' in text
+    assert 'gcd_removals_skipped_total{reason="engine_down"} 0.0' in text
+    assert 'gcd_config_reloads_total{result="failure"} 0.0' in text
+
+
+def test_serve_binds_loopback_by_default_config() -> None:
+    metrics = Metrics()
+    server = metrics.serve("127.0.0.1:0")
+    try:
+        assert server.httpd.server_address[0] == "127.0.0.1"
+    finally:
+        server.close()
