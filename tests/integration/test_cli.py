@@ -238,3 +238,28 @@ def test_logs_under_journald_carry_priorities_instead_of_timestamps(
         )
     lines = log.read_text().splitlines()
     assert lines and all(line.startswith("<6>removed ") for line in lines), lines
+
+
+def test_an_engine_hanging_on_its_socket_fails_fast_with_the_timeout(gcd: Gcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import time
+
+    path = str(tmp_path / "hung.sock")
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hung.bind(path)
+    hung.listen(16)  # accepts connections (the kernel queues them) and never answers
+    try:
+        config = tmp_path / "c.yaml"
+        config.write_text(
+            f"version: 1\nstate_dir: {tmp_path}/state\nengine: {{url: 'unix://{path}', timeout: 1s}}\n"
+        )
+        started = time.monotonic()
+        result = gcd("plan", "--config", str(config))
+        assert time.monotonic() - started < 15
+        assert result.returncode == 3
+        assert (
+            result.stderr
+            == f"gcd: cannot reach the Docker engine at unix://{path}: no answer within 1s (engine.timeout)\n"
+        )
+    finally:
+        hung.close()
