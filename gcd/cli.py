@@ -14,7 +14,6 @@ from typing import ClassVar
 
 from gcd import __version__, config, cycle, report
 from gcd.errors import ConfigError, EngineUnavailable, GcdError, StateError, UsageError
-from gcd.metrics import Metrics
 from gcd.model import Report
 from gcd.state import Store
 
@@ -181,6 +180,8 @@ def _write_textfile(cfg: config.Config, result: Report | None, duration: float) 
     """metrics.textfile: this run's metrics for node_exporter (engine_up 0 if it failed)."""
     if not cfg.metrics.textfile:
         return
+    from gcd.metrics import Metrics  # prometheus-client only when a textfile is wanted
+
     metrics = Metrics()
     if result is None:
         metrics.engine_up.set(0)

@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import yaml
-from apscheduler.triggers.cron import CronTrigger
 
 from gcd.errors import ConfigError
 from gcd.units import parse_duration
@@ -364,6 +363,8 @@ class _Checker:
         if "cron" in found:
             cron = self.string(found["cron"], "schedule.cron")
             if cron is not None:
+                from apscheduler.triggers.cron import CronTrigger  # only a cron line needs it
+
                 try:
                     CronTrigger.from_crontab(cron, timezone="UTC")
                 except ValueError as e:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -23,6 +25,8 @@ T = TypeVar("T")
 _NO_TAG = "<none>:<none>"
 _NO_DIGEST = "<none>@<none>"
 _ISO_FRACTION = re.compile(r"(\.\d{1,6})\d*")
+# Concurrent inspects on a cold snapshot; below docker-py's connection pool (10).
+INSPECT_WORKERS = 8
 
 
 class Engine(Protocol):
@@ -52,6 +56,7 @@ class DockerEngine:
         self.url = url
         self.timeout = timeout
         self.calls = 0
+        self._count_lock = threading.Lock()
         self._client: docker.APIClient | None = None
 
     @property
@@ -99,7 +104,8 @@ class DockerEngine:
         return text
 
     def _get(self, fn: Callable[[], T]) -> T:
-        self.calls += 1
+        with self._count_lock:
+            self.calls += 1
         return self._call(fn)
 
     # --- reading ---------------------------------------------------------------------------
@@ -111,25 +117,52 @@ class DockerEngine:
         version = self._get(client.version)
         raw_images = self._get(lambda: client.images(all=True))
         raw_containers = self._get(lambda: client.containers(all=True))
-        learned: dict[str, ImageFacts] = {}
+        tags_of = {
+            raw["Id"]: tuple(sorted(t for t in raw.get("RepoTags") or () if t != _NO_TAG))
+            for raw in raw_images
+        }
+        unknown = [i for i, tags in tags_of.items() if i not in facts or facts[i].tags != tags]
+        unknown_set = set(unknown)
+        learned = self._inspect_all(unknown, tags_of, facts, stop)
         images = []
         for raw in raw_images:
-            tags = tuple(sorted(t for t in raw.get("RepoTags") or () if t != _NO_TAG))
-            known = facts.get(raw["Id"])
-            if known is None or known.tags != tags:
-                if stop():
-                    raise Stopped("stopped while reading the engine")
-                try:
-                    known = self._inspect(raw["Id"], tags, known)
-                except NotFoundError:
-                    continue  # deleted between the list and the inspect
-                learned[raw["Id"]] = known
-            images.append(_image(raw, tags, known))
+            known = learned.get(raw["Id"]) if raw["Id"] in unknown_set else facts[raw["Id"]]
+            if known is not None:  # None: deleted between the list and the inspect
+                images.append(_image(raw, tags_of[raw["Id"]], known))
         containers = tuple(_container(c) for c in raw_containers)
         info = EngineInfo(
             self.url, str(version.get("Version", "")), str(version.get("ApiVersion", ""))
         )
         return Snapshot(info, tuple(images), containers), learned
+
+    def _inspect_all(
+        self,
+        ids: list[str],
+        tags_of: Mapping[str, tuple[str, ...]],
+        facts: Mapping[str, ImageFacts],
+        stop: Callable[[], bool],
+    ) -> dict[str, ImageFacts]:
+        """Inspect the images the cache lacks, a few at a time (the engine answers inspects
+        concurrently; one at a time leaves it idle between round trips)."""
+        if not ids:
+            return {}
+
+        def one(image_id: str) -> tuple[str, ImageFacts | None]:
+            if stop():
+                raise Stopped("stopped while reading the engine")
+            try:
+                return image_id, self._inspect(image_id, tags_of[image_id], facts.get(image_id))
+            except NotFoundError:
+                return image_id, None  # deleted between the list and the inspect
+
+        client = self.client  # negotiate the API version once, before the threads start
+        assert client is not None
+        learned: dict[str, ImageFacts] = {}
+        with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(ids))) as pool:
+            for image_id, found in pool.map(one, ids):
+                if found is not None:
+                    learned[image_id] = found
+        return learned
 
     def _inspect(
         self, image_id: str, tags: tuple[str, ...], known: ImageFacts | None

@@ -132,3 +132,16 @@ def test_stop_between_removals_leaves_the_rest_untouched(
     assert (len(done), len(stopped)) == (2, 3)
     assert set(stopped) <= ids_now(client)
     assert not set(done) & ids_now(client)
+
+
+def test_container_created_on_a_multi_tag_image_leaves_every_tag_in_place(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
+    old, _ = two_builds(client)
+    client.tag(old, "app", "0")  # two expired tags: untagging one by one would lose the first
+    plan, engine = prepare(dockerd, tmp_path)
+    assert plan.decision(old).tags == ("app:0", "app:1")
+    client.create_container(old, ["/bin/busybox", "true"], name="late", host_config=client.create_host_config(network_mode="none"))
+    report = executor.execute(plan, engine, plan.now)
+    assert (report.outcome(old).outcome, report.outcome(old).reason) == ("skipped", "now used by container late (created)")
+    assert tags_now(client)["app:0"] == tags_now(client)["app:1"] == old

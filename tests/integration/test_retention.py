@@ -262,3 +262,18 @@ def test_expired_parent_and_child_are_removed_children_first_without_conflicts(
     assert (by_id[base]["outcome"], by_id[app]["outcome"]) == ("done", "done")
     assert run["summary"]["skipped"] == run["summary"]["failed"] == 0
     assert ids_now(client) == set()
+
+
+def test_siblings_sharing_an_intermediate_parent_both_go_and_the_parent_with_them(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
+    parent = legacy_build(client, [], {"shared": "base"})
+    client.tag(parent, "tmp", "base")  # a name to build FROM, removed again below
+    children = [legacy_build(client, [f"kid:{n}"], {"own": str(n)}, base="tmp:base") for n in range(6)]
+    client.remove_image("tmp:base")
+    run = gcd.json("run", "--config", str(gcd.config(NO_GUARDS + "unmatched: expire\n")))
+    by_id = {d["image_id"]: d for d in run["decisions"]}
+    assert [by_id[c]["outcome"] for c in children] == ["done"] * 6
+    assert by_id[parent]["decision"] == "remove"
+    assert by_id[parent]["outcome"] == "done"
+    assert ids_now(client) == set()
