@@ -135,17 +135,26 @@ class Snapshot:
         image that holds the fewest layers (the one closest to the base), so the per-image
         figures add up to the total without counting a shared layer twice.
         """
-        holders: dict[str, list[Image]] = {}
+        holders: dict[str, int] = {}
+        removed_holders: dict[str, int] = {}
         sizes: dict[str, int] = {}
         for image in self.images:
+            gone = image.id in removed
             for layer, size in image.layer_bytes():
-                holders.setdefault(layer, []).append(image)
+                holders[layer] = holders.get(layer, 0) + 1
+                if gone:
+                    removed_holders[layer] = removed_holders.get(layer, 0) + 1
                 sizes[layer] = size
         freed: dict[str, int] = {}
-        for layer, images in holders.items():
-            if all(i.id in removed for i in images):
-                owner = min(images, key=lambda i: (len(i.layers), i.id))
-                freed[owner.id] = freed.get(owner.id, 0) + sizes[layer]
+        owned: set[str] = set()
+        for image in sorted(
+            (self._by_id[i] for i in removed if i in self._by_id),
+            key=lambda i: (len(i.layers), i.id),
+        ):
+            for layer, _ in image.layer_bytes():
+                if layer not in owned and removed_holders[layer] == holders[layer]:
+                    owned.add(layer)
+                    freed[image.id] = freed.get(image.id, 0) + sizes[layer]
         return freed
 
     def resolve(self, ref_or_id: str) -> Image | None:

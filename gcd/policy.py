@@ -29,10 +29,11 @@ _NATURAL_CHUNK = re.compile(r"\d+|\D+")
 
 def image_age(image: Image, state: StateView, now: datetime) -> timedelta | None:
     """now - youngest(created, last_tag_time, first_seen); None when no signal exists."""
-    signals = [t for t in (image.last_tag_time, state.first_seen.get(image.id)) if t]
-    if image.created >= CREATED_FLOOR:
-        signals.append(image.created)
-    return now - max(signals) if signals else None
+    youngest = image.created if image.created >= CREATED_FLOOR else None
+    for signal in (image.last_tag_time, state.first_seen.get(image.id)):
+        if signal is not None and (youngest is None or signal > youngest):
+            youngest = signal
+    return None if youngest is None else now - youngest
 
 
 @dataclass(slots=True)
@@ -134,8 +135,10 @@ def _apply_rules(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdic
     """Rank each rule's groups; collect, per tag, the rules that keep or expire it."""
     keeps: dict[str, list[str]] = defaultdict(list)
     expires: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    # Every tag split once; there are far fewer repositories than tags.
+    tags = [(image.id, tag, *split_ref(tag)) for image in snapshot.images for tag in image.tags]
     for rule in config.rules:
-        for label, members in _groups(snapshot, rule).items():
+        for label, members in _groups(tags, rule).items():
             _rank_group(rule, label, members, verdicts, keeps, expires)
     for v in verdicts.values():
         for tag in v.image.tags:
@@ -156,25 +159,31 @@ def _apply_rules(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdic
 
 
 def _groups(
-    snapshot: Snapshot, rule: Rule
+    tags: list[tuple[str, str, str, str]], rule: Rule
 ) -> dict[str, dict[str, list[tuple[str, re.Match[str]]]]]:
     """group label -> image ID -> the (tag, match) pairs of that image the rule matches."""
     groups: dict[str, dict[str, list[tuple[str, re.Match[str]]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    for image in snapshot.images:
-        for tag in image.tags:
-            repository, name = split_ref(tag)
-            if not rule.repository.fullmatch(repository):
-                continue
-            match = rule.tag.fullmatch(name)
-            if match is None or (rule.exclude_tag and rule.exclude_tag.fullmatch(name)):
-                continue
+    repository_ok: dict[str, bool] = {}
+    by_repository_only = rule.group_by == ("repository",)
+    for image_id, tag, repository, name in tags:
+        ok = repository_ok.get(repository)
+        if ok is None:
+            ok = repository_ok[repository] = rule.repository.fullmatch(repository) is not None
+        if not ok:
+            continue
+        match = rule.tag.fullmatch(name)
+        if match is None or (rule.exclude_tag and rule.exclude_tag.fullmatch(name)):
+            continue
+        if by_repository_only:
+            label = f"repository={repository}"
+        else:
             label = ", ".join(
                 f"{g}={repository if g == 'repository' else match.group(g) or ''}"
                 for g in rule.group_by
             )
-            groups[label or "(all)"][image.id].append((tag, match))
+        groups[label or "(all)"][image_id].append((tag, match))
     return groups
 
 
@@ -227,14 +236,7 @@ def _sort_key(rule: Rule, tag: str, match: re.Match[str], verdict: _Verdict) -> 
     kind, image = rule.order_by.kind, verdict.image
     value = match.group(rule.order_by.group) if rule.order_by.group else None
     if kind == "semver":
-        if not value:
-            return None
-        try:
-            return semver.Version.parse(
-                value.removeprefix("v").removeprefix("V"), optional_minor_and_patch=True
-            )
-        except ValueError:
-            return None
+        return _semver_key(value) if value else None
     if kind == "numeric":
         try:
             return int(value) if value else None
@@ -252,6 +254,23 @@ def _sort_key(rule: Rule, tag: str, match: re.Match[str], verdict: _Verdict) -> 
     if kind == "first_seen":
         return verdict.first_seen or image.created
     return verdict.last_used or _OLDEST
+
+
+def _semver_key(value: str) -> tuple[Any, ...] | None:
+    """SemVer 2.0 precedence as a plain tuple (compared in C, unlike semver.Version): a
+    release sorts above its pre-releases; pre-release identifiers compare numerically when
+    numeric, numeric below alphanumeric, and a longer list above its prefix. Build metadata
+    is ignored."""
+    try:
+        v = semver.Version.parse(
+            value.removeprefix("v").removeprefix("V"), optional_minor_and_patch=True
+        )
+    except ValueError:
+        return None
+    if not v.prerelease:
+        return (v.major, v.minor, v.patch, 1)
+    ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in v.prerelease.split("."))
+    return (v.major, v.minor, v.patch, 0, ids)
 
 
 # --- marking, sweeping, guards ----------------------------------------------------------------
@@ -356,8 +375,8 @@ def _is_implied(snapshot: Snapshot, image: Image) -> bool:
 
 def _decide(snapshot: Snapshot, config: Config, v: _Verdict, freed: int) -> Decision:
     image = v.image
-    tags = tuple(sorted(image.tags))
-    expired = tuple(sorted(v.expired))
+    tags = image.tags  # sorted by the engine adapter
+    expired = tuple(sorted(v.expired)) if v.expired else ()
     dangling = snapshot.is_dangling(image.id)
     if v.remove:
         reasons = list(v.expire_reasons)
@@ -392,7 +411,7 @@ def _decide(snapshot: Snapshot, config: Config, v: _Verdict, freed: int) -> Deci
         untag = tuple(sorted({tag for tag, _ in v.expired}))
         reasons.extend(f"untag {tag}: expired" for tag in untag)
     # What would have removed it, so a kept image still explains what expired.
-    reasons.extend(r for r in v.expire_reasons if r not in reasons)
+    reasons = list(dict.fromkeys([*reasons, *v.expire_reasons]))
     if not reasons:
         reasons.append("kept: nothing expired it")
     protected = bool(v.protections) or v.parent_of is not None

@@ -1,6 +1,6 @@
 """A realistic build-host image store, generated offline into an engine with `docker load`.
 
-N images over N/100 repositories (at least 10): numbered CI builds (`build-<n>`), semver
+N images over 100 repositories: numbered CI builds (`build-<n>`), semver
 releases on some builds, branch builds (`<branch>-<n>`), a `latest` per repository, about 5%
 dangling images; every image shares one of three base stacks (busybox + runtime layers) and
 adds a small layer of its own. Containers: `containers` of them, a fifth running.
@@ -30,12 +30,12 @@ class Store:
 def generate(n: int, seed: int = 7, now: datetime | None = None) -> list[Spec]:
     rnd = random.Random(seed)
     now = now or datetime.now(UTC)
-    repos = max(10, n // 100)
+    repos = 100  # fixed, so generate(n) is a prefix of generate(m) for m > n (but `latest`)
     specs: list[Spec] = []
     for i in range(n):
         repo = f"registry.example.com/team{i % repos % 7}/svc{i % repos}"
         build = i // repos + 1
-        created = now - timedelta(days=90) + timedelta(minutes=i * 90 * 24 * 60 // max(n, 1))
+        created = now - timedelta(days=400) + timedelta(minutes=5 * i)  # 100,000 images: 347 days
         kind = rnd.random()
         if kind < 0.05:
             tags: list[str] = []  # dangling
@@ -57,13 +57,21 @@ def generate(n: int, seed: int = 7, now: datetime | None = None) -> list[Spec]:
     return specs
 
 
-def populate(client: docker.APIClient, n: int, containers: int = 0, batch: int = 500) -> list[str]:
-    """Load a generated store of n images; create `containers` containers on random images."""
-    specs = generate(n)
+def populate(
+    client: docker.APIClient,
+    n: int,
+    containers: int = 0,
+    skip: int = 0,
+    now: datetime | None = None,
+    batch: int = 500,
+) -> list[str]:
+    """Load images skip..n of a generated store; create `containers` containers on random
+    tagged images, a fifth of them running."""
+    specs = generate(n, now=now)
     ids: list[str] = []
-    for start in range(0, len(specs), batch):
+    for start in range(skip, len(specs), batch):
         ids += load(client, specs[start : start + batch])
-    rnd = random.Random(11)
+    rnd = random.Random(11 + skip)
     none = client.create_host_config(network_mode="none")
     tagged = [s for s in specs if s.tags]
     for c in range(containers):

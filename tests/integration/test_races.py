@@ -141,7 +141,15 @@ def test_container_created_on_a_multi_tag_image_leaves_every_tag_in_place(
     client.tag(old, "app", "0")  # two expired tags: untagging one by one would lose the first
     plan, engine = prepare(dockerd, tmp_path)
     assert plan.decision(old).tags == ("app:0", "app:1")
-    client.create_container(old, ["/bin/busybox", "true"], name="late", host_config=client.create_host_config(network_mode="none"))
+    client.create_container(
+        old,
+        ["/bin/busybox", "true"],
+        name="late",
+        host_config=client.create_host_config(network_mode="none"),
+    )
     report = executor.execute(plan, engine, plan.now)
-    assert (report.outcome(old).outcome, report.outcome(old).reason) == ("skipped", "now used by container late (created)")
+    assert (report.outcome(old).outcome, report.outcome(old).reason) == (
+        "skipped",
+        "now used by container late (created)",
+    )
     assert tags_now(client)["app:0"] == tags_now(client)["app:1"] == old

@@ -269,7 +269,9 @@ def test_siblings_sharing_an_intermediate_parent_both_go_and_the_parent_with_the
 ) -> None:
     parent = legacy_build(client, [], {"shared": "base"})
     client.tag(parent, "tmp", "base")  # a name to build FROM, removed again below
-    children = [legacy_build(client, [f"kid:{n}"], {"own": str(n)}, base="tmp:base") for n in range(6)]
+    children = [
+        legacy_build(client, [f"kid:{n}"], {"own": str(n)}, base="tmp:base") for n in range(6)
+    ]
     client.remove_image("tmp:base")
     run = gcd.json("run", "--config", str(gcd.config(NO_GUARDS + "unmatched: expire\n")))
     by_id = {d["image_id"]: d for d in run["decisions"]}

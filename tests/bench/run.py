@@ -1,0 +1,333 @@
+"""The benchmark: gcd against what operators use instead, on one private engine, one table.
+
+Run it with `sudo tests/bench/run` (which installs what is missing). Every figure is a median
+over several runs. Takes about 25 minutes, most of it filling the 10,000-image store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import docker
+
+from gcd import config as gcd_config
+from gcd import policy
+from gcd.engine import DockerEngine
+from gcd.model import EngineInfo, Image, Snapshot, StateView
+from gcd.state import Store
+from tests.bench.store import generate, populate
+from tests.dockerd import PrivateEngine
+from tests.images import Layer, Spec, load
+
+# One fixed "now" for the generated store, so the first 1,000 images of the 10,000 store are
+# the very images of the 1,000 store.
+EPOCH = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+POLICY = r"""
+rules:
+  - name: builds
+    match: {tag: 'build-(?P<n>\d+)'}
+    order_by: numeric(n)
+    keep_last: 5
+  - name: releases
+    match: {tag: '(?P<v>\d+\.\d+\.\d+)'}
+    order_by: semver(v)
+    keep_last: 3
+  - name: branches
+    match: {tag: '(?P<branch>[a-z-]+)-(?P<n>\d+)'}
+    group_by: [repository, branch]
+    order_by: numeric(n)
+    keep_last: 2
+"""
+
+
+def timed(fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None) -> float:
+    """Median wall time of `fn` over `runs`; `before` runs untimed ahead of each."""
+    samples = []
+    for _ in range(runs):
+        if before:
+            before()
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def sh(*command: str, env: dict[str, str] | None = None) -> None:
+    subprocess.run(
+        command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+
+
+class Bench:
+    def __init__(self, engine: PrivateEngine, work: Path, runs: int) -> None:
+        self.engine = engine
+        self.work = work
+        self.runs = runs
+        self.client = docker.APIClient(base_url=engine.url, version="auto", timeout=600)
+        self.env = {**os.environ, "DOCKER_HOST": engine.url}
+        self.rows: list[tuple[str, str, str]] = []
+
+    def config(self, body: str, name: str = "bench.yaml", state: str = "state") -> str:
+        path = self.work / name
+        path.write_text(
+            f"version: 1\nengine: {{url: '{self.engine.url}', timeout: 300s}}\nstate_dir: {self.work / state}\n"
+            + body
+        )
+        return str(path)
+
+    def gcd(self, *args: str) -> None:
+        sh(sys.executable, "-m", "gcd", *args, env=self.env)
+
+    def row(self, what: str, value: str, note: str = "") -> None:
+        self.rows.append((what, value, note))
+        print(f"{what:<58} {value:>12}  {note}", flush=True)
+
+    # --- 1 and 3: planning cost and API calls as N grows ---------------------------------------
+
+    def planning(self, n: int) -> None:
+        config = self.config(POLICY)
+        state = self.work / "state"
+        ls = timed(lambda: sh("docker", "image", "ls", "-a", env=self.env), max(self.runs, 5))
+        cold = timed(
+            lambda: self.gcd("plan", "--config", config),
+            self.runs,
+            before=lambda: sh("rm", "-rf", str(state)),
+        )
+        warm = timed(lambda: self.gcd("plan", "--config", config), max(self.runs, 5))
+        dcgc = timed(
+            lambda: sh(dcgc_path(), "--max-image-age", "1s", "--dry-run", env=self.env), self.runs
+        )
+        self.row(f"N={n}: docker image ls -a", f"{ls:.2f} s")
+        self.row(
+            f"N={n}: gcd plan, warm (second run)",
+            f"{warm:.2f} s",
+            f"{warm / ls:.1f}x docker image ls -a (target <= 3x)",
+        )
+        self.row(
+            f"N={n}: gcd plan, cold (empty state)",
+            f"{cold:.2f} s",
+            f"{cold / dcgc:.2f}x dcgc (target <= 0.5x)",
+        )
+        self.row(f"N={n}: dcgc --dry-run (docker-custodian)", f"{dcgc:.2f} s")
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = DockerEngine(self.engine.url, 300)
+            store = Store(tmp)
+            snapshot, learned = engine.snapshot(store.facts())
+            cold_calls = engine.calls
+            store.observe(snapshot, learned, datetime.now(UTC))
+            engine.calls = 0
+            engine.snapshot(store.facts())
+            warm_calls = engine.calls
+            engine.close()
+        self.row(
+            f"N={n}: engine API calls per cycle, cold / warm",
+            f"{cold_calls} / {warm_calls}",
+            "warm target: constant",
+        )
+
+    # --- 2: removing the same 500 expired images --------------------------------------------
+
+    def removal(self, count: int = 500) -> None:
+        specs = [
+            Spec([f"bench/expire:b{i:04d}"], [Layer(f"expire-{i}", 20_000)]) for i in range(count)
+        ]
+        keeper = Spec(["bench/expire:b9999"], [Layer("expire-keeper", 20_000)])
+        config = self.config(
+            "safety: {min_age: 0s, max_removal_fraction: 1.0, max_removals_per_run: 100000}\n"
+            "rules:\n  - {name: expire, match: {repository: bench/expire}, order_by: natural, keep_last: 1}\n",
+            name="removal.yaml",
+            state="removal-state",
+        )
+        tags = [s.tags[0] for s in specs]
+
+        def raw() -> None:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda t: self.client.remove_image(t), tags))
+
+        def seed() -> None:
+            # The seed's one-liner, as an operator would type it.
+            subprocess.run(
+                "docker images -q bench/expire | xargs docker rmi",
+                shell=True,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=self.env,
+            )
+
+        gcd_time = timed(
+            lambda: self.gcd("run", "--config", config),
+            self.runs,
+            before=lambda: load(self.client, [*specs, keeper]),
+        )
+        self.client.remove_image("bench/expire:b9999")
+        raw_time = timed(raw, self.runs, before=lambda: load(self.client, specs))
+        seed_time = timed(seed, self.runs, before=lambda: load(self.client, specs))
+        self.row(
+            f"remove {count} expired images: raw parallel API deletes (8)", f"{raw_time:.2f} s"
+        )
+        self.row(
+            f"remove {count} expired images: docker images -q | xargs docker rmi",
+            f"{seed_time:.2f} s",
+        )
+        self.row(
+            f"remove {count} expired images: gcd run (whole process)",
+            f"{gcd_time:.2f} s",
+            f"{raw_time / gcd_time:.2f}x the raw rate (target >= 0.8x)",
+        )
+
+    # --- 5: the idle daemon ------------------------------------------------------------------
+
+    def daemon(self, n: int) -> None:
+        config = self.config(
+            POLICY + "schedule: {every: 1h}\nmetrics: {listen: ''}\n",
+            name="daemon.yaml",
+            state="daemon-state",
+        )
+        log = self.work / "daemon.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gcd", "daemon", "--config", config],
+                stdout=out,
+                stderr=out,
+                env=self.env,
+            )
+        try:
+            deadline = time.monotonic() + 600
+            while " INFO run: " not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(5)
+            cpu_before = cpu_seconds(process.pid)
+            time.sleep(30)
+            cpu = cpu_seconds(process.pid) - cpu_before
+            rss = rss_mb(process.pid)
+        finally:
+            process.terminate()
+            process.wait(60)
+        self.row(
+            f"N={n}: gcd daemon idle between cycles: resident memory",
+            f"{rss:.0f} MB",
+            "target < 60 MB",
+        )
+        self.row(
+            f"N={n}: gcd daemon idle between cycles: CPU over 30 s", f"{cpu:.2f} s", "target: none"
+        )
+
+
+# --- 4: the planner alone --------------------------------------------------------------------
+
+
+def synthetic(n: int) -> Snapshot:
+    images = []
+    for spec in generate(n, now=EPOCH):
+        layers = tuple(f"sha256:{layer.name}" for layer in spec.layers)
+        images.append(
+            Image(
+                id=f"sha256:{abs(hash(spec.labels['org.example.build'])):064x}"[:71],
+                tags=tuple(spec.tags),
+                digests=(),
+                parent=None,
+                created=spec.created,
+                size=sum(layer.size for layer in spec.layers),
+                labels=spec.labels,
+                layers=layers,
+                layer_sizes=tuple(layer.size for layer in spec.layers),
+            )
+        )
+    return Snapshot(EngineInfo("unix:///bench", "", ""), tuple(images), ())
+
+
+def planner(runs: int, bench: Bench) -> None:
+    config = gcd_config.parse("version: 1\n" + POLICY, "bench.yaml")
+    state = StateView(new_store=False)
+    for n in (10_000, 100_000):
+        snapshot = synthetic(n)
+        now = datetime.now(UTC) + timedelta(days=1)
+        seconds = timed(lambda s=snapshot, t=now: policy.plan(s, config, state, t), runs)
+        tracemalloc.start()
+        policy.plan(snapshot, config, state, now)
+        peak = tracemalloc.get_traced_memory()[1] / 1e6
+        tracemalloc.stop()
+        note = "target < 2 s" if n == 100_000 else ""
+        bench.row(f"planner alone, {n} images (no engine)", f"{seconds:.2f} s", note)
+        bench.row(
+            f"planner alone, {n} images: peak memory of one plan", f"{peak:.0f} MB", "linear in N"
+        )
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def dcgc_path() -> str:
+    return os.environ.get("DCGC", "dcgc")
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", help="also write the table (markdown) here")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="gcd-bench-") as tmp, PrivateEngine() as engine:
+        bench = Bench(engine, Path(tmp), args.runs)
+        server = bench.client.version()
+        print(
+            f"machine: {machine()}; engine {server['Version']} (API {server['ApiVersion']}), storage {bench.client.info()['Driver']}"
+        )
+        loaded = 0
+        for n in sizes:
+            start = time.monotonic()
+            populate(bench.client, n, containers=n // 100 - loaded // 100, skip=loaded, now=EPOCH)
+            loaded = n
+            print(
+                f"-- store of {n} images, {n // 100} containers, loaded in {time.monotonic() - start:.0f} s",
+                flush=True,
+            )
+            bench.planning(n)
+            if n == sizes[0]:
+                bench.removal()
+        bench.daemon(sizes[-1])
+        planner(args.runs, bench)
+        if args.out:
+            lines = ["| measurement | value | note |", "|---|---:|---|"]
+            lines += [f"| {a} | {b} | {c} |" for a, b, c in bench.rows]
+            Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
