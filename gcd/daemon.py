@@ -267,11 +267,7 @@ class Daemon:
         return f"every {int(every.total_seconds())}s"
 
     def _status(self, result: Report) -> str:
-        removed = sum(
-            1
-            for d in result.plan.decisions
-            if d.decision == "remove" and result.outcome(d.image_id).outcome == "done"
-        )
+        removed = len(result.removed())
         ended = datetime.now(UTC).strftime("%H:%M:%SZ")
         text = (
             f"last cycle {ended}: removed {removed} images, "

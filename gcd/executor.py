@@ -7,6 +7,7 @@ alone, an image that a container now uses or that gained a tag is skipped. 409 i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -87,13 +88,9 @@ def execute(
             _log(d, outcomes[d.image_id])
         else:
             outcomes[d.image_id] = Outcome(d.image_id, "done")
-    removed = {
-        i
-        for i, o in outcomes.items()
-        if o.outcome == "done" and plan.decision(i).decision == "remove"
-    }
-    reclaimed = sum(snapshot.freed_bytes(removed).values())
-    return Report(plan, False, started_at, outcomes, reclaimed)
+    report = Report(plan, False, started_at, outcomes)
+    reclaimed = sum(snapshot.freed_bytes(report.removed()).values())
+    return dataclasses.replace(report, reclaimed_bytes=reclaimed)
 
 
 def _groups(plan: Plan) -> list[list[Decision]]:

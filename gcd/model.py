@@ -203,15 +203,18 @@ class Plan:
     now: datetime
     decisions: tuple[Decision, ...]
     reclaimable_bytes: int
+    _by_id: Mapping[str, Decision] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "_by_id", MappingProxyType({d.image_id: d for d in self.decisions})
+        )
 
     def removals(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.decision == "remove")
 
     def decision(self, image_id: str) -> Decision:
-        for d in self.decisions:
-            if d.image_id == image_id:
-                return d
-        raise KeyError(image_id)
+        return self._by_id[image_id]
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +242,14 @@ class Report:
 
     def count(self, kind: OutcomeKind) -> int:
         return sum(1 for o in self.outcomes.values() if o.outcome == kind)
+
+    def removed(self) -> set[str]:
+        """IDs of the images this cycle removed (planned removals whose outcome is done)."""
+        return {
+            d.image_id
+            for d in self.plan.decisions
+            if d.decision == "remove" and self.outcomes[d.image_id].outcome == "done"
+        }
 
 
 @dataclass(frozen=True, slots=True)

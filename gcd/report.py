@@ -104,13 +104,8 @@ def summary_line(report: Report) -> str:
     counts = f"{s['images']} images, {s['remove']} to remove, {s['untag']} tags to untag, {s['keep']} kept"
     if report.dry_run:
         return f"plan: {counts}; {format_bytes(s['reclaimable_bytes'])} reclaimable (dry run: nothing removed)"
-    removed = sum(
-        1
-        for d in report.plan.decisions
-        if d.decision == "remove" and report.outcome(d.image_id).outcome == "done"
-    )
     return (
-        f"run: {counts}; removed {removed}, skipped {s['skipped']}, failed {s['failed']}; "
+        f"run: {counts}; removed {len(report.removed())}, skipped {s['skipped']}, failed {s['failed']}; "
         f"reclaimed {format_bytes(s['reclaimed_bytes'])} of {format_bytes(s['reclaimable_bytes'])} planned"
     )
 
