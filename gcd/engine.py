@@ -17,6 +17,7 @@ import http.client
 import json
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -320,9 +321,10 @@ def _chain_ids(diff_ids: tuple[str, ...]) -> tuple[str, ...]:
     for diff_id in diff_ids:
         if chain:
             digest = hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
-            chain.append(f"sha256:{digest}")
+            chain.append(sys.intern(f"sha256:{digest}"))
         else:
-            chain.append(diff_id)
+            chain.append(sys.intern(diff_id))
+    # Interned: base layers are shared by most images, and the daemon keeps these for all.
     return tuple(chain)
 
 

@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -153,7 +154,8 @@ class Store:
             if r[5] is not None:
                 facts = ImageFacts(
                     tuple(_split(r[5])),
-                    tuple(_split(r[6])),
+                    # Most layers are shared bases: one string per layer, not one per image.
+                    tuple(sys.intern(layer) for layer in _split(r[6])),
                     tuple(int(s) for s in _split(r[7])),
                     _time(r[8]),
                 )
