@@ -235,3 +235,28 @@ def test_a_second_plan_after_a_completed_run_removes_nothing(
 
 def test_the_ids_in_this_module_are_stable() -> None:
     assert iid("i0") == iid("i0") != iid("i1")
+
+
+_IDENT = st.one_of(
+    st.integers(0, 30).map(str), st.sampled_from(["alpha", "beta", "rc", "a1", "x-y"])
+)
+_VERSIONS = st.builds(
+    lambda major, minor, patch, pre: (
+        f"{major}.{minor}.{patch}" + (f"-{'.'.join(pre)}" if pre else "")
+    ),
+    st.integers(0, 3),
+    st.integers(0, 12),
+    st.integers(0, 12),
+    st.lists(_IDENT, max_size=3),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_VERSIONS, _VERSIONS)
+def test_semver_sort_keys_follow_semver_precedence(a: str, b: str) -> None:
+    import semver
+
+    expected = semver.Version.parse(a).compare(b)
+    ka, kb = policy._semver_key(a), policy._semver_key(b)
+    assert ka is not None and kb is not None
+    assert (ka > kb) - (ka < kb) == expected
