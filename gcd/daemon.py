@@ -178,7 +178,19 @@ class Daemon:
         try:
             self._run_cycle()
         finally:
-            _release_memory()
+            self._after_job()
+
+    def _reload(self) -> None:
+        try:
+            self._run_reload()
+        finally:
+            self._after_job()
+
+    def _after_job(self) -> None:
+        """Idle small: drop the store's rows and give a job's memory back to the system."""
+        if self.store is not None:
+            self.store.release()
+        _release_memory()
 
     def _run_cycle(self) -> None:
         assert self.store is not None
@@ -228,7 +240,7 @@ class Daemon:
         since = self.engine_down_since.strftime("%H:%M:%SZ")
         self._notify(f"STATUS=engine unreachable since {since}; next try {self._next_run()}")
 
-    def _reload(self) -> None:
+    def _run_reload(self) -> None:
         assert self.store is not None
         try:
             new = gcd_config.load(self.config_path)

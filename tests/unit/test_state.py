@@ -141,3 +141,15 @@ def test_the_cycle_lock_is_exclusive_bounded_and_stoppable(tmp_path: Path) -> No
             pass
     with store.lock(0.3):
         pass  # free again once the other holder is gone
+
+
+def test_released_rows_are_read_back_on_the_next_use(tmp_path: Path) -> None:
+    facts = ImageFacts(("a:1",), ("sha256:l1",), (10,), None)
+    store = Store(str(tmp_path))
+    store.observe(snapshot([image("x", ["a:1"])]), {iid("x"): facts}, NOW)
+    store.observe(snapshot([image("x", ["a:1"]), image("y")]), {}, LATER)
+    store.release()
+    assert store._rows == {}
+    assert store.facts() == {iid("x"): facts}
+    view = store.observe(snapshot([image("x", ["a:1"]), image("y")]), {}, LATER)
+    assert view.first_seen == {iid("y"): LATER}
