@@ -26,15 +26,4 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
 
-# promtool (lints /metrics and the example alert rules): taken out of Debian's prometheus
-# package without installing it, so no Prometheus server is ever started on this machine.
-if [ ! -x "$VENV/bin/promtool" ]; then
-    deb_dir=$(mktemp -d)
-    (cd "$deb_dir" && apt-get download -qq prometheus >/dev/null 2>&1) || {
-        apt-get update -qq && (cd "$deb_dir" && apt-get download -qq prometheus >/dev/null)
-    }
-    dpkg-deb -x "$deb_dir"/prometheus_*.deb "$deb_dir/x"
-    install -m 0755 "$deb_dir/x/usr/bin/promtool" "$VENV/bin/promtool"
-    rm -rf "$deb_dir"
-fi
 export VENV
