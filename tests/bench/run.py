@@ -324,7 +324,8 @@ def main() -> int:
         planner(args.runs, bench)
         if args.out:
             lines = ["| measurement | value | note |", "|---|---:|---|"]
-            lines += [f"| {a} | {b} | {c} |" for a, b, c in bench.rows]
+            cell = lambda text: text.replace("|", "\\|")  # noqa: E731 - a pipe in a command
+            lines += [f"| {cell(a)} | {cell(b)} | {cell(c)} |" for a, b, c in bench.rows]
             Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
