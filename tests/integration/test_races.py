@@ -43,18 +43,19 @@ def two_builds(client: docker.APIClient) -> tuple[str, str]:
     return old, new
 
 
+def late_container(client: docker.APIClient, image: str) -> None:
+    """A container created after the plan was made: `late`, never started."""
+    none = client.create_host_config(network_mode="none")
+    client.create_container(image, ["/bin/busybox", "true"], name="late", host_config=none)
+
+
 def test_container_created_between_plan_and_execute_skips_the_image(
     dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
 ) -> None:
     old, _ = two_builds(client)
     plan, engine = prepare(dockerd, tmp_path)
     assert plan.decision(old).decision == "remove"
-    client.create_container(
-        old,
-        ["/bin/busybox", "true"],
-        name="late",
-        host_config=client.create_host_config(network_mode="none"),
-    )
+    late_container(client, old)
     report = executor.execute(plan, engine, plan.now)
     outcome = report.outcome(old)
     assert (outcome.outcome, outcome.reason) == ("skipped", "now used by container late (created)")
@@ -141,12 +142,7 @@ def test_container_created_on_a_multi_tag_image_leaves_every_tag_in_place(
     client.tag(old, "app", "0")  # two expired tags: untagging one by one would lose the first
     plan, engine = prepare(dockerd, tmp_path)
     assert plan.decision(old).tags == ("app:0", "app:1")
-    client.create_container(
-        old,
-        ["/bin/busybox", "true"],
-        name="late",
-        host_config=client.create_host_config(network_mode="none"),
-    )
+    late_container(client, old)
     report = executor.execute(plan, engine, plan.now)
     assert (report.outcome(old).outcome, report.outcome(old).reason) == (
         "skipped",
