@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from gcd import __version__, config, cycle, report
 from gcd.errors import ConfigError, EngineUnavailable, GcdError, StateError, UsageError
-from gcd.model import Report
+from gcd.model import Plan, Report
 from gcd.state import Store
 
 log = logging.getLogger("gcd")
@@ -135,16 +135,20 @@ def _open_store(cfg: config.Config, must_write: bool) -> Store:
         return Store(cfg.state_dir, writable=False)
 
 
-def _plan(cfg: config.Config, output: str) -> int:
-    now = cycle.utcnow()
+def _dry_plan(cfg: config.Config) -> Plan:
+    """Snapshot and plan once, removing nothing (plan, run --dry-run, explain)."""
     store = _open_store(cfg, must_write=False)
     engine = cycle.connect(cfg)
     try:
-        plan = cycle.prepare(cfg, engine, store, now)
+        return cycle.prepare(cfg, engine, store, cycle.utcnow())
     finally:
         engine.close()
         store.close()
-    rendered = report.planned(plan, now)
+
+
+def _plan(cfg: config.Config, output: str) -> int:
+    plan = _dry_plan(cfg)
+    rendered = report.planned(plan, plan.now)
     print(report.to_json(rendered) if output == "json" else report.to_text(rendered), end="")
     return 0
 
@@ -195,14 +199,7 @@ def _write_textfile(cfg: config.Config, result: Report | None, duration: float) 
 
 
 def _explain(cfg: config.Config, refs: list[str]) -> int:
-    now = cycle.utcnow()
-    store = _open_store(cfg, must_write=False)
-    engine = cycle.connect(cfg)
-    try:
-        plan = cycle.prepare(cfg, engine, store, now)
-    finally:
-        engine.close()
-        store.close()
+    plan = _dry_plan(cfg)
     missing = []
     for ref in refs:
         image = plan.snapshot.resolve(ref)
