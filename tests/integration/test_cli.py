@@ -12,7 +12,7 @@ import docker
 
 from gcd import __version__
 from tests.images import Layer, Spec, load
-from tests.integration.conftest import Gcd, ids_now
+from tests.integration.conftest import Gcd, ids_now, tags_now
 
 WHEN = datetime(2026, 3, 1, tzinfo=UTC)
 POLICY = r"""
@@ -263,3 +263,42 @@ def test_an_engine_hanging_on_its_socket_fails_fast_with_the_timeout(gcd: Gcd, t
         )
     finally:
         hung.close()
+
+
+def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
+    gcd: Gcd, client: docker.APIClient, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import time
+
+    load(client, [Spec([f"bulk:{n}"], [Layer(f"bulk-{n}", 100)], WHEN) for n in range(300)])
+    config = gcd.config(
+        POLICY.replace("repository: app", "repository: bulk").replace(
+            "max_removal_fraction: 1.0", "max_removal_fraction: 1.0, max_removals_per_run: 1000"
+        )
+    )
+    log = tmp_path / "run.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gcd", "run", "--config", str(config), "--output", "json"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while "INFO removed " not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert "WARNING SIGTERM received: stopping after the current removal" in log.read_text()
+    report = json.loads(out)
+    stopped = [
+        d
+        for d in report["decisions"]
+        if "skipped: cycle stopped before this action" in d["reasons"]
+    ]
+    done = [d for d in report["decisions"] if d["decision"] == "remove" and d["outcome"] == "done"]
+    assert stopped and done, (len(stopped), len(done))
+    assert len(stopped) + len(done) == 299
+    assert {d["tags"][0] for d in stopped} <= set(tags_now(client))  # untouched

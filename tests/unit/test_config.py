@@ -283,3 +283,15 @@ protect:
 )
 def test_each_error_word_for_word(text: str, expected: list[str]) -> None:
     assert problems(text) == expected
+
+
+def test_the_daemon_schedule_follows_every_or_cron() -> None:
+    from datetime import UTC, datetime
+
+    from gcd.daemon import trigger_of
+
+    start = datetime(2026, 11, 27, 10, 7, tzinfo=UTC)
+    cron = trigger_of(config.parse("version: 1\nschedule: {cron: '*/15 * * * *'}\n", "c.yaml"))
+    assert cron.get_next_fire_time(None, start) == datetime(2026, 11, 27, 10, 15, tzinfo=UTC)
+    every = trigger_of(config.parse("version: 1\nschedule: {every: 5m}\n", "c.yaml"))
+    assert every.interval.total_seconds() == 300
