@@ -9,9 +9,9 @@ again. No I/O, no logging, no clock: every decision carries the reasons that pro
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,23 +36,46 @@ def image_age(image: Image, state: StateView, now: datetime) -> timedelta | None
     return None if youngest is None else now - youngest
 
 
-@dataclass(slots=True)
 class _Verdict:
-    """Mutable working record for one image while the plan is built."""
+    """Mutable working record for one image while the plan is built. (A plain class: one is
+    made per image, and a dataclass's default factories cost a third of the planner.)"""
 
-    image: Image
-    age: timedelta | None
-    first_seen: datetime | None = None
-    last_used: datetime | None = None
-    protections: list[str] = field(default_factory=list)
-    min_age_protected: bool = False
-    keep_reasons: list[str] = field(default_factory=list)
-    expire_reasons: list[str] = field(default_factory=list)
-    expired: list[tuple[str, str]] = field(default_factory=list)
-    kept_tags: list[str] = field(default_factory=list)
-    guard: str | None = None
-    parent_of: str | None = None
-    remove: bool = False
+    __slots__ = (
+        "age",
+        "expire_reasons",
+        "expired",
+        "first_seen",
+        "guard",
+        "image",
+        "keep_reasons",
+        "kept_tags",
+        "last_used",
+        "min_age_protected",
+        "parent_of",
+        "protections",
+        "remove",
+    )
+
+    def __init__(
+        self,
+        image: Image,
+        age: timedelta | None,
+        first_seen: datetime | None = None,
+        last_used: datetime | None = None,
+    ) -> None:
+        self.image = image
+        self.age = age
+        self.first_seen = first_seen
+        self.last_used = last_used
+        self.protections: list[str] = []
+        self.min_age_protected = False
+        self.keep_reasons: list[str] = []
+        self.expire_reasons: list[str] = []
+        self.expired: list[tuple[str, str]] = []
+        self.kept_tags: list[str] = []
+        self.guard: str | None = None
+        self.parent_of: str | None = None
+        self.remove = False
 
 
 def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
@@ -142,14 +165,19 @@ def _apply_rules(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdic
             _rank_group(rule, label, members, verdicts, keeps, expires)
     for v in verdicts.values():
         for tag in v.image.tags:
-            if tag in keeps:
+            kept = keeps.get(tag)
+            if kept is not None:
                 v.kept_tags.append(tag)
-                v.keep_reasons.extend(r for r in keeps[tag] if r not in v.keep_reasons)
+                reasons = v.keep_reasons
+                for r in kept:
+                    if r not in reasons:
+                        reasons.append(r)
             elif tag in expires:
+                reasons = v.expire_reasons
                 for rule_name, reason in expires[tag]:
                     v.expired.append((tag, rule_name))
-                    if reason not in v.expire_reasons:
-                        v.expire_reasons.append(reason)
+                    if reason not in reasons:
+                        reasons.append(reason)
             elif config.unmatched == "keep":
                 v.kept_tags.append(tag)
                 v.keep_reasons.append(f"no rule matches {tag} (unmatched: keep)")
@@ -166,6 +194,7 @@ def _groups(
         lambda: defaultdict(list)
     )
     repository_ok: dict[str, bool] = {}
+    labels: dict[tuple[str, ...], str] = {}
     by_repository_only = rule.group_by == ("repository",)
     for image_id, tag, repository, name in tags:
         ok = repository_ok.get(repository)
@@ -176,14 +205,19 @@ def _groups(
         match = rule.tag.fullmatch(name)
         if match is None or (rule.exclude_tag and rule.exclude_tag.fullmatch(name)):
             continue
-        if by_repository_only:
-            label = f"repository={repository}"
-        else:
-            label = ", ".join(
-                f"{g}={repository if g == 'repository' else match.group(g) or ''}"
-                for g in rule.group_by
+        values = (
+            (repository,)
+            if by_repository_only
+            else tuple(
+                repository if g == "repository" else match.group(g) or "" for g in rule.group_by
             )
-        groups[label or "(all)"][image_id].append((tag, match))
+        )
+        label = labels.get(values)
+        if label is None:
+            label = labels[values] = (
+                ", ".join(f"{g}={v}" for g, v in zip(rule.group_by, values, strict=True)) or "(all)"
+            )
+        groups[label][image_id].append((tag, match))
     return groups
 
 
@@ -195,40 +229,46 @@ def _rank_group(
     keeps: dict[str, list[str]],
     expires: dict[str, list[tuple[str, str]]],
 ) -> None:
+    # Locals, not attribute lookups: this loop runs once per (rule, image).
+    name, keep_last, keep_within = rule.name, rule.keep_last, rule.keep_within
     ranked: list[tuple[Any, datetime, str, str]] = []
     ranked_tags: dict[str, list[str]] = {}
     for image_id, matches in members.items():
-        image = verdicts[image_id].image
+        verdict = verdicts[image_id]
         best: Any = None
+        tags: list[str] = []
         for tag, match in matches:
-            key = _sort_key(rule, tag, match, verdicts[image_id])
+            key = _sort_key(rule, tag, match, verdict)
             if key is None:
-                keeps[tag].append(f"{rule.name}: cannot order {tag} by {rule.order_by}; kept")
+                keeps[tag].append(f"{name}: cannot order {tag} by {rule.order_by}; kept")
                 continue
-            ranked_tags.setdefault(image_id, []).append(tag)
-            best = key if best is None or key > best else best
+            tags.append(tag)
+            if best is None or key > best:
+                best = key
         if best is not None:
-            ranked.append((best, image.created, max(ranked_tags[image_id]), image_id))
+            ranked_tags[image_id] = tags
+            ranked.append((best, verdict.image.created, max(tags), image_id))
     ranked.sort(reverse=True)
     for rank, (_, _, _, image_id) in enumerate(ranked, start=1):
-        age = verdicts[image_id].age
-        if rank <= rule.keep_last:
-            reason = f"{rule.name}: rank {rank} <= keep_last {rule.keep_last} in group {label}"
-            for tag in ranked_tags[image_id]:
+        tags = ranked_tags[image_id]
+        if rank <= keep_last:
+            reason = f"{name}: rank {rank} <= keep_last {keep_last} in group {label}"
+            for tag in tags:
                 keeps[tag].append(reason)
-        elif rule.keep_within is not None and (age is None or age < rule.keep_within):
+            continue
+        age = verdicts[image_id].age
+        if keep_within is not None and (age is None or age < keep_within):
             # An image with no age signal at all is not known to be old: keep it.
             shown = "unknown" if age is None else format_duration(age)
             reason = (
-                f"{rule.name}: age {shown} < keep_within {format_duration(rule.keep_within)} "
-                f"in group {label}"
+                f"{name}: age {shown} < keep_within {format_duration(keep_within)} in group {label}"
             )
-            for tag in ranked_tags[image_id]:
+            for tag in tags:
                 keeps[tag].append(reason)
         else:
-            reason = f"{rule.name}: rank {rank} > keep_last {rule.keep_last} in group {label}"
-            for tag in ranked_tags[image_id]:
-                expires[tag].append((rule.name, reason))
+            expired = (name, f"{name}: rank {rank} > keep_last {keep_last} in group {label}")
+            for tag in tags:
+                expires[tag].append(expired)
 
 
 def _sort_key(rule: Rule, tag: str, match: re.Match[str], verdict: _Verdict) -> Any:
@@ -256,6 +296,7 @@ def _sort_key(rule: Rule, tag: str, match: re.Match[str], verdict: _Verdict) -> 
     return verdict.last_used or _OLDEST
 
 
+@functools.lru_cache(maxsize=65536)  # the same versions recur across repositories
 def _semver_key(value: str) -> tuple[Any, ...] | None:
     """SemVer 2.0 precedence as a plain tuple (compared in C, unlike semver.Version): a
     release sorts above its pre-releases; pre-release identifiers compare numerically when
