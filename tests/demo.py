@@ -6,6 +6,7 @@ its files removed at the end, whatever happens.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,8 @@ def gcd(*args: str) -> None:
 
 
 def main() -> int:
+    # SIGTERM too ends in the `with` blocks below, so the private engine is always cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="gcd-demo-") as tmp, PrivateEngine() as engine:
         print(f"private engine at {engine.url} (stopped and removed at the end)")
         client = docker.APIClient(base_url=engine.url, version="auto", timeout=120)

@@ -6,6 +6,7 @@ Needs root, dockerd (Debian: docker.io) and, for runnable images, busybox-static
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -29,7 +30,9 @@ class PrivateEngine:
     def start(self, timeout: float = 60) -> None:
         if shutil.which("dockerd") is None:
             raise RuntimeError("dockerd not found: apt-get install docker.io busybox-static")
-        namespace = f"gcd-test-{os.getpid()}-{os.path.basename(self.root)}"
+        # containerd accepts [A-Za-z0-9] runs joined by single . _ or -; mkdtemp's random
+        # suffix may hold "_" next to "-" or at the end, so the name is derived instead.
+        namespace = "gcd-test-" + hashlib.sha256(self.root.encode()).hexdigest()[:16]
         command = [
             "dockerd",
             f"--data-root={self.root}/data",
@@ -98,14 +101,24 @@ class PrivateEngine:
         self.start()
         return self
 
+    def cleanup(self) -> None:
+        """Stop and remove, uninterrupted: a SIGTERM or Ctrl-C arriving meanwhile is held
+        back until the engine is gone, instead of leaving it running."""
+        held = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            self.stop()
+            self.remove()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
     def __exit__(
         self,
         kind: type[BaseException] | None,
         value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
-        self.remove()
+        self.cleanup()
 
 
 if __name__ == "__main__":  # manual use: python -m tests.dockerd, Ctrl-C stops it

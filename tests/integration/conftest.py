@@ -30,8 +30,7 @@ def dockerd() -> Iterator[PrivateEngine]:
     try:
         yield engine
     finally:
-        engine.stop()
-        engine.remove()
+        engine.cleanup()
 
 
 @pytest.fixture
