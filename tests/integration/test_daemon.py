@@ -62,9 +62,16 @@ class Daemon:
     """`gcd daemon` in a subprocess, with the notify socket systemd would give it."""
 
     def __init__(
-        self, tmp: Path, url: str, body: str, every: str = "1h", watchdog_usec: int = 0
+        self,
+        tmp: Path,
+        url: str,
+        body: str,
+        every: str = "1h",
+        watchdog_usec: int = 0,
+        engine_timeout: str = "3s",
     ) -> None:
         self.tmp = tmp
+        self.engine_timeout = engine_timeout
         self.port = free_port()
         self.config = tmp / "config.yaml"
         self.write_config(url, body, every)
@@ -87,7 +94,8 @@ class Daemon:
 
     def write_config(self, url: str, body: str, every: str = "1h") -> None:
         self.config.write_text(
-            f"version: 1\nengine: {{url: '{url}', timeout: 3s}}\nstate_dir: {self.tmp / 'state'}\n"
+            f"version: 1\nengine: {{url: '{url}', timeout: {self.engine_timeout}}}\n"
+            f"state_dir: {self.tmp / 'state'}\n"
             f"schedule: {{every: {every}}}\nmetrics: {{listen: '127.0.0.1:{self.port}'}}\n" + body
         )
 
@@ -277,3 +285,32 @@ def test_engine_stopped_and_restarted_while_the_daemon_runs(
     finally:
         engine.stop()
         engine.remove()
+
+
+def test_the_watchdog_goes_quiet_while_a_cycle_is_wedged_and_resumes_after(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    hung_path = str(tmp_path / "hung.sock")
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hung.bind(hung_path)
+    hung.listen(16)  # the engine accepts connections and never answers: a wedged cycle
+    try:
+        d = Daemon(
+            tmp_path, f"unix://{hung_path}", "", watchdog_usec=1_000_000, engine_timeout="8s"
+        )
+        daemons.append(d)
+        wait_for(lambda: d.saw("READY=1"), what="READY=1")
+        time.sleep(2.5)  # the first cycle is stuck on its first call
+        d.receive()
+        wedged_from = len(d.messages)
+        time.sleep(3)
+        assert "WATCHDOG=1" not in d.receive()[wedged_from:]
+        wait_for(
+            lambda: "no answer within 8s" in d.logs(), timeout=15, what="the cycle to time out"
+        )
+        resumed_from = len(d.receive())
+        time.sleep(2)
+        assert d.receive()[resumed_from:].count("WATCHDOG=1") >= 2
+        assert d.stop() == 0
+    finally:
+        hung.close()
