@@ -210,8 +210,7 @@ class DockerEngine:
             except NotFoundError:
                 return image_id, None  # deleted between the list and the inspect
 
-        client = self.client  # negotiate the API version once, before the threads start
-        assert client is not None
+        self.client  # negotiate the API version once, before the threads start  # noqa: B018
         learned: dict[str, ImageFacts] = {}
         with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(ids))) as pool:
             for image_id, found in pool.map(one, ids):
