@@ -366,12 +366,18 @@ def _sweep(snapshot: Snapshot, verdicts: dict[str, _Verdict]) -> None:
 
 
 def _guard(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
+    """Each repository guard judges the plan as the rules left it, then all refusals apply
+    at once: refusing an image of one repository must not change how another repository
+    (that image's other name) is judged, or the outcome would hang on the order they are
+    visited, and a second cycle could remove what the first refused."""
     safety = config.safety
     by_repository: dict[str, list[_Verdict]] = defaultdict(list)
     for v in verdicts.values():
         for repository in v.image.repositories:
             by_repository[repository].append(v)
-    for repository, members in sorted(by_repository.items()):
+    repositories = sorted(by_repository.items())
+    refusals: list[tuple[_Verdict, str]] = []
+    for repository, members in repositories:
         removing = [v for v in members if v.remove]
         if removing and len(removing) / len(members) > safety.max_removal_fraction:
             why = (
@@ -379,13 +385,20 @@ def _guard(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) ->
                 f"{len(members)} tagged images of {repository} "
                 f"({len(removing) / len(members):.0%} > {safety.max_removal_fraction:.0%})"
             )
-            for v in removing:
-                _refuse(v, why)
-        if safety.keep_one_per_repository and all(v.remove for v in members):
-            last = max(members, key=lambda v: (v.image.created, max(v.image.tags)))
-            _refuse(
-                last, f"guard safety.keep_one_per_repository: last tagged image of {repository}"
+            refusals.extend((v, why) for v in removing)
+    for v, why in refusals:
+        _refuse(v, why)
+    if safety.keep_one_per_repository:
+        refusals = [
+            (
+                max(members, key=lambda v: (v.image.created, max(v.image.tags))),
+                f"guard safety.keep_one_per_repository: last tagged image of {repository}",
             )
+            for repository, members in repositories
+            if all(v.remove for v in members)
+        ]
+        for v, why in refusals:
+            _refuse(v, why)
     direct = [v for v in verdicts.values() if v.remove and not _is_implied(snapshot, v.image)]
     if len(direct) > safety.max_removals_per_run:
         # Oldest first: an image with no age signal counts as the oldest of all.

@@ -364,6 +364,33 @@ protect:
         },
     ),
     Case(
+        # Refusing x for `a` must not lower `b`'s share: judged after x's refusal, b would
+        # remove 1 of 3 and y would go, in an order-dependent plan a second cycle undoes.
+        "guard max_removal_fraction judges every repository on the same plan",
+        "safety: {min_age: 0s, max_removal_fraction: 0.5, keep_one_per_repository: false}\n"
+        "unmatched: expire\n"
+        "rules: [{name: ci, match: {repository: b, tag: '(?P<n>\\d+)'}, order_by: numeric(n), keep_last: 1}]\n",
+        [image("x", ["a:1", "b:1"]), image("y", ["b:2"]), image("z", ["b:3"])],
+        {
+            "x": (
+                "keep",
+                [
+                    "guard safety.max_removal_fraction: would remove 1 of 1 tagged images of a (100% > 50%)",
+                    "no rule matches a:1 (unmatched: expire)",
+                    "ci: rank 3 > keep_last 1 in group repository=b",
+                ],
+            ),
+            "y": (
+                "keep",
+                [
+                    "guard safety.max_removal_fraction: would remove 2 of 3 tagged images of b (67% > 50%)",
+                    "ci: rank 2 > keep_last 1 in group repository=b",
+                ],
+            ),
+            "z": ("keep", ["ci: rank 1 <= keep_last 1 in group repository=b"]),
+        },
+    ),
+    Case(
         "guard keep_one_per_repository keeps the newest tagged image of a repository",
         "safety: {min_age: 0s, max_removal_fraction: 1.0}\nunmatched: expire\n",
         [image("old", ["app:a"], age=3 * D), image("new", ["app:b"], age=2 * D)],
