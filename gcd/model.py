@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from types import MappingProxyType
 from typing import Literal
 
@@ -135,16 +137,20 @@ class Snapshot:
         image that holds the fewest layers (the one closest to the base), so the per-image
         figures add up to the total without counting a shared layer twice.
         """
-        holders: dict[str, int] = {}
-        removed_holders: dict[str, int] = {}
-        sizes: dict[str, int] = {}
-        for image in self.images:
-            gone = image.id in removed
-            for layer, size in image.layer_bytes():
-                holders[layer] = holders.get(layer, 0) + 1
-                if gone:
-                    removed_holders[layer] = removed_holders.get(layer, 0) + 1
-                sizes[layer] = size
+
+        # Counted in C: the store's every layer passes through here, 500,000 at N = 100,000.
+        def layers(images: Iterable[Image]) -> Iterator[str]:
+            return chain.from_iterable(i.layers or (i.id,) for i in images)
+
+        holders = Counter(layers(self.images))
+        removed_holders = Counter(layers(i for i in self.images if i.id in removed))
+        sizes = dict(
+            zip(
+                layers(self.images),
+                chain.from_iterable(i.layer_sizes or (i.size,) for i in self.images),
+                strict=True,
+            )
+        )
         freed: dict[str, int] = {}
         owned: set[str] = set()
         for image in sorted(

@@ -8,10 +8,12 @@ again. No I/O, no logging, no clock: every decision carries the reasons that pro
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import functools
+import gc
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,7 +40,9 @@ def image_age(image: Image, state: StateView, now: datetime) -> timedelta | None
 
 class _Verdict:
     """Mutable working record for one image while the plan is built. (A plain class: one is
-    made per image, and a dataclass's default factories cost a third of the planner.)"""
+    made per image, and a dataclass's default factories cost a third of the planner. Its
+    collections are tuples that grow by `+=`: most stay the shared empty tuple, and five
+    lists an image were a fifth of a plan's memory.)"""
 
     __slots__ = (
         "age",
@@ -67,12 +71,12 @@ class _Verdict:
         self.age = age
         self.first_seen = first_seen
         self.last_used = last_used
-        self.protections: list[str] = []
+        self.protections: tuple[str, ...] = ()
         self.min_age_protected = False
-        self.keep_reasons: list[str] = []
-        self.expire_reasons: list[str] = []
-        self.expired: list[tuple[str, str]] = []
-        self.kept_tags: list[str] = []
+        self.keep_reasons: tuple[str, ...] = ()
+        self.expire_reasons: tuple[str, ...] = ()
+        self.expired: tuple[tuple[str, str], ...] = ()
+        self.kept_tags: tuple[str, ...] = ()
         self.guard: str | None = None
         self.parent_of: str | None = None
         self.remove = False
@@ -80,22 +84,44 @@ class _Verdict:
 
 def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
     """Decide, for every image of the snapshot, whether it is kept or removed, and why."""
+    with _collector_paused():
+        return _plan(snapshot, config, state, now)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The planner makes a few objects per image and no reference cycles, yet each batch of
+    them sets off the cyclic collector, which walks every live object again: half the time
+    of a 100,000-image plan. Reference counting frees all of it just the same."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
     verdicts = {
         i.id: _Verdict(
             i, image_age(i, state, now), state.first_seen.get(i.id), state.last_used.get(i.id)
         )
         for i in snapshot.images
     }
+    # Every tag split once; there are far fewer repositories than tags.
+    tags = [(v, tag, *split_ref(tag)) for v in verdicts.values() for tag in v.image.tags]
     _protect(snapshot, config, verdicts)
-    _apply_rules(snapshot, config, verdicts)
+    _apply_rules(config, verdicts, tags)
     _mark_candidates(snapshot, config, state, now, verdicts)
     _sweep(snapshot, verdicts)
-    _guard(snapshot, config, verdicts)
+    _guard(snapshot, config, verdicts, tags)
     _sweep(snapshot, verdicts)
     freed = snapshot.freed_bytes({i for i, v in verdicts.items() if v.remove})
     decisions = tuple(
-        _decide(snapshot, config, v, freed.get(v.image.id, 0))
-        for v in sorted(verdicts.values(), key=lambda v: v.image.id)
+        _decide(snapshot, config.untag_expired, verdicts[i], freed.get(i, 0))
+        for i in sorted(verdicts)
     )
     return Plan(snapshot, now, decisions, sum(freed.values()))
 
@@ -107,28 +133,28 @@ def _protect(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) 
     for container in snapshot.containers:
         if container.image_id not in verdicts:
             continue
-        verdicts[container.image_id].protections.append(
-            f"in use by container {container.name} ({container.state})"
+        verdicts[container.image_id].protections += (
+            f"in use by container {container.name} ({container.state})",
         )
         for ancestor in snapshot.ancestors(container.image_id):
-            reasons = verdicts[ancestor].protections
-            if not any(r.startswith("parent of in-use image") for r in reasons):
-                reasons.append(
+            v = verdicts[ancestor]
+            if not any(r.startswith("parent of in-use image") for r in v.protections):
+                v.protections += (
                     f"parent of in-use image {short_id(container.image_id)} "
-                    f"(container {container.name})"
+                    f"(container {container.name})",
                 )
     min_age = config.safety.min_age
     for v in verdicts.values():
         if v.age is not None and v.age < min_age:
             v.min_age_protected = True
-            v.protections.append(
+            v.protections += (
                 f"younger than safety.min_age {format_duration(min_age)} "
-                f"(age {format_duration(v.age)})"
+                f"(age {format_duration(v.age)})",
             )
         for entry in config.protect:
             hit = _protect_hit(entry, v.image)
             if hit:
-                v.protections.append(f'protect[{entry.index}] {entry.kind} "{entry.value}" {hit}')
+                v.protections += (f'protect[{entry.index}] {entry.kind} "{entry.value}" {hit}',)
 
 
 def _protect_hit(entry: Protect, image: Image) -> str | None:
@@ -153,110 +179,153 @@ def _protect_hit(entry: Protect, image: Image) -> str | None:
 
 # --- rules ------------------------------------------------------------------------------------
 
+# What a rule's ranking needs of one image in one group: (best key, created, greatest tag,
+# image ID, the image's tags in the group, its verdict). Sorted as is: the image ID, unique
+# in a group, settles every tie before the last two fields are reached.
+_Entry = tuple[Any, datetime, str, str, tuple[str, ...], "_Verdict"]
+# What a tag's name alone tells a rule: its sort key (None when unparsable, or when the key
+# is the image's) and the values of the named groups that group_by uses.
+_Parsed = tuple[Any, tuple[str | None, ...]]
+_NAME_KEYS = ("semver", "numeric", "natural")
+# (verdict, tag, repository, name): every tag of the snapshot, split once.
+_Tag = tuple["_Verdict", str, str, str]
 
-def _apply_rules(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
-    """Rank each rule's groups; collect, per tag, the rules that keep or expire it."""
+
+def _apply_rules(config: Config, verdicts: dict[str, _Verdict], tags: list[_Tag]) -> None:
+    """Rank each rule's groups, then settle each tag: kept if any rule keeps it, expired if
+    a rule matched it and none kept it, else as `unmatched` says."""
     keeps: dict[str, list[str]] = defaultdict(list)
-    expires: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    # Every tag split once; there are far fewer repositories than tags.
-    tags = [(image.id, tag, *split_ref(tag)) for image in snapshot.images for tag in image.tags]
-    for rule in config.rules:
-        for label, members in _groups(tags, rule).items():
-            _rank_group(rule, label, members, verdicts, keeps, expires)
+    repositories = {repository for _, _, repository, _ in tags}
+    names = {name for _, _, _, name in tags}
+    # By name, so that reasons read the same whatever the order of the rules in the file, and
+    # an image's (tag, rule) pairs come out sorted.
+    for rule in sorted(config.rules, key=lambda r: r.name):
+        for label, entries in _groups(tags, repositories, names, rule, keeps).items():
+            _rank_group(rule, label, entries, keeps)
+    unmatched_keep = config.unmatched == "keep"
     for v in verdicts.values():
-        for tag in v.image.tags:
+        image_tags = v.image.tags
+        if not image_tags:
+            continue
+        if len(image_tags) == 1 and image_tags[0] not in keeps and v.expired:
+            # The common case, already settled: one tag, expired by the rules that ranked
+            # it, one reason each (a reason starts with its rule's name: none repeats).
+            continue
+        # Ranking left (tag, rule) pairs and their reasons side by side, rule by rule; the
+        # plan lists them tag by tag, without the tags some rule keeps.
+        expired: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for (tag, rule_name), reason in zip(v.expired, v.expire_reasons, strict=True):
+            expired[tag].append((rule_name, reason))
+        pairs: list[tuple[str, str]] = []
+        expire_reasons: list[str] = []
+        kept_tags: list[str] = []
+        keep_reasons = list(v.keep_reasons)
+        for tag in image_tags:
             kept = keeps.get(tag)
             if kept is not None:
-                v.kept_tags.append(tag)
-                reasons = v.keep_reasons
+                kept_tags.append(tag)
                 for r in kept:
-                    if r not in reasons:
-                        reasons.append(r)
-            elif tag in expires:
-                reasons = v.expire_reasons
-                for rule_name, reason in expires[tag]:
-                    v.expired.append((tag, rule_name))
-                    if reason not in reasons:
-                        reasons.append(reason)
-            elif config.unmatched == "keep":
-                v.kept_tags.append(tag)
-                v.keep_reasons.append(f"no rule matches {tag} (unmatched: keep)")
+                    if r not in keep_reasons:
+                        keep_reasons.append(r)
+            elif tag in expired:
+                for rule_name, reason in expired[tag]:
+                    pairs.append((tag, rule_name))
+                    if reason not in expire_reasons:
+                        expire_reasons.append(reason)
+            elif unmatched_keep:
+                kept_tags.append(tag)
+                keep_reasons.append(f"no rule matches {tag} (unmatched: keep)")
             else:
-                v.expired.append((tag, "unmatched"))
-                v.expire_reasons.append(f"no rule matches {tag} (unmatched: expire)")
+                pairs.append((tag, "unmatched"))
+                expire_reasons.append(f"no rule matches {tag} (unmatched: expire)")
+        v.expired, v.expire_reasons = tuple(sorted(pairs)), tuple(expire_reasons)
+        v.kept_tags, v.keep_reasons = tuple(kept_tags), tuple(keep_reasons)
 
 
 def _groups(
-    tags: list[tuple[str, str, str, str]], rule: Rule
-) -> dict[str, dict[str, list[tuple[str, re.Match[str]]]]]:
-    """group label -> image ID -> the (tag, match) pairs of that image the rule matches."""
-    groups: dict[str, dict[str, list[tuple[str, re.Match[str]]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    repository_ok: dict[str, bool] = {}
-    labels: dict[tuple[str, ...], str] = {}
-    by_repository_only = rule.group_by == ("repository",)
-    for image_id, tag, repository, name in tags:
-        ok = repository_ok.get(repository)
-        if ok is None:
-            ok = repository_ok[repository] = rule.repository.fullmatch(repository) is not None
-        if not ok:
+    tags: list[_Tag],
+    repositories: set[str],
+    names: set[str],
+    rule: Rule,
+    keeps: dict[str, list[str]],
+) -> dict[str, list[_Entry]]:
+    """group label -> one entry per image the rule matches in that group. A tag whose sort
+    key cannot be parsed is kept here and ranks nowhere."""
+    groups: dict[str, list[_Entry]] = {}
+    by_values: dict[Any, list[_Entry]] = {}
+    named = tuple(g for g in rule.group_by if g != "repository")
+    # Far fewer repositories and names than tags (build-7, 1.2.0 and main-3 recur across
+    # repositories): each is matched once per rule.
+    in_scope = {r for r in repositories if rule.repository.fullmatch(r)}
+    parsed = {name: _parse(rule, name, named) for name in names}
+    image_key = None if rule.order_by.kind in _NAME_KEYS else _image_key_function(rule)
+    for v, tag, repository, hit in [
+        (v, tag, repository, hit)
+        for v, tag, repository, name in tags
+        if repository in in_scope and (hit := parsed[name]) is not None
+    ]:
+        key, values = hit
+        if image_key is not None:
+            key = image_key(v)
+        elif key is None:
+            keeps[tag].append(f"{rule.name}: cannot order {tag} by {rule.order_by}; kept")
             continue
-        match = rule.tag.fullmatch(name)
-        if match is None or (rule.exclude_tag and rule.exclude_tag.fullmatch(name)):
-            continue
-        values = (
-            (repository,)
-            if by_repository_only
-            else tuple(
-                repository if g == "repository" else match.group(g) or "" for g in rule.group_by
+        group = (repository, values) if named else repository
+        entries = by_values.get(group)
+        if entries is None:
+            # A group left out of the match and an empty one share a label, and a list.
+            label = _label(rule, repository, dict(zip(named, values, strict=True)))
+            entries = by_values[group] = groups.setdefault(label, [])
+        if entries and entries[-1][5] is v:
+            # Another tag of the image this group saw last: an image's tags come one after
+            # another, so an image has one entry per group without a lookup.
+            best, created, greatest, image_id, its_tags, _ = entries[-1]
+            entries[-1] = (
+                key if key > best else best,
+                created,
+                tag if tag > greatest else greatest,
+                image_id,
+                (*its_tags, tag),
+                v,
             )
-        )
-        label = labels.get(values)
-        if label is None:
-            label = labels[values] = (
-                ", ".join(f"{g}={v}" for g, v in zip(rule.group_by, values, strict=True)) or "(all)"
-            )
-        groups[label][image_id].append((tag, match))
+        else:
+            entries.append((key, v.image.created, tag, v.image.id, (tag,), v))
     return groups
 
 
-def _rank_group(
-    rule: Rule,
-    label: str,
-    members: dict[str, list[tuple[str, re.Match[str]]]],
-    verdicts: dict[str, _Verdict],
-    keeps: dict[str, list[str]],
-    expires: dict[str, list[tuple[str, str]]],
-) -> None:
-    # Locals, not attribute lookups: this loop runs once per (rule, image).
+def _parse(rule: Rule, name: str, named: tuple[str, ...]) -> _Parsed | None:
+    """None when the rule does not match the tag name, else what the name tells it."""
+    match = rule.tag.fullmatch(name)
+    if match is None or (rule.exclude_tag and rule.exclude_tag.fullmatch(name)):
+        return None
+    values = tuple(match.group(g) for g in named)
+    kind, group = rule.order_by.kind, rule.order_by.group or 0
+    if kind == "semver":
+        return _semver_key(match.group(group) or ""), values
+    if kind == "numeric":
+        return _integer(match.group(group)), values
+    if kind == "natural":
+        return _natural_key(name), values
+    return None, values
+
+
+def _label(rule: Rule, repository: str, values: dict[str, str | None]) -> str:
+    shown = (repository if g == "repository" else values[g] or "" for g in rule.group_by)
+    return ", ".join(f"{g}={v}" for g, v in zip(rule.group_by, shown, strict=True)) or "(all)"
+
+
+def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, list[str]]) -> None:
+    """Keep the top keep_last images and those within keep_within; the rest expire, noted
+    on the image as (tag, rule) pairs and, side by side, their reasons."""
+    # Newest first; ties go to the later created image, then to the greater tag name.
+    entries.sort(reverse=True)
     name, keep_last, keep_within = rule.name, rule.keep_last, rule.keep_within
-    ranked: list[tuple[Any, datetime, str, str]] = []
-    ranked_tags: dict[str, list[str]] = {}
-    for image_id, matches in members.items():
-        verdict = verdicts[image_id]
-        best: Any = None
-        tags: list[str] = []
-        for tag, match in matches:
-            key = _sort_key(rule, tag, match, verdict)
-            if key is None:
-                keeps[tag].append(f"{name}: cannot order {tag} by {rule.order_by}; kept")
-                continue
-            tags.append(tag)
-            if best is None or key > best:
-                best = key
-        if best is not None:
-            ranked_tags[image_id] = tags
-            ranked.append((best, verdict.image.created, max(tags), image_id))
-    ranked.sort(reverse=True)
-    for rank, (_, _, _, image_id) in enumerate(ranked, start=1):
-        tags = ranked_tags[image_id]
-        if rank <= keep_last:
-            reason = f"{name}: rank {rank} <= keep_last {keep_last} in group {label}"
-            for tag in tags:
-                keeps[tag].append(reason)
-            continue
-        age = verdicts[image_id].age
+    for rank, (_, _, _, _, tags, _) in enumerate(entries[:keep_last], start=1):
+        reason = f"{name}: rank {rank} <= keep_last {keep_last} in group {label}"
+        for tag in tags:
+            keeps[tag].append(reason)
+    for rank, (_, _, _, _, tags, v) in enumerate(entries[keep_last:], start=keep_last + 1):
+        age = v.age
         if keep_within is not None and (age is None or age < keep_within):
             # An image with no age signal at all is not known to be old: keep it.
             shown = "unknown" if age is None else format_duration(age)
@@ -266,37 +335,38 @@ def _rank_group(
             for tag in tags:
                 keeps[tag].append(reason)
         else:
-            expired = (name, f"{name}: rank {rank} > keep_last {keep_last} in group {label}")
+            reason = f"{name}: rank {rank} > keep_last {keep_last} in group {label}"
             for tag in tags:
-                expires[tag].append(expired)
+                v.expired += ((tag, name),)
+                v.expire_reasons += (reason,)
 
 
-def _sort_key(rule: Rule, tag: str, match: re.Match[str], verdict: _Verdict) -> Any:
-    """The value `order_by` sorts on (greater is newer), or None if it cannot be parsed."""
-    kind, image = rule.order_by.kind, verdict.image
-    value = match.group(rule.order_by.group) if rule.order_by.group else None
-    if kind == "semver":
-        return _semver_key(value) if value else None
-    if kind == "numeric":
-        try:
-            return int(value) if value else None
-        except ValueError:
-            return None
-    if kind == "natural":
-        name = split_ref(tag)[1]
-        return tuple(
-            (0, int(c), "") if c.isdigit() else (1, 0, c) for c in _NATURAL_CHUNK.findall(name)
-        )
+def _image_key_function(rule: Rule) -> Callable[[_Verdict], Any]:
+    """For the orders that rank the image rather than the tag's name: the value sorted on,
+    greater is newer."""
+    kind = rule.order_by.kind
     if kind == "created":
-        return image.created
+        return lambda v: v.image.created
     if kind == "tagged":
-        return image.last_tag_time or image.created
+        return lambda v: v.image.last_tag_time or v.image.created
     if kind == "first_seen":
-        return verdict.first_seen or image.created
-    return verdict.last_used or _OLDEST
+        return lambda v: v.first_seen or v.image.created
+    return lambda v: v.last_used or _OLDEST
 
 
-@functools.lru_cache(maxsize=65536)  # the same versions recur across repositories
+def _integer(value: str | None) -> int | None:
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
+    return tuple(
+        (0, int(c), "") if c.isdigit() else (1, 0, c) for c in _NATURAL_CHUNK.findall(name)
+    )
+
+
 def _semver_key(value: str) -> tuple[Any, ...] | None:
     """SemVer 2.0 precedence as a plain tuple (compared in C, unlike semver.Version): a
     release sorts above its pre-releases; pre-release identifiers compare numerically when
@@ -337,44 +407,55 @@ def _mark_candidates(
             v.remove = True  # an intermediate: kept by the sweep if any descendant is kept
             continue
         if config.dangling.action == "keep":
-            v.keep_reasons.append("dangling (dangling.action: keep)")
+            v.keep_reasons += ("dangling (dangling.action: keep)",)
             continue
         since = state.first_seen_dangling.get(image.id)
         # Dangling since before the store existed: the image's own age stands in.
         dangling_for = now - since if since else v.age
         grace = format_duration(config.dangling.min_age)
         if dangling_for is not None and dangling_for < config.dangling.min_age:
-            v.keep_reasons.append(
-                f"dangling for {format_duration(dangling_for)} < dangling.min_age {grace}"
+            v.keep_reasons += (
+                f"dangling for {format_duration(dangling_for)} < dangling.min_age {grace}",
             )
         else:
             shown = "an unknown time" if dangling_for is None else format_duration(dangling_for)
-            v.expire_reasons.append(f"dangling for {shown} >= dangling.min_age {grace}")
+            v.expire_reasons += (f"dangling for {shown} >= dangling.min_age {grace}",)
             v.remove = True
 
 
 def _sweep(snapshot: Snapshot, verdicts: dict[str, _Verdict]) -> None:
     """Every ancestor of a kept image is kept: the engine could not delete it anyway."""
     for v in verdicts.values():
-        if v.remove:
+        if v.remove or not v.image.parent:
             continue
         for ancestor in snapshot.ancestors(v.image.id):
             verdicts[ancestor].remove = False
     for v in verdicts.values():
-        kept_children = sorted(c for c in snapshot.children(v.image.id) if not verdicts[c].remove)
-        v.parent_of = kept_children[0] if kept_children else None
+        v.parent_of = None
+    # parent_of: the parent's kept child with the least ID, named in the parent's reasons.
+    for v in verdicts.values():
+        parent = verdicts.get(v.image.parent) if v.image.parent else None
+        if (
+            parent is not None
+            and not v.remove
+            and (parent.parent_of is None or v.image.id < parent.parent_of)
+        ):
+            parent.parent_of = v.image.id
 
 
-def _guard(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
+def _guard(
+    snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict], tags: list[_Tag]
+) -> None:
     """Each repository guard judges the plan as the rules left it, then all refusals apply
     at once: refusing an image of one repository must not change how another repository
     (that image's other name) is judged, or the outcome would hang on the order they are
     visited, and a second cycle could remove what the first refused."""
     safety = config.safety
     by_repository: dict[str, list[_Verdict]] = defaultdict(list)
-    for v in verdicts.values():
-        for repository in v.image.repositories:
-            by_repository[repository].append(v)
+    for v, _, repository, _ in tags:
+        members = by_repository[repository]
+        if not members or members[-1] is not v:  # an image's tags come one after another
+            members.append(v)
     repositories = sorted(by_repository.items())
     refusals: list[tuple[_Verdict, str]] = []
     for repository, members in repositories:
@@ -427,55 +508,47 @@ def _is_implied(snapshot: Snapshot, image: Image) -> bool:
 # --- bytes and decisions ----------------------------------------------------------------------
 
 
-def _decide(snapshot: Snapshot, config: Config, v: _Verdict, freed: int) -> Decision:
+def _decide(snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int) -> Decision:
     image = v.image
     tags = image.tags  # sorted by the engine adapter
-    expired = tuple(sorted(v.expired)) if v.expired else ()
-    dangling = snapshot.is_dangling(image.id)
+    expired = v.expired  # sorted by _apply_rules
+    dangling = not tags and not snapshot.children(image.id)
     if v.remove:
-        reasons = list(v.expire_reasons)
-        if not image.tags and snapshot.children(image.id):
+        removal = v.expire_reasons
+        if not tags and snapshot.children(image.id):
             child = sorted(snapshot.children(image.id))[0]
-            reasons.append(f"intermediate: goes with its last child {short_id(child)}")
+            removal += (f"intermediate: goes with its last child {short_id(child)}",)
         return Decision(
             image.id,
             tags,
             "remove",
-            tuple(reasons),
+            removal,
             bytes=freed,
             implied=_is_implied(snapshot, image),
             dangling=dangling,
             expired=expired,
         )
-    reasons = list(v.protections)
-    if v.guard:
-        reasons.append(v.guard)
-    if v.parent_of:
-        reasons.append(f"parent of kept image {short_id(v.parent_of)}")
-    reasons.extend(v.keep_reasons)
+    guard, parent_of = v.guard, v.parent_of
+    reasons = [*v.protections, guard] if guard else [*v.protections]
+    if parent_of:
+        reasons.append(f"parent of kept image {short_id(parent_of)}")
+    reasons += v.keep_reasons
     untag: tuple[str, ...] = ()
     # Untag only where a name stays, the image is not young, and no guard refused it.
-    if (
-        config.untag_expired
-        and v.expired
-        and v.kept_tags
-        and not v.guard
-        and not v.min_age_protected
-    ):
-        untag = tuple(sorted({tag for tag, _ in v.expired}))
+    if untag_expired and expired and v.kept_tags and not guard and not v.min_age_protected:
+        untag = tuple(sorted({tag for tag, _ in expired}))
         reasons.extend(f"untag {tag}: expired" for tag in untag)
     # What would have removed it, so a kept image still explains what expired.
-    reasons = list(dict.fromkeys([*reasons, *v.expire_reasons]))
+    reasons += [r for r in v.expire_reasons if r not in reasons]
     if not reasons:
         reasons.append("kept: nothing expired it")
-    protected = bool(v.protections) or v.parent_of is not None
     return Decision(
         image.id,
         tags,
         "keep",
         tuple(reasons),
         untag=untag,
-        protected=protected,
+        protected=bool(v.protections) or parent_of is not None,
         dangling=dangling,
         expired=expired,
     )
