@@ -257,7 +257,8 @@ def _groups(
     # Far fewer repositories and names than tags (build-7, 1.2.0 and main-3 recur across
     # repositories): each is matched once per rule.
     in_scope = {r for r in repositories if rule.repository.fullmatch(r)}
-    parsed = {name: _parse(rule, name, named) for name in names}
+    parse = _parser(rule, named)
+    parsed = {name: parse(name) for name in names}
     image_key = None if rule.order_by.kind in _NAME_KEYS else _image_key_function(rule)
     for v, tag, repository, hit in [
         (v, tag, repository, hit)
@@ -293,20 +294,32 @@ def _groups(
     return groups
 
 
-def _parse(rule: Rule, name: str, named: tuple[str, ...]) -> _Parsed | None:
-    """None when the rule does not match the tag name, else what the name tells it."""
-    match = rule.tag.fullmatch(name)
-    if match is None or (rule.exclude_tag and rule.exclude_tag.fullmatch(name)):
-        return None
-    values = tuple(match.group(g) for g in named)
+def _parser(rule: Rule, named: tuple[str, ...]) -> Callable[[str], _Parsed | None]:
+    """parse(name): None when the rule does not match the tag name, else what the name
+    tells the rule. Made once per rule: it runs once per distinct name."""
+    fullmatch = rule.tag.fullmatch
+    excluded = rule.exclude_tag.fullmatch if rule.exclude_tag else None
     kind, group = rule.order_by.kind, rule.order_by.group or 0
-    if kind == "semver":
-        return _semver_key(match.group(group) or ""), values
-    if kind == "numeric":
-        return _integer(match.group(group)), values
-    if kind == "natural":
-        return _natural_key(name), values
-    return None, values
+    several, first = len(named) > 1, named[0] if named else None
+
+    def parse(name: str) -> _Parsed | None:
+        match = fullmatch(name)
+        if match is None or (excluded is not None and excluded(name)):
+            return None
+        values = match.group(*named) if several else (match.group(first),) if first else ()
+        if kind == "numeric":
+            number = match.group(group)
+            try:
+                return (int(number) if number else None), values
+            except ValueError:
+                return None, values
+        if kind == "semver":
+            return _semver_key(match.group(group) or ""), values
+        if kind == "natural":
+            return _natural_key(name), values
+        return None, values
+
+    return parse
 
 
 def _label(rule: Rule, repository: str, values: dict[str, str | None]) -> str:
@@ -325,20 +338,19 @@ def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, 
         for tag in tags:
             keeps[tag].append(reason)
     for rank, (_, _, _, _, tags, v) in enumerate(entries[keep_last:], start=keep_last + 1):
-        age = v.age
-        if keep_within is not None and (age is None or age < keep_within):
+        if keep_within is not None and (v.age is None or v.age < keep_within):
             # An image with no age signal at all is not known to be old: keep it.
-            shown = "unknown" if age is None else format_duration(age)
+            shown = "unknown" if v.age is None else format_duration(v.age)
             reason = (
                 f"{name}: age {shown} < keep_within {format_duration(keep_within)} in group {label}"
             )
             for tag in tags:
                 keeps[tag].append(reason)
-        else:
-            reason = f"{name}: rank {rank} > keep_last {keep_last} in group {label}"
-            for tag in tags:
-                v.expired += ((tag, name),)
-                v.expire_reasons += (reason,)
+            continue
+        reason = f"{name}: rank {rank} > keep_last {keep_last} in group {label}"
+        for tag in tags:
+            v.expired += ((tag, name),)
+            v.expire_reasons += (reason,)
 
 
 def _image_key_function(rule: Rule) -> Callable[[_Verdict], Any]:
@@ -352,13 +364,6 @@ def _image_key_function(rule: Rule) -> Callable[[_Verdict], Any]:
     if kind == "first_seen":
         return lambda v: v.first_seen or v.image.created
     return lambda v: v.last_used or _OLDEST
-
-
-def _integer(value: str | None) -> int | None:
-    try:
-        return int(value) if value else None
-    except ValueError:
-        return None
 
 
 def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
@@ -529,24 +534,27 @@ def _decide(snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int) ->
             expired=expired,
         )
     guard, parent_of = v.guard, v.parent_of
-    reasons = [*v.protections, guard] if guard else [*v.protections]
+    reasons = v.protections
+    if guard:
+        reasons += (guard,)
     if parent_of:
-        reasons.append(f"parent of kept image {short_id(parent_of)}")
+        reasons += (f"parent of kept image {short_id(parent_of)}",)
     reasons += v.keep_reasons
     untag: tuple[str, ...] = ()
     # Untag only where a name stays, the image is not young, and no guard refused it.
     if untag_expired and expired and v.kept_tags and not guard and not v.min_age_protected:
         untag = tuple(sorted({tag for tag, _ in expired}))
-        reasons.extend(f"untag {tag}: expired" for tag in untag)
-    # What would have removed it, so a kept image still explains what expired.
-    reasons += [r for r in v.expire_reasons if r not in reasons]
+        reasons += tuple(f"untag {tag}: expired" for tag in untag)
+    # What would have removed it, so a kept image still explains what expired. (No reason
+    # for a removal reads like one for a keep, so none repeats.)
+    reasons += v.expire_reasons
     if not reasons:
-        reasons.append("kept: nothing expired it")
+        reasons = ("kept: nothing expired it",)
     return Decision(
         image.id,
         tags,
         "keep",
-        tuple(reasons),
+        reasons,
         untag=untag,
         protected=bool(v.protections) or parent_of is not None,
         dangling=dangling,
