@@ -3,11 +3,11 @@
 Raw JSON stops here: callers get model values, and docker/requests exceptions become gcd
 errors (EngineUnavailable, ConflictError, NotFoundError, EngineError).
 
-docker-py does the work, except for the per-image GETs of a local engine (inspect and
-history of a cold snapshot, the re-read before each removal): those go over a kept-alive
-stdlib http.client connection on the Unix socket, one per thread. Measured on the
-benchmark machine: 0.47 ms per inspect against 1.30 ms through docker-py, whose time is
-nearly all client CPU (requests' machinery), not the engine's.
+docker-py does the work, except for the per-image GETs of a local engine (the inspects of a
+cold snapshot, and the history where layer sizes cannot be derived; the re-read before each
+removal): those go over a kept-alive stdlib http.client connection on the Unix socket, one
+per thread. Measured on the benchmark machine: 0.47 ms per inspect against 1.30 ms through
+docker-py, whose time is nearly all client CPU (requests' machinery), not the engine's.
 """
 
 from __future__ import annotations
@@ -178,7 +178,14 @@ class DockerEngine:
         }
         unknown = [i for i, tags in tags_of.items() if i not in facts or facts[i].tags != tags]
         unknown_set = set(unknown)
-        learned = self._inspect_all(unknown, tags_of, facts, stop)
+        # Layer sizes by chain ID, from every image already read: an image with at most one
+        # layer of unknown size needs no history (see _inspect).
+        sized = {
+            layer: size
+            for known in facts.values()
+            for layer, size in zip(known.layers, known.layer_sizes, strict=True)
+        }
+        learned = self._inspect_all(unknown, tags_of, facts, sized, stop)
         images = []
         for raw in raw_images:
             known = learned.get(raw["Id"]) if raw["Id"] in unknown_set else facts[raw["Id"]]
@@ -195,10 +202,12 @@ class DockerEngine:
         ids: list[str],
         tags_of: Mapping[str, tuple[str, ...]],
         facts: Mapping[str, ImageFacts],
+        sized: dict[str, int],
         stop: Callable[[], bool],
     ) -> dict[str, ImageFacts]:
         """Inspect the images the cache lacks, a few at a time (the engine answers inspects
-        concurrently; one at a time leaves it idle between round trips)."""
+        concurrently; one at a time leaves it idle between round trips). `sized` gains the
+        layer sizes learned, for the inspects that follow."""
         if not ids:
             return {}
 
@@ -206,7 +215,9 @@ class DockerEngine:
             if stop():
                 raise Stopped("stopped while reading the engine")
             try:
-                return image_id, self._inspect(image_id, tags_of[image_id], facts.get(image_id))
+                return image_id, self._inspect(
+                    image_id, tags_of[image_id], facts.get(image_id), sized
+                )
             except NotFoundError:
                 return image_id, None  # deleted between the list and the inspect
 
@@ -219,7 +230,11 @@ class DockerEngine:
         return learned
 
     def _inspect(
-        self, image_id: str, tags: tuple[str, ...], known: ImageFacts | None
+        self,
+        image_id: str,
+        tags: tuple[str, ...],
+        known: ImageFacts | None,
+        sized: dict[str, int],
     ) -> ImageFacts:
         raw = self._get_json(
             f"/images/{image_id}/json", lambda: self.client.inspect_image(image_id)
@@ -227,14 +242,18 @@ class DockerEngine:
         last_tag_time = _parse_time((raw.get("Metadata") or {}).get("LastTagTime"))
         if known is not None:  # only the tags changed: layers are content addressed
             return ImageFacts(tags, known.layers, known.layer_sizes, last_tag_time)
-        diff_ids = tuple((raw.get("RootFS") or {}).get("Layers") or ())
-        history = self._get_json(
-            f"/images/{image_id}/history", lambda: self.client.history(image_id)
-        )
-        sizes = _layer_sizes(len(diff_ids), history, int(raw.get("Size") or 0))
+        layers = _chain_ids(tuple((raw.get("RootFS") or {}).get("Layers") or ()))
+        total = int(raw.get("Size") or 0)
+        sizes = _derived_sizes(layers, total, sized)
         if sizes is None:
-            return ImageFacts(tags, (), (), last_tag_time)
-        return ImageFacts(tags, _chain_ids(diff_ids), sizes, last_tag_time)
+            history = self._get_json(
+                f"/images/{image_id}/history", lambda: self.client.history(image_id)
+            )
+            sizes = _layer_sizes(len(layers), history, total)
+            if sizes is None:
+                return ImageFacts(tags, (), (), last_tag_time)
+        sized.update(zip(layers, sizes, strict=True))  # one item at a time: safe across threads
+        return ImageFacts(tags, layers, sizes, last_tag_time)
 
     def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         try:
@@ -325,6 +344,27 @@ def _chain_ids(diff_ids: tuple[str, ...]) -> tuple[str, ...]:
             chain.append(sys.intern(diff_id))
     # Interned: base layers are shared by most images, and the daemon keeps these for all.
     return tuple(chain)
+
+
+def _derived_sizes(
+    layers: tuple[str, ...], total: int, sized: Mapping[str, int]
+) -> tuple[int, ...] | None:
+    """Layer sizes without the history: an image's size is the sum of its layers' sizes, so
+    when all but one are known (a build's own layer on a base already read, or a one-layer
+    image), the last is the difference. None when two or more are unknown, or when the
+    figures do not add up."""
+    if not layers:
+        return None
+    sizes = [sized.get(layer, -1) for layer in layers]
+    unknown = [i for i, size in enumerate(sizes) if size < 0]
+    if len(unknown) > 1:
+        return None
+    if unknown:
+        rest = total - sum(s for s in sizes if s >= 0)
+        if rest < 0:
+            return None
+        sizes[unknown[0]] = rest
+    return tuple(sizes) if sum(sizes) == total else None
 
 
 def _layer_sizes(

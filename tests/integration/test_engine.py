@@ -18,9 +18,9 @@ def test_warm_snapshots_cost_three_calls_and_a_retag_one_inspect(
     engine = DockerEngine(dockerd.url, 30)
     _, learned = engine.snapshot({})
     assert len(learned) == 20
-    assert (
-        engine.calls == 1 + 3 + 2 * 20
-    )  # version negotiation, version/images/containers, inspect+history each
+    # Version negotiation, version/images/containers, an inspect each: a one-layer image's
+    # layer size is its size, so no history is read.
+    assert engine.calls == 1 + 3 + 20
     engine.calls = 0
     _, again = engine.snapshot(learned)
     assert (engine.calls, again) == (3, {})
@@ -30,6 +30,35 @@ def test_warm_snapshots_cost_three_calls_and_a_retag_one_inspect(
     assert engine.calls == 3 + 1  # the one image whose tags changed, for its last tag time
     assert list(retagged) == [ids[0]] and retagged[ids[0]].last_tag_time is not None
     assert retagged[ids[0]].layers == learned[ids[0]].layers
+
+
+def test_layer_sizes_come_from_history_only_where_they_cannot_be_derived(
+    dockerd: PrivateEngine, client: docker.APIClient
+) -> None:
+    base = [Layer("base-os", 300_000), Layer("base-deps", 70_000)]
+    (first,) = load(client, [Spec(["d:first"], [*base, Layer("d-first", 5_000)])])
+    builds = load(
+        client, [Spec([f"d:{n}"], [*base, Layer(f"d{n}", 1_000 * n)]) for n in range(1, 6)]
+    )
+    two_new = load(client, [Spec(["d:two"], [*base, Layer("d-x", 10), Layer("d-y", 20)])])
+    engine = DockerEngine(dockerd.url, 30)
+    _, cache = engine.snapshot({})
+    # Cold, a base layer is learned before or after its builds: whatever the order, the
+    # sizes must be the engine's own (its history), each layer counted as such.
+    for image_id in [first, *builds, *two_new]:
+        history = [e["Size"] for e in reversed(client.history(image_id)) if e["Size"]]
+        assert list(cache[image_id].layer_sizes) == history
+    # Warm base, new builds: one inspect each and no history. Two new layers on one image
+    # cannot be split by arithmetic: that one needs its history.
+    fresh = load(client, [Spec([f"e:{n}"], [*base, Layer(f"e{n}", 2_000 + n)]) for n in range(4)])
+    (pair,) = load(client, [Spec(["e:pair"], [*base, Layer("e-x", 30), Layer("e-y", 40)])])
+    engine.calls = 0
+    _, learned = engine.snapshot(cache)
+    assert sorted(learned) == sorted([*fresh, pair])
+    assert engine.calls == 3 + 4 + 2
+    for image_id in [*fresh, pair]:
+        history = [e["Size"] for e in reversed(client.history(image_id)) if e["Size"]]
+        assert list(learned[image_id].layer_sizes) == history
 
 
 def test_a_kept_alive_connection_survives_an_engine_restart() -> None:
