@@ -3,11 +3,12 @@
 Raw JSON stops here: callers get model values, and docker/requests exceptions become gcd
 errors (EngineUnavailable, ConflictError, NotFoundError, EngineError).
 
-docker-py does the work, except for the per-image requests to a local engine (the inspects
-of a cold snapshot, and the history where layer sizes cannot be derived; the re-read and the
-DELETE of each removal): those go over a kept-alive stdlib http.client connection on the Unix
-socket, one per thread. Measured on the benchmark machine: 0.47 ms per inspect against 1.30 ms through
-docker-py, whose time is nearly all client CPU (requests' machinery), not the engine's.
+A local engine (a unix:// address, the usual case) is spoken to over kept-alive stdlib
+http.client connections on its socket, one per thread. Measured on the benchmark machine:
+0.47 ms per inspect against 1.30 ms through docker-py, whose time is nearly all client CPU
+(requests' machinery), not the engine's; and importing docker-py costs every `gcd` command
+a tenth of a second. docker-py, imported on first use, speaks to any other address (tcp://,
+ssh://), with the same API version negotiation.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
-
-import docker
-import docker.errors
-import requests.exceptions
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import Container, EngineInfo, Image, ImageFacts, Snapshot
+
+if TYPE_CHECKING:
+    import docker
 
 T = TypeVar("T")
 _NO_TAG = "<none>:<none>"
@@ -61,7 +61,7 @@ class Engine(Protocol):
 
 
 class DockerEngine:
-    """Engine over docker.APIClient: explicit timeout, API version negotiated on first use."""
+    """The engine at `url`: explicit timeout, API version negotiated on first use."""
 
     def __init__(self, url: str, timeout: float) -> None:
         self.url = url
@@ -71,15 +71,29 @@ class DockerEngine:
         self._client: docker.APIClient | None = None
         self._socket_path = url.removeprefix("unix://") if url.startswith("unix://") else None
         self._local = threading.local()
+        self._api_version: str | None = None
 
     @property
     def client(self) -> docker.APIClient:
+        """docker-py, for an address that is not a Unix socket."""
         if self._client is None:
+            import docker
+
             self.calls += 1  # version negotiation is a request of its own
             self._client = self._call(
                 lambda: docker.APIClient(base_url=self.url, version="auto", timeout=self.timeout)
             )
         return self._client
+
+    def api_version(self) -> str:
+        """The engine's API version, asked once (what docker-py's version="auto" does)."""
+        if self._api_version is None:
+            if self._socket_path is None:
+                self._api_version = str(self.client.api_version)
+            else:
+                answer = self._local_request("GET", "/version", self._socket_path, versioned=False)
+                self._api_version = str(answer["ApiVersion"])
+        return self._api_version
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -91,6 +105,9 @@ class DockerEngine:
             self._client = None
 
     def _call(self, fn: Callable[[], T]) -> T:
+        import docker.errors
+        import requests.exceptions
+
         try:
             return fn()
         except docker.errors.NotFound as e:
@@ -110,7 +127,11 @@ class DockerEngine:
 
     def _why(self, e: BaseException) -> str:
         text = str(e)
-        if isinstance(e, requests.exceptions.Timeout) or "timed out" in text.lower():
+        if (
+            isinstance(e, TimeoutError)
+            or "timed out" in text.lower()
+            or "Timeout" in type(e).__name__
+        ):
             return f"no answer within {self.timeout:g}s (engine.timeout)"
         if "Permission denied" in text:
             return "permission denied on the socket (is this user in the docker group?)"
@@ -132,13 +153,15 @@ class DockerEngine:
             return self._get(fallback)
         return self._local_request("GET", path, self._socket_path)  # type: ignore[no-any-return]
 
-    def _local_request(self, method: str, path: str, socket_path: str) -> Any:
+    def _local_request(
+        self, method: str, path: str, socket_path: str, versioned: bool = True
+    ) -> Any:
         """One request on this thread's kept-alive connection; the JSON answer. A GET that
         meets a connection the engine closed meanwhile is sent once more on a new one. A
         DELETE never is: the first may have been carried out, and by the second the name
         could be another image's. (It follows the re-read on the same connection, so the
         connection is known to be alive.)"""
-        version = self.client.api_version  # negotiates on first use
+        url = f"/v{self.api_version()}{path}" if versioned else path
         with self._count_lock:
             self.calls += 1
         for attempt in (1, 2):
@@ -147,7 +170,7 @@ class DockerEngine:
             if conn is None:
                 conn = self._local.conn = _UnixConnection(socket_path, self.timeout)
             try:
-                conn.request(method, f"/v{version}{path}")
+                conn.request(method, url)
                 response = conn.getresponse()
                 body = response.read()
                 break
@@ -177,10 +200,11 @@ class DockerEngine:
     def snapshot(
         self, facts: Mapping[str, ImageFacts], stop: Callable[[], bool] = lambda: False
     ) -> tuple[Snapshot, dict[str, ImageFacts]]:
-        client = self.client
-        version = self._get(client.version)
-        raw_images = self._get(lambda: client.images(all=True))
-        raw_containers = self._get(lambda: client.containers(all=True))
+        version = self._get_json("/version", lambda: self.client.version())
+        raw_images = self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
+        raw_containers = self._get_json(
+            "/containers/json?all=1", lambda: self.client.containers(all=True)
+        )
         tags_of = {
             raw["Id"]: tuple(sorted(t for t in raw.get("RepoTags") or () if t != _NO_TAG))
             for raw in raw_images
@@ -230,7 +254,7 @@ class DockerEngine:
             except NotFoundError:
                 return image_id, None  # deleted between the list and the inspect
 
-        self.client  # negotiate the API version once, before the threads start  # noqa: B018
+        self.api_version()  # negotiated once, before the threads start
         learned: dict[str, ImageFacts] = {}
         with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(ids))) as pool:
             for image_id, found in pool.map(one, ids):
@@ -274,7 +298,11 @@ class DockerEngine:
         return _refs(raw.get("RepoTags"), _NO_TAG), _refs(raw.get("RepoDigests"), _NO_DIGEST)
 
     def users(self, image_id: str) -> tuple[Container, ...]:
-        raw = self._get(lambda: self.client.containers(all=True, filters={"ancestor": image_id}))
+        ancestor = urllib.parse.quote(json.dumps({"ancestor": [image_id]}))
+        raw = self._get_json(
+            f"/containers/json?all=1&filters={ancestor}",
+            lambda: self.client.containers(all=True, filters={"ancestor": image_id}),
+        )
         return tuple(_container(c) for c in raw)
 
     # --- removing --------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import docker
 import pytest
 
 from gcd.engine import DockerEngine
-from gcd.errors import EngineUnavailable
+from gcd.errors import ConflictError, EngineUnavailable, NotFoundError
 from tests.dockerd import PrivateEngine
-from tests.images import Layer, Spec, load
+from tests.images import Layer, Spec, busybox_layer, load
 
 
 def test_warm_snapshots_cost_three_calls_and_a_retag_one_inspect(
@@ -59,6 +59,44 @@ def test_layer_sizes_come_from_history_only_where_they_cannot_be_derived(
     for image_id in [*fresh, pair]:
         history = [e["Size"] for e in reversed(client.history(image_id)) if e["Size"]]
         assert list(learned[image_id].layer_sizes) == history
+
+
+def test_docker_py_and_the_socket_connections_read_and_remove_alike(
+    dockerd: PrivateEngine, client: docker.APIClient
+) -> None:
+    """A unix:// address goes over gcd's own connections; any other through docker-py
+    (http+unix:// reaches the same engine that way). Both must see and do the same."""
+    ids = load(
+        client,
+        [
+            Spec(["p:1"], [busybox_layer(), Layer("p1")]),
+            Spec(["p:2", "q:2"], [busybox_layer(), Layer("p2"), Layer("p2-extra")]),
+            Spec(["p:3"], [Layer("p3")]),
+        ],
+    )
+    none = client.create_host_config(network_mode="none")
+    client.create_container(ids[0], ["/bin/busybox", "true"], name="user", host_config=none)
+    own = DockerEngine(dockerd.url, 30)
+    py = DockerEngine(dockerd.url.replace("unix://", "http+unix://"), 30)
+    (a, learned_a), (b, learned_b) = own.snapshot({}), py.snapshot({})
+    # The engine lists images of equal age in any order.
+    assert sorted(a.images, key=lambda i: i.id) == sorted(b.images, key=lambda i: i.id)
+    assert (a.containers, learned_a, a.engine.api_version) == (
+        b.containers,
+        learned_b,
+        b.engine.api_version,
+    )
+    for image_id in ids:
+        assert own.current(image_id) == py.current(image_id)
+        assert own.users(image_id) == py.users(image_id)
+    assert [c.name for c in py.users(ids[0])] == ["user"]
+    with pytest.raises(ConflictError):
+        py.delete("p:1")  # a container uses it
+    assert py.delete("q:2") == ()  # untagged only: p:2 still names it
+    assert ids[2] in py.delete("p:3")  # with its layers' chain IDs
+    assert py.current(ids[2]) is None
+    with pytest.raises(NotFoundError):
+        py.delete("p:3")
 
 
 def test_a_kept_alive_connection_survives_an_engine_restart() -> None:
