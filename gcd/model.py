@@ -51,10 +51,6 @@ class Image:
     def short_id(self) -> str:
         return short_id(self.id)
 
-    @property
-    def repositories(self) -> frozenset[str]:
-        return frozenset(split_ref(t)[0] for t in self.tags)
-
     def layer_bytes(self) -> Iterator[tuple[str, int]]:
         """(layer key, bytes) pairs; an image whose layers are unknown counts as one layer."""
         if self.layers:

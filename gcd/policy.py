@@ -517,7 +517,7 @@ def _decide(snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int) ->
     image = v.image
     tags = image.tags  # sorted by the engine adapter
     expired = v.expired  # sorted by _apply_rules
-    dangling = not tags and not snapshot.children(image.id)
+    dangling = snapshot.is_dangling(image.id)
     if v.remove:
         removal = v.expire_reasons
         if not tags and snapshot.children(image.id):
