@@ -92,7 +92,12 @@ def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) ->
 def _collector_paused() -> Iterator[None]:
     """The planner makes a few objects per image and no reference cycles, yet each batch of
     them sets off the cyclic collector, which walks every live object again: half the time
-    of a 100,000-image plan. Reference counting frees all of it just the same."""
+    of a 100,000-image plan. Reference counting frees all of it just the same.
+
+    On the way out, what the plan keeps (a decision, its reasons and expired tags per image)
+    goes straight to the oldest generation (freeze, then unfreeze: two list splices), as
+    long-lived data should. Left in the youngest, the first allocation after re-enabling
+    would walk all of it: a fifth of a 100,000-image plan. gcd freezes nothing else."""
     if not gc.isenabled():
         yield
         return
@@ -100,6 +105,8 @@ def _collector_paused() -> Iterator[None]:
     try:
         yield
     finally:
+        gc.freeze()
+        gc.unfreeze()
         gc.enable()
 
 
