@@ -82,6 +82,10 @@ class _Verdict:
         self.remove = False
 
 
+# (verdict, tag, name): a tag of a repository, split once.
+_Tag = tuple[_Verdict, str, str]
+
+
 def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
     """Decide, for every image of the snapshot, whether it is kept or removed, and why."""
     with _collector_paused():
@@ -117,13 +121,12 @@ def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -
         )
         for i in snapshot.images
     }
-    # Every tag split once; there are far fewer repositories than tags.
-    tags = [(v, tag, *split_ref(tag)) for v in verdicts.values() for tag in v.image.tags]
+    repositories = _by_repository(verdicts)
     _protect(snapshot, config, verdicts)
-    _apply_rules(config, verdicts, tags)
+    _apply_rules(config, verdicts, repositories)
     _mark_candidates(snapshot, config, state, now, verdicts)
     _sweep(snapshot, verdicts)
-    _guard(snapshot, config, verdicts, tags)
+    _guard(snapshot, config, verdicts, repositories)
     _sweep(snapshot, verdicts)
     freed = snapshot.freed_bytes({i for i, v in verdicts.items() if v.remove})
     decisions = tuple(
@@ -131,6 +134,17 @@ def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -
         for i in sorted(verdicts)
     )
     return Plan(snapshot, now, decisions, sum(freed.values()))
+
+
+def _by_repository(verdicts: dict[str, _Verdict]) -> dict[str, list[_Tag]]:
+    """repository -> its tags, each split once, an image's tags one after another. Rules
+    and guards work a repository at a time, and there are far fewer repositories than tags."""
+    repositories: dict[str, list[_Tag]] = defaultdict(list)
+    for v in verdicts.values():
+        for tag in v.image.tags:
+            repository, name = split_ref(tag)
+            repositories[repository].append((v, tag, name))
+    return repositories
 
 
 # --- protection -------------------------------------------------------------------------------
@@ -194,20 +208,19 @@ _Entry = tuple[Any, datetime, str, str, tuple[str, ...], "_Verdict"]
 # is the image's) and the values of the named groups that group_by uses.
 _Parsed = tuple[Any, tuple[str | None, ...]]
 _NAME_KEYS = ("semver", "numeric", "natural")
-# (verdict, tag, repository, name): every tag of the snapshot, split once.
-_Tag = tuple["_Verdict", str, str, str]
 
 
-def _apply_rules(config: Config, verdicts: dict[str, _Verdict], tags: list[_Tag]) -> None:
+def _apply_rules(
+    config: Config, verdicts: dict[str, _Verdict], repositories: dict[str, list[_Tag]]
+) -> None:
     """Rank each rule's groups, then settle each tag: kept if any rule keeps it, expired if
     a rule matched it and none kept it, else as `unmatched` says."""
     keeps: dict[str, list[str]] = defaultdict(list)
-    repositories = {repository for _, _, repository, _ in tags}
-    names = {name for _, _, _, name in tags}
+    names = {name for tags in repositories.values() for _, _, name in tags}
     # By name, so that reasons read the same whatever the order of the rules in the file, and
     # an image's (tag, rule) pairs come out sorted.
     for rule in sorted(config.rules, key=lambda r: r.name):
-        for label, entries in _groups(tags, repositories, names, rule, keeps).items():
+        for label, entries in _groups(repositories, names, rule, keeps).items():
             _rank_group(rule, label, entries, keeps)
     unmatched_keep = config.unmatched == "keep"
     for v in verdicts.values():
@@ -250,8 +263,7 @@ def _apply_rules(config: Config, verdicts: dict[str, _Verdict], tags: list[_Tag]
 
 
 def _groups(
-    tags: list[_Tag],
-    repositories: set[str],
+    repositories: dict[str, list[_Tag]],
     names: set[str],
     rule: Rule,
     keeps: dict[str, list[str]],
@@ -259,46 +271,60 @@ def _groups(
     """group label -> one entry per image the rule matches in that group. A tag whose sort
     key cannot be parsed is kept here and ranks nowhere."""
     groups: dict[str, list[_Entry]] = {}
-    by_values: dict[Any, list[_Entry]] = {}
     named = tuple(g for g in rule.group_by if g != "repository")
-    # Far fewer repositories and names than tags (build-7, 1.2.0 and main-3 recur across
-    # repositories): each is matched once per rule.
-    in_scope = {r for r in repositories if rule.repository.fullmatch(r)}
+    # Far fewer names than tags (build-7, 1.2.0 and main-3 recur across repositories): each
+    # is matched once per rule.
     parse = _parser(rule, named)
     parsed = {name: parse(name) for name in names}
     image_key = None if rule.order_by.kind in _NAME_KEYS else _image_key_function(rule)
-    for v, tag, repository, hit in [
-        (v, tag, repository, hit)
-        for v, tag, repository, name in tags
-        if repository in in_scope and (hit := parsed[name]) is not None
-    ]:
-        key, values = hit
-        if image_key is not None:
-            key = image_key(v)
-        elif key is None:
-            keeps[tag].append(f"{rule.name}: cannot order {tag} by {rule.order_by}; kept")
+    # Where each image's entry is, in groups that span repositories: an image's names in
+    # other repositories come later, after other images' entries.
+    spans = "repository" not in rule.group_by
+    placed: dict[tuple[str, str], int] = {}
+    for repository, tags in repositories.items():
+        if not rule.repository.fullmatch(repository):
             continue
-        group = (repository, values) if named else repository
-        entries = by_values.get(group)
-        if entries is None:
-            # A group left out of the match and an empty one share a label, and a list.
-            label = _label(rule, repository, dict(zip(named, values, strict=True)))
-            entries = by_values[group] = groups.setdefault(label, [])
-        if entries and entries[-1][5] is v:
-            # Another tag of the image this group saw last: an image's tags come one after
-            # another, so an image has one entry per group without a lookup.
-            best, created, greatest, image_id, its_tags, _ = entries[-1]
-            entries[-1] = (
-                key if key > best else best,
-                created,
-                tag if tag > greatest else greatest,
-                image_id,
-                (*its_tags, tag),
-                v,
-            )
-        else:
-            entries.append((key, v.image.created, tag, v.image.id, (tag,), v))
+        by_values: dict[tuple[str | None, ...], tuple[str, list[_Entry]]] = {}
+        for v, tag, name in tags:
+            hit = parsed[name]
+            if hit is None:
+                continue
+            key, values = hit
+            if image_key is not None:
+                key = image_key(v)
+            elif key is None:
+                keeps[tag].append(f"{rule.name}: cannot order {tag} by {rule.order_by}; kept")
+                continue
+            group = by_values.get(values)
+            if group is None:
+                # A group left out of the match and an empty one share a label, and a list.
+                label = _label(rule, repository, dict(zip(named, values, strict=True)))
+                group = by_values[values] = label, groups.setdefault(label, [])
+            label, entries = group
+            if entries and entries[-1][5] is v:
+                # Another tag of the image this group saw last: an image's tags in a
+                # repository come one after another, so mostly no lookup is needed.
+                _add_tag(entries, -1, key, tag)
+            elif spans and (at := placed.get((label, v.image.id))) is not None:
+                _add_tag(entries, at, key, tag)
+            else:
+                if spans:
+                    placed[label, v.image.id] = len(entries)
+                entries.append((key, v.image.created, tag, v.image.id, (tag,), v))
     return groups
+
+
+def _add_tag(entries: list[_Entry], at: int, key: Any, tag: str) -> None:
+    """One more of an image's tags in a group: its entry keeps the best key and tag."""
+    best, created, greatest, image_id, its_tags, v = entries[at]
+    entries[at] = (
+        key if key > best else best,
+        created,
+        tag if tag > greatest else greatest,
+        image_id,
+        (*its_tags, tag),
+        v,
+    )
 
 
 def _parser(rule: Rule, named: tuple[str, ...]) -> Callable[[str], _Parsed | None]:
@@ -344,6 +370,8 @@ def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, 
         reason = f"{name}: rank {rank} <= keep_last {keep_last} in group {label}"
         for tag in tags:
             keeps[tag].append(reason)
+    # An expiry's reason, but for its rank, is the same throughout the group: made once.
+    head, tail = f"{name}: rank ", f" > keep_last {keep_last} in group {label}"
     for rank, (_, _, _, _, tags, v) in enumerate(entries[keep_last:], start=keep_last + 1):
         if keep_within is not None and (v.age is None or v.age < keep_within):
             # An image with no age signal at all is not known to be old: keep it.
@@ -354,7 +382,7 @@ def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, 
             for tag in tags:
                 keeps[tag].append(reason)
             continue
-        reason = f"{name}: rank {rank} > keep_last {keep_last} in group {label}"
+        reason = f"{head}{rank}{tail}"
         for tag in tags:
             v.expired += ((tag, name),)
             v.expire_reasons += (reason,)
@@ -456,21 +484,25 @@ def _sweep(snapshot: Snapshot, verdicts: dict[str, _Verdict]) -> None:
 
 
 def _guard(
-    snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict], tags: list[_Tag]
+    snapshot: Snapshot,
+    config: Config,
+    verdicts: dict[str, _Verdict],
+    repositories: dict[str, list[_Tag]],
 ) -> None:
     """Each repository guard judges the plan as the rules left it, then all refusals apply
     at once: refusing an image of one repository must not change how another repository
     (that image's other name) is judged, or the outcome would hang on the order they are
     visited, and a second cycle could remove what the first refused."""
     safety = config.safety
-    by_repository: dict[str, list[_Verdict]] = defaultdict(list)
-    for v, _, repository, _ in tags:
-        members = by_repository[repository]
-        if not members or members[-1] is not v:  # an image's tags come one after another
-            members.append(v)
-    repositories = sorted(by_repository.items())
+    by_repository: list[tuple[str, list[_Verdict]]] = []
+    for repository, tags in sorted(repositories.items()):
+        members: list[_Verdict] = []
+        for v, _, _ in tags:
+            if not members or members[-1] is not v:  # an image's tags come one after another
+                members.append(v)
+        by_repository.append((repository, members))
     refusals: list[tuple[_Verdict, str]] = []
-    for repository, members in repositories:
+    for repository, members in by_repository:
         removing = [v for v in members if v.remove]
         if removing and len(removing) / len(members) > safety.max_removal_fraction:
             why = (
@@ -487,7 +519,7 @@ def _guard(
                 max(members, key=lambda v: (v.image.created, max(v.image.tags))),
                 f"guard safety.keep_one_per_repository: last tagged image of {repository}",
             )
-            for repository, members in repositories
+            for repository, members in by_repository
             if all(v.remove for v in members)
         ]
         for v, why in refusals:

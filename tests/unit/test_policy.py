@@ -365,6 +365,36 @@ protect:
         },
     ),
     Case(
+        # x's two names rank once in the group that spans repositories: counted twice, x would
+        # take two of the three places and y would be removed.
+        "group_by [] ranks an image with names in several repositories once",
+        "safety: {min_age: 0s, max_removal_fraction: 1.0}\n"
+        "rules: [{name: ci, match: {tag: '(?P<n>\\d+)'}, group_by: [], order_by: numeric(n), keep_last: 2}]\n",
+        [image("x", ["app:5", "lib:5"]), image("y", ["app:4"]), image("z", ["app:3"])],
+        {
+            "x": ("keep", ["ci: rank 1 <= keep_last 2 in group (all)"]),
+            "y": ("keep", ["ci: rank 2 <= keep_last 2 in group (all)"]),
+            "z": ("remove", ["ci: rank 3 > keep_last 2 in group (all)"]),
+        },
+    ),
+    Case(
+        "group_by a named group spans repositories: an image ranks once in each of its groups",
+        "safety: {min_age: 0s, max_removal_fraction: 1.0}\n"
+        "rules: [{name: ci, match: {tag: '(?P<b>[a-z]+)-(?P<n>\\d+)'}, group_by: [b], order_by: numeric(n), keep_last: 3}]\n",
+        [
+            image("x", ["app:main-5"]),
+            image("y", ["app:dev-3"]),
+            image("z", ["app:main-4", "lib:main-4"]),
+            image("w", ["app:main-3"]),
+            image("v", ["app:main-2"]),
+        ],
+        {
+            "z": ("keep", ["ci: rank 2 <= keep_last 3 in group b=main"]),
+            "w": ("keep", ["ci: rank 3 <= keep_last 3 in group b=main"]),
+            "v": ("remove", ["ci: rank 4 > keep_last 3 in group b=main"]),
+        },
+    ),
+    Case(
         # Refusing x for `a` must not lower `b`'s share: judged after x's refusal, b would
         # remove 1 of 3 and y would go, in an order-dependent plan a second cycle undoes.
         "guard max_removal_fraction judges every repository on the same plan",
