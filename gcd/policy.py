@@ -128,6 +128,7 @@ def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -
     _sweep(snapshot, verdicts)
     _guard(snapshot, config, verdicts, repositories)
     _sweep(snapshot, verdicts)
+    _name_kept_children(verdicts)
     freed = snapshot.freed_bytes({i for i, v in verdicts.items() if v.remove})
     decisions = tuple(
         _decide(snapshot, config.untag_expired, verdicts[i], freed.get(i, 0))
@@ -227,10 +228,16 @@ def _apply_rules(
         image_tags = v.image.tags
         if not image_tags:
             continue
-        if len(image_tags) == 1 and image_tags[0] not in keeps and v.expired:
-            # The common case, already settled: one tag, expired by the rules that ranked
-            # it, one reason each (a reason starts with its rule's name: none repeats).
-            continue
+        if len(image_tags) == 1:
+            # The common cases, settled at once. (A reason starts with its rule's name, and
+            # a rule ranks a tag once: none repeats.)
+            kept = keeps.get(image_tags[0])
+            if kept is not None:
+                v.kept_tags, v.keep_reasons = image_tags, tuple(kept)
+                v.expired = v.expire_reasons = ()
+                continue
+            if v.expired:
+                continue  # expired by the rules that ranked it, as ranking noted
         # Ranking left (tag, rule) pairs and their reasons side by side, rule by rule; the
         # plan lists them tag by tag, without the tags some rule keeps.
         expired: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -239,7 +246,7 @@ def _apply_rules(
         pairs: list[tuple[str, str]] = []
         expire_reasons: list[str] = []
         kept_tags: list[str] = []
-        keep_reasons = list(v.keep_reasons)
+        keep_reasons: list[str] = []
         for tag in image_tags:
             kept = keeps.get(tag)
             if kept is not None:
@@ -470,16 +477,16 @@ def _sweep(snapshot: Snapshot, verdicts: dict[str, _Verdict]) -> None:
             continue
         for ancestor in snapshot.ancestors(v.image.id):
             verdicts[ancestor].remove = False
+
+
+def _name_kept_children(verdicts: dict[str, _Verdict]) -> None:
+    """parent_of: the parent's kept child with the least ID, named in the parent's reasons.
+    Once the plan is final: guards keep images, and keep their parents."""
     for v in verdicts.values():
-        v.parent_of = None
-    # parent_of: the parent's kept child with the least ID, named in the parent's reasons.
-    for v in verdicts.values():
-        parent = verdicts.get(v.image.parent) if v.image.parent else None
-        if (
-            parent is not None
-            and not v.remove
-            and (parent.parent_of is None or v.image.id < parent.parent_of)
-        ):
+        if v.remove or not v.image.parent:
+            continue
+        parent = verdicts.get(v.image.parent)
+        if parent is not None and (parent.parent_of is None or v.image.id < parent.parent_of):
             parent.parent_of = v.image.id
 
 
@@ -556,7 +563,7 @@ def _decide(snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int) ->
     image = v.image
     tags = image.tags  # sorted by the engine adapter
     expired = v.expired  # sorted by _apply_rules
-    dangling = snapshot.is_dangling(image.id)
+    dangling = not tags and snapshot.is_dangling(image.id)
     if v.remove:
         removal = v.expire_reasons
         if not tags and snapshot.children(image.id):
