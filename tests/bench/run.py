@@ -307,6 +307,41 @@ def planner(runs: int, bench: Rows) -> None:
     )
 
 
+def instructions(bench: Rows) -> None:
+    """The planner's instructions and cache misses, counted by valgrind's cachegrind: the
+    same from run to run, where wall time on a shared machine varies by half. A child builds
+    the snapshot and plans once, or not at all; the difference is the plan."""
+
+    def counted(n: int, plans: int, distinct: bool) -> dict[str, float]:
+        valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=yes"]
+        child = [sys.executable, "-m", "tests.bench.run", "--plan-once", str(n)]
+        child += ["--plans", str(plans), *(["--distinct"] if distinct else [])]
+        done = subprocess.run(
+            [*valgrind, "--cachegrind-out-file=/dev/null", *child],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},  # the synthetic IDs hash
+        )
+        figures = {}
+        for name, label in (("I", r"I\s+refs"), ("D1", "D1  misses"), ("LL", "LL misses")):
+            found = re.search(rf"{label}:\s+([\d,]+)", done.stderr)
+            assert found, done.stderr
+            figures[name] = int(found[1].replace(",", ""))
+        return figures
+
+    for distinct in (False, True):
+        base, one = counted(100_000, 0, distinct), counted(100_000, 1, distinct)
+        plan = {k: one[k] - base[k] for k in one}
+        bench.row(
+            "planner alone, 100000 images"
+            + (", no tag name recurring" if distinct else "")
+            + ": instructions (cachegrind)",
+            f"{plan['I'] / 1e9:.2f} G",
+            f"L1 data misses {plan['D1'] / 1e6:.1f} M, last-level misses {plan['LL'] / 1e6:.2f} M",
+        )
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -346,11 +381,27 @@ def main() -> int:
     parser.add_argument(
         "--planner-only", action="store_true", help="only the planner alone: no engine, 2 minutes"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="only the planner's instruction count, under valgrind: no engine, 6 minutes",
+    )
     parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # the child's rows, for the parent
+    # A child of --instructions: plan a synthetic snapshot of this many images, --plans times.
+    parser.add_argument("--plan-once", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--plans", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--distinct", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = Rows()
-    if args.planner_only:
+    if args.plan_once:
+        snapshot = synthetic(args.plan_once, distinct=args.distinct)
+        config = gcd_config.parse("version: 1\n" + POLICY, "bench.yaml")
+        for _ in range(args.plans):
+            policy.plan(snapshot, config, StateView(new_store=False), EPOCH + timedelta(days=1))
+    elif args.instructions:
+        instructions(rows)
+    elif args.planner_only:
         planner(args.runs, rows)
         if args.rows_json:
             Path(args.rows_json).write_text(json.dumps(rows.rows))
