@@ -56,14 +56,25 @@ rules:
 
 def timed(fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None) -> float:
     """Median wall time of `fn` over `runs`; `before` runs untimed ahead of each."""
-    samples = []
+    return statistics.median(samples(fn, runs, before))
+
+
+def samples(
+    fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None
+) -> list[float]:
+    times = []
     for _ in range(runs):
         if before:
             before()
         start = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def spread(times: list[float]) -> str:
+    """The median, and the range around it: on a shared machine the range is the news."""
+    return f"{statistics.median(times):.2f} s ({min(times):.2f} to {max(times):.2f})"
 
 
 def sh(*command: str, env: dict[str, str] | None = None) -> None:
@@ -287,22 +298,22 @@ def planner(runs: int, bench: Rows) -> None:
     for n in (10_000, 100_000):
         snapshot = synthetic(n)
         now = datetime.now(UTC) + timedelta(days=1)
-        seconds = timed(lambda s=snapshot, t=now: policy.plan(s, config, state, t), runs)
+        times = samples(lambda s=snapshot, t=now: policy.plan(s, config, state, t), max(runs, 5))
         tracemalloc.start()
         policy.plan(snapshot, config, state, now)
         peak = tracemalloc.get_traced_memory()[1] / 1e6
         tracemalloc.stop()
         note = "target < 2 s" if n == 100_000 else ""
-        bench.row(f"planner alone, {n} images (no engine)", f"{seconds:.2f} s", note)
+        bench.row(f"planner alone, {n} images (no engine)", spread(times), note)
         bench.row(
             f"planner alone, {n} images: peak memory of one plan", f"{peak:.0f} MB", "linear in N"
         )
     distinct = synthetic(100_000, distinct=True)
     now = datetime.now(UTC) + timedelta(days=1)
-    seconds = timed(lambda: policy.plan(distinct, config, state, now), runs)
+    times = samples(lambda: policy.plan(distinct, config, state, now), max(runs, 5))
     bench.row(
         "planner alone, 100000 images, no tag name recurring",
-        f"{seconds:.2f} s",
+        spread(times),
         "worst case for the per-name parse cache",
     )
 
@@ -323,7 +334,7 @@ def instructions(bench: Rows) -> None:
             check=True,
             env={**os.environ, "PYTHONHASHSEED": "0"},  # the synthetic IDs hash
         )
-        figures = {}
+        figures: dict[str, float] = {}
         for name, label in (("I", r"I\s+refs"), ("D1", "D1  misses"), ("LL", "LL misses")):
             found = re.search(rf"{label}:\s+([\d,]+)", done.stderr)
             assert found, done.stderr
