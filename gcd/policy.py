@@ -15,6 +15,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 import semver
@@ -201,10 +202,9 @@ def _protect_hit(entry: Protect, image: Image) -> str | None:
 
 # --- rules ------------------------------------------------------------------------------------
 
-# What a rule's ranking needs of one image in one group: (best key, created, greatest tag,
-# image ID, the image's tags in the group, its verdict). Sorted as is: the image ID, unique
-# in a group, settles every tie before the last two fields are reached.
-_Entry = tuple[Any, datetime, str, str, tuple[str, ...], "_Verdict"]
+# What a rule's ranking needs of one image in one group: (best key, greatest tag, the
+# image's tags in the group, its verdict).
+_Entry = tuple[Any, str, tuple[str, ...], "_Verdict"]
 # What a tag's name alone tells a rule: its sort key (None when unparsable, or when the key
 # is the image's) and the values of the named groups that group_by uses.
 _Parsed = tuple[Any, tuple[str | None, ...]]
@@ -308,7 +308,7 @@ def _groups(
                 label = _label(rule, repository, dict(zip(named, values, strict=True)))
                 group = by_values[values] = label, groups.setdefault(label, [])
             label, entries = group
-            if entries and entries[-1][5] is v:
+            if entries and entries[-1][3] is v:
                 # Another tag of the image this group saw last: an image's tags in a
                 # repository come one after another, so mostly no lookup is needed.
                 _add_tag(entries, -1, key, tag)
@@ -317,18 +317,16 @@ def _groups(
             else:
                 if spans:
                     placed[label, v.image.id] = len(entries)
-                entries.append((key, v.image.created, tag, v.image.id, (tag,), v))
+                entries.append((key, tag, (tag,), v))
     return groups
 
 
 def _add_tag(entries: list[_Entry], at: int, key: Any, tag: str) -> None:
     """One more of an image's tags in a group: its entry keeps the best key and tag."""
-    best, created, greatest, image_id, its_tags, v = entries[at]
+    best, greatest, its_tags, v = entries[at]
     entries[at] = (
         key if key > best else best,
-        created,
         tag if tag > greatest else greatest,
-        image_id,
         (*its_tags, tag),
         v,
     )
@@ -370,16 +368,15 @@ def _label(rule: Rule, repository: str, values: dict[str, str | None]) -> str:
 def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, list[str]]) -> None:
     """Keep the top keep_last images and those within keep_within; the rest expire, noted
     on the image as (tag, rule) pairs and, side by side, their reasons."""
-    # Newest first; ties go to the later created image, then to the greater tag name.
-    entries.sort(reverse=True)
+    _newest_first(entries)
     name, keep_last, keep_within = rule.name, rule.keep_last, rule.keep_within
-    for rank, (_, _, _, _, tags, _) in enumerate(entries[:keep_last], start=1):
+    for rank, (_, _, tags, _) in enumerate(entries[:keep_last], start=1):
         reason = f"{name}: rank {rank} <= keep_last {keep_last} in group {label}"
         for tag in tags:
             keeps[tag].append(reason)
     # An expiry's reason, but for its rank, is the same throughout the group: made once.
     head, tail = f"{name}: rank ", f" > keep_last {keep_last} in group {label}"
-    for rank, (_, _, _, _, tags, v) in enumerate(entries[keep_last:], start=keep_last + 1):
+    for rank, (_, _, tags, v) in enumerate(entries[keep_last:], start=keep_last + 1):
         if keep_within is not None and (v.age is None or v.age < keep_within):
             # An image with no age signal at all is not known to be old: keep it.
             shown = "unknown" if v.age is None else format_duration(v.age)
@@ -393,6 +390,16 @@ def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, 
         for tag in tags:
             v.expired += ((tag, name),)
             v.expire_reasons += (reason,)
+
+
+def _newest_first(entries: list[_Entry]) -> None:
+    """Greater key first; ties go to the later created image, then to the greater tag name,
+    then to the greater image ID. The image is read only where keys tie: reaching 100,000
+    images' records scattered in memory was a third of the time spent grouping."""
+    if len({key for key, _, _, _ in entries}) == len(entries):
+        entries.sort(key=itemgetter(0), reverse=True)
+    else:
+        entries.sort(key=lambda e: (e[0], e[3].image.created, e[1], e[3].image.id), reverse=True)
 
 
 def _image_key_function(rule: Rule) -> Callable[[_Verdict], Any]:

@@ -89,6 +89,22 @@ CASES = [
         },
     ),
     Case(
+        "equal keys from tag names: the later created image ranks first, then the greater tag",
+        NUMBERED.replace("keep_last: 2", "keep_last: 1"),
+        [
+            image("old", ["app:7"], age=3 * D),
+            image("new", ["app:07"], age=2 * D),
+            image("b7", ["b:7"], age=2 * D),
+            image("b07", ["b:07"], age=2 * D),
+        ],
+        {
+            "new": ("keep", ["ci: rank 1 <= keep_last 1 in group repository=app"]),
+            "old": ("remove", ["ci: rank 2 > keep_last 1 in group repository=app"]),
+            "b7": ("keep", ["ci: rank 1 <= keep_last 1 in group repository=b"]),
+            "b07": ("remove", ["ci: rank 2 > keep_last 1 in group repository=b"]),
+        },
+    ),
+    Case(
         "keep_within keeps young images past keep_last",
         NUMBERED.replace("keep_last: 2", "keep_last: 1\n    keep_within: 3d"),
         [
