@@ -126,10 +126,13 @@ def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -
     _protect(snapshot, config, verdicts)
     _apply_rules(config, verdicts, repositories)
     _mark_candidates(snapshot, config, state, now, verdicts)
-    _sweep(snapshot, verdicts)
+    # Images whose parent is in the store: the legacy builder's, or none at all. The sweeps
+    # visit only these, not every image's record again.
+    children = [v for v in verdicts.values() if v.image.parent in verdicts]
+    _sweep(snapshot, verdicts, children)
     _guard(snapshot, config, verdicts, repositories)
-    _sweep(snapshot, verdicts)
-    _name_kept_children(verdicts)
+    _sweep(snapshot, verdicts, children)
+    _name_kept_children(verdicts, children)
     freed = snapshot.freed_bytes({i for i, v in verdicts.items() if v.remove})
     decisions = tuple(
         _decide(snapshot, config.untag_expired, verdicts[i], freed.get(i, 0))
@@ -477,23 +480,23 @@ def _mark_candidates(
             v.remove = True
 
 
-def _sweep(snapshot: Snapshot, verdicts: dict[str, _Verdict]) -> None:
+def _sweep(snapshot: Snapshot, verdicts: dict[str, _Verdict], children: list[_Verdict]) -> None:
     """Every ancestor of a kept image is kept: the engine could not delete it anyway."""
-    for v in verdicts.values():
-        if v.remove or not v.image.parent:
+    for v in children:
+        if v.remove:
             continue
         for ancestor in snapshot.ancestors(v.image.id):
             verdicts[ancestor].remove = False
 
 
-def _name_kept_children(verdicts: dict[str, _Verdict]) -> None:
+def _name_kept_children(verdicts: dict[str, _Verdict], children: list[_Verdict]) -> None:
     """parent_of: the parent's kept child with the least ID, named in the parent's reasons.
     Once the plan is final: guards keep images, and keep their parents."""
-    for v in verdicts.values():
-        if v.remove or not v.image.parent:
+    for v in children:
+        if v.remove:
             continue
-        parent = verdicts.get(v.image.parent)
-        if parent is not None and (parent.parent_of is None or v.image.id < parent.parent_of):
+        parent = verdicts[v.image.parent or ""]
+        if parent.parent_of is None or v.image.id < parent.parent_of:
             parent.parent_of = v.image.id
 
 
