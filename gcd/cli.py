@@ -177,7 +177,7 @@ def _run(cfg: config.Config, output: str) -> int:
         store.close()
     _write_textfile(cfg, result, time.monotonic() - started)
     print(report.to_json(result) if output == "json" else report.to_text(result), end="")
-    return 1 if result.count("failed") else 0
+    return 1 if result.count("failed") or result.unplanned() else 0
 
 
 def _write_textfile(cfg: config.Config, result: Report | None, duration: float) -> None:

@@ -20,6 +20,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
-from gcd.model import Container, EngineInfo, Image, ImageFacts, Snapshot
+from gcd.model import (
+    Container,
+    Deletion,
+    EngineInfo,
+    Image,
+    ImageEvent,
+    ImageFacts,
+    Snapshot,
+    split_ref,
+)
 
 if TYPE_CHECKING:
     import docker
@@ -56,8 +66,18 @@ class Engine(Protocol):
     def users(self, image_id: str) -> tuple[Container, ...]:
         """Containers (any state) created from this image or from a descendant of it."""
 
-    def delete(self, ref: str) -> tuple[str, ...]:
-        """Delete one reference or an image ID, never forced; the image IDs the engine deleted."""
+    def target(self, ref: str) -> str | None:
+        """The ID of the image a tag names now, or None if it names none."""
+
+    def delete(self, ref: str) -> Deletion:
+        """Delete one reference or an image ID, never forced (ConflictError on 409,
+        NotFoundError on 404)."""
+
+    def tag(self, image_id: str, ref: str) -> None:
+        """Put the tag `ref` on an image (moving it if it names another)."""
+
+    def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
+        """The engine's image events between two times on its clock (both included)."""
 
 
 class DockerEngine:
@@ -156,7 +176,17 @@ class DockerEngine:
     def _local_request(
         self, method: str, path: str, socket_path: str, versioned: bool = True
     ) -> Any:
-        """One request on this thread's kept-alive connection; the JSON answer. A GET that
+        """One request on this thread's kept-alive connection; the JSON answer."""
+        body = self._local_raw(method, path, socket_path, versioned)
+        try:
+            return json.loads(body) if body.strip() else None
+        except ValueError:
+            raise EngineError(
+                f"the Docker engine at {self.url} answered {method} {path} with malformed JSON"
+            ) from None
+
+    def _local_raw(self, method: str, path: str, socket_path: str, versioned: bool = True) -> bytes:
+        """One request on this thread's kept-alive connection; the answer's body. A GET that
         meets a connection the engine closed meanwhile is sent once more on a new one. A
         DELETE never is: the first may have been carried out, and by the second the name
         could be another image's. (It follows the re-read on the same connection, so the
@@ -193,7 +223,7 @@ class DockerEngine:
             if response.status == 409:
                 raise ConflictError(message)
             raise EngineError(f"the Docker engine at {self.url} answered: {message}")
-        return json.loads(body)
+        return body
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -307,14 +337,57 @@ class DockerEngine:
 
     # --- removing --------------------------------------------------------------------------
 
-    def delete(self, ref: str) -> tuple[str, ...]:
+    def target(self, ref: str) -> str | None:
+        try:
+            raw = self._get_json(
+                f"/images/{urllib.parse.quote(ref, safe='/:@')}/json",
+                lambda: self.client.inspect_image(ref),
+            )
+        except NotFoundError:
+            return None
+        return str(raw["Id"])
+
+    def delete(self, ref: str) -> Deletion:
         # force=False, noprune=False: the engine refuses what is in use and prunes parents.
+        sent = time.time_ns()
         if self._socket_path is None:
             answer = self._get(lambda: self.client.remove_image(ref, force=False, noprune=False))
         else:
-            path = f"/images/{urllib.parse.quote(ref, safe='/:')}?force=0&noprune=0"
+            path = f"/images/{urllib.parse.quote(ref, safe='/:@')}?force=0&noprune=0"
             answer = self._local_request("DELETE", path, self._socket_path)
-        return tuple(item["Deleted"] for item in answer or () if "Deleted" in item)
+        answered = time.time_ns()
+        items = answer if isinstance(answer, list) else ()
+        return Deletion(
+            tuple(str(i["Deleted"]) for i in items if isinstance(i, dict) and "Deleted" in i),
+            tuple(str(i["Untagged"]) for i in items if isinstance(i, dict) and "Untagged" in i),
+            sent,
+            answered,
+        )
+
+    def tag(self, image_id: str, ref: str) -> None:
+        repository, tag = split_ref(ref)
+        if self._socket_path is None:
+            self._get(lambda: self.client.tag(image_id, repository, tag))
+            return
+        query = urllib.parse.urlencode({"repo": repository, "tag": tag})
+        self._local_raw("POST", f"/images/{image_id}/tag?{query}", self._socket_path)
+
+    def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
+        since, until = _api_time(since_ns), _api_time(until_ns)
+        types = json.dumps({"type": ["image"]})
+        if self._socket_path is None:
+            raw: list[Any] = self._get(
+                lambda: list(
+                    self.client.events(
+                        since=since, until=until, filters={"type": "image"}, decode=True
+                    )
+                )
+            )
+        else:
+            query = urllib.parse.urlencode({"since": since, "until": until, "filters": types})
+            body = self._local_raw("GET", f"/events?{query}", self._socket_path)
+            raw = _json_stream(body)
+        return tuple(e for e in map(_event, raw) if e is not None)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -329,6 +402,46 @@ class _UnixConnection(http.client.HTTPConnection):
         sock.settimeout(self.timeout)
         sock.connect(self._path)
         self.sock = sock
+
+
+def _api_time(ns: int) -> str:
+    """A time for /events' since and until: seconds.nanoseconds since the epoch."""
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+def _json_stream(body: bytes) -> list[Any]:
+    """The JSON values of a stream (/events sends one object after another)."""
+    decoder = json.JSONDecoder()
+    text = body.decode(errors="replace")
+    values: list[Any] = []
+    at = 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return values
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            raise EngineError("the engine's event stream is not JSON") from None
+        values.append(value)
+
+
+def _event(raw: Any) -> ImageEvent | None:
+    """An image event in either format: Action/Actor (every API version gcd speaks; the only
+    one from API 1.52), or status/id of the older ones."""
+    if not isinstance(raw, dict):
+        return None
+    actor = raw.get("Actor")
+    actor = actor if isinstance(actor, dict) else {}
+    action = raw.get("Action") or raw.get("status")
+    image_id = actor.get("ID") or raw.get("id")
+    attributes = actor.get("Attributes")
+    attributes = attributes if isinstance(attributes, dict) else {}
+    if not isinstance(action, str) or not isinstance(image_id, str):
+        return None
+    when = raw.get("timeNano") or int(raw.get("time") or 0) * 1_000_000_000
+    return ImageEvent(int(when), action, image_id, str(attributes.get("name") or ""))
 
 
 def _explanation(e: docker.errors.APIError) -> str:

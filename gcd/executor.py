@@ -1,8 +1,20 @@
 """execute(plan, engine) -> Report: the only place that removes anything.
 
-Never forces. Right before each removal it re-reads the image: a tag that moved is left
-alone, an image that a container now uses or that gained a tag is skipped. 409 is a skip,
-404 means already gone, anything else fails that image only and the cycle goes on.
+Never forces. The Engine API has no compare-and-swap for tags, so the order of requests is
+the safety (spec section 5):
+
+- an image's last (or only) reference goes with `DELETE /images/<image ID>`: the engine then
+  deletes exactly that image, or refuses (409); a tag that moved to another image meanwhile
+  is never touched;
+- the other tags of a multi-tag image go by name, each right after a re-read of what it
+  names; then the engine's own event log says which image really lost it. A tag taken from
+  an image gcd did not plan (it moved there in between) is put back on that image; an image
+  the engine deleted that the plan did not remove is reported as an error.
+
+Right before each image it re-reads it: a tag that moved away is left alone, an image that
+gained a tag or that a container now uses is skipped. 409 is a skip, 404 means already
+gone, anything else fails that image only and the cycle goes on. A stop request (SIGTERM)
+is honoured between any two requests.
 """
 
 from __future__ import annotations
@@ -10,23 +22,76 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 
 from gcd.engine import Engine
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
-from gcd.model import Decision, Outcome, Plan, Report
+from gcd.model import Decision, Deletion, Outcome, Plan, Report, short_id, split_ref
 
 log = logging.getLogger(__name__)
 
 # Removals in flight at once. The engine deletes concurrently; more threads than this only
 # queue in it (measured: 8 parallel deletes run at twice the sequential rate, 4 at 1.8x).
 REMOVE_WORKERS = 8
+# Untags of one image's tags in flight at once (an image can carry thousands of tags).
+TAG_WORKERS = 4
+# Tags untagged between two reads of the event log: the engine replays only its last 256
+# events, and every tag of a chunk must still be among them when gcd checks who lost it.
+TAG_CHUNK = 64
+# Slack around a request's send and answer times when matching the engine's events to it.
+EVENT_SLACK_NS = 2_000_000
 
 
 def _never() -> bool:
     return False
+
+
+class _Halt(Exception):
+    """Raised between two requests when the cycle must not send another one."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Refused(Exception):
+    """The engine refused a step (409); the image is skipped as it stands."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Run:
+    """What the actions of one execute() call share."""
+
+    def __init__(self, plan: Plan, engine: Engine, stop: Callable[[], bool]) -> None:
+        self.plan = plan
+        self.engine = engine
+        self._stop = stop
+        self.lock = threading.Lock()
+        self.deleted: set[str] = set()  # every ID the engine said it deleted
+        self.halted: str | None = None  # "stopped" or "engine_down"
+        removing = {d.image_id for d in plan.decisions if d.decision == "remove"}
+        self.planned = frozenset(removing)
+        # Images gcd itself changes in this run: their untag events are gcd's own.
+        self.acting = frozenset(removing | {d.image_id for d in plan.decisions if d.untag})
+
+    def check(self) -> None:
+        """Before every request: raise _Halt when the cycle must stop sending requests."""
+        with self.lock:
+            if self.halted is None and self._stop():
+                self.halted = "stopped"
+            if self.halted is not None:
+                raise _Halt(self.halted)
+
+    def engine_lost(self) -> None:
+        with self.lock:
+            self.halted = "engine_down"
 
 
 def execute(
@@ -36,38 +101,21 @@ def execute(
     stop: Callable[[], bool] = _never,
     workers: int = REMOVE_WORKERS,
 ) -> Report:
-    """Carry out a plan; `stop` is polled between two removals (SIGTERM).
+    """Carry out a plan; `stop` is polled before every request (SIGTERM).
 
     Independent removals run on `workers` threads (the engine deletes concurrently and is
     the limit). Removals whose images share a planned-removal ancestor form one group, done
     in one thread children first: the engine prunes a parent along with its last child, and
     two siblings deleted at once could each leave that work to the other.
     """
-    snapshot = plan.snapshot
+    run = _Run(plan, engine, stop)
     outcomes: dict[str, Outcome] = {}
-    deleted: set[str] = set()
-    lock = threading.Lock()
-    halted: list[tuple[str, str]] = []
 
     def run_group(group: list[Decision]) -> None:
         for d in group:
-            with lock:
-                if not halted and stop():
-                    halted.append(("stopped", "cycle stopped before this action"))
-                reason = halted[0] if halted else None
-            if reason is not None:
-                outcome = _skip(d, *reason)
-            else:
-                try:
-                    act = _remove if d.decision == "remove" else _untag
-                    outcome = act(d, engine, deleted, lock)
-                except EngineUnavailable as e:
-                    # Every further call would wait for the same timeout: stop the cycle.
-                    outcome = Outcome(d.image_id, "failed", error=str(e), code="engine_down")
-                    with lock:
-                        halted.append(("engine_down", "engine unreachable"))
-                _log(d, outcome)
-            with lock:
+            outcome = _Action(run, d).carry_out()
+            _log(d, outcome)
+            with run.lock:
                 outcomes[d.image_id] = outcome
 
     groups = _groups(plan)
@@ -78,18 +126,29 @@ def execute(
         with ThreadPoolExecutor(max_workers=min(workers, len(groups))) as pool:
             for future in [pool.submit(run_group, g) for g in groups]:
                 future.result()
+    unplanned = {i: o for o in outcomes.values() for i in o.unplanned}
     for d in plan.decisions:
         if d.image_id in outcomes:
             continue
-        if d.implied and d.image_id not in deleted:
+        if d.image_id in unplanned:
+            cause = unplanned[d.image_id]
+            outcomes[d.image_id] = Outcome(
+                d.image_id,
+                "failed",
+                error=f"deleted by the engine while gcd removed {short_id(cause.image_id)}, "
+                "although the plan kept it",
+                code="unplanned",
+            )
+        elif d.implied and d.image_id not in run.deleted:
             outcomes[d.image_id] = _skip(
                 d, "kept_by_engine", "a child image was not removed, so the engine kept this parent"
             )
-            _log(d, outcomes[d.image_id])
         else:
             outcomes[d.image_id] = Outcome(d.image_id, "done")
+            continue
+        _log(d, outcomes[d.image_id])
     report = Report(plan, False, started_at, outcomes)
-    reclaimed = sum(snapshot.freed_bytes(report.removed()).values())
+    reclaimed = sum(plan.snapshot.freed_bytes(report.removed()).values())
     return dataclasses.replace(report, reclaimed_bytes=reclaimed)
 
 
@@ -132,84 +191,297 @@ def _skip(d: Decision, code: str, reason: str, untagged: Sequence[str] = ()) -> 
     return Outcome(d.image_id, "skipped", reason=reason, untagged=tuple(untagged), code=code)
 
 
-def _remove(d: Decision, engine: Engine, deleted: set[str], lock: threading.Lock) -> Outcome:
-    now = engine.current(d.image_id)
-    if now is None:
-        return _skip(d, "gone", "already gone")
-    tags, digests = now
-    gained = sorted(set(tags) - set(d.tags))
-    if gained:
-        return _skip(d, "tag_changed", f"gained tag {', '.join(gained)} since the plan")
-    # Tags that moved away since the plan are not in `tags` any more: they are left alone.
-    refs = [*tags, *digests] or [d.image_id]
-    # Deleting an image's last reference is refused by the engine itself (409) while any
-    # container uses it. Deleting several one by one is not: the first would go before the
-    # last is refused, so then the containers are checked first.
-    if len(refs) > 1:
-        in_use = _in_use(d, engine)
-        if in_use is not None:
-            return in_use
-    failure, done = _delete(d, engine, refs, deleted, lock)
-    if failure is not None:
-        if failure.code == "conflict":
-            return _in_use(d, engine) or failure
-        return failure
-    with lock:
-        gone = d.image_id in deleted
-    if gone or engine.current(d.image_id) is None:
-        with lock:
-            deleted.add(d.image_id)
-        return Outcome(d.image_id, "done", untagged=tuple(done))
-    return _skip(
-        d, "kept_by_engine", "untagged, but the engine kept the image (it has child images)", done
-    )
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
-def _in_use(d: Decision, engine: Engine) -> Outcome | None:
-    users = engine.users(d.image_id)
-    if not users:
-        return None
-    c = users[0]
-    return _skip(d, "in_use", f"now used by container {c.name} ({c.state})")
+def _by_name(tags: Sequence[str], digests: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The references to delete by name before the image goes by ID: (tags, digests).
+
+    The engine deletes an image by ID only while it has at most one tag and every digest
+    reference is of that tag's repository; the tag kept for the ID is the greatest."""
+    if tags:
+        keep = max(tags)
+        repository = split_ref(keep)[0]
+        others = [t for t in tags if t != keep]
+    else:
+        others = []
+        repository = min(digests).partition("@")[0] if digests else ""
+    return others, [r for r in digests if r.partition("@")[0] != repository]
 
 
-def _untag(d: Decision, engine: Engine, deleted: set[str], lock: threading.Lock) -> Outcome:
-    now = engine.current(d.image_id)
-    if now is None:
-        return _skip(d, "gone", "already gone")
-    tags = set(now[0])
-    wanted = [t for t in d.untag if t in tags]  # a tag that moved away is not ours to delete
-    if not tags - set(wanted):
-        return _skip(d, "no_tag_left", "untagging would leave the image without a tag")
-    failure, done = _delete(d, engine, wanted, deleted, lock)
-    return failure or Outcome(d.image_id, "done", untagged=tuple(done))
+class _Action:
+    """One planned action on one image: its requests, and what they did."""
 
+    def __init__(self, run: _Run, d: Decision) -> None:
+        self.run = run
+        self.d = d
+        self.engine = run.engine
+        self.untagged: list[str] = []
+        self.restored: list[str] = []
+        self.unplanned: set[str] = set()
+        self.problems: list[str] = []
 
-def _delete(
-    d: Decision, engine: Engine, refs: Sequence[str], deleted: set[str], lock: threading.Lock
-) -> tuple[Outcome | None, list[str]]:
-    """Delete each reference in turn; the first refusal or error ends it as an outcome."""
-    done: list[str] = []
-    for ref in refs:
+    def carry_out(self) -> Outcome:
         try:
-            gone = engine.delete(ref)
-            with lock:
-                deleted.update(gone)
-        except NotFoundError:
-            continue
-        except ConflictError as e:
-            return _skip(d, "conflict", f"engine refused: {e}", done), done
-        except EngineUnavailable:
-            raise
+            if self.d.decision == "remove":
+                return self._remove()
+            return self._untag()
+        except _Halt as e:
+            if e.code == "engine_down":
+                return self._outcome("skipped", "engine unreachable", "engine_down")
+            if self.untagged:
+                reason = f"cycle stopped after untagging {', '.join(self.untagged)}"
+            else:
+                reason = "cycle stopped before this action"
+            return self._outcome("skipped", reason, "stopped")
+        except _Refused as e:
+            return self._outcome("skipped", e.reason, "conflict")
+        except EngineUnavailable as e:
+            # Every further call would wait for the same timeout: stop the cycle.
+            self.run.engine_lost()
+            return self._outcome("failed", code="engine_down", error=str(e))
         except EngineError as e:
-            return Outcome(d.image_id, "failed", error=str(e), untagged=tuple(done)), done
-        if ref != d.image_id:
-            done.append(ref)
-    return None, done
+            return self._outcome("failed", error=str(e))
+
+    def _outcome(
+        self,
+        status: str,
+        reason: str | None = None,
+        code: str | None = None,
+        error: str | None = None,
+    ) -> Outcome:
+        problems = list(self.problems)
+        if self.unplanned:
+            problems.append(
+                "the engine also deleted "
+                + ", ".join(short_id(i) for i in sorted(self.unplanned))
+                + ", which the plan did not remove (a tag moved to it during the removal)"
+            )
+        if error:
+            problems.insert(0, error)
+        return Outcome(
+            self.d.image_id,
+            status,  # type: ignore[arg-type]
+            reason=reason,
+            error="; ".join(problems) or None,
+            untagged=tuple(self.untagged),
+            code=code,
+            unplanned=tuple(sorted(self.unplanned)),
+            restored=tuple(self.restored),
+        )
+
+    # --- the two actions ----------------------------------------------------------------
+
+    def _remove(self) -> Outcome:
+        d, engine = self.d, self.engine
+        self.run.check()
+        now = engine.current(d.image_id)
+        if now is None:
+            return self._outcome("skipped", "already gone", "gone")
+        tags, digests = now
+        gained = sorted(set(tags) - set(d.tags))
+        if gained:
+            return self._outcome(
+                "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
+            )
+        # Tags that moved away since the plan are not in `tags` any more: they are left alone.
+        by_name_tags, by_name_digests = _by_name(tags, digests)
+        if by_name_tags or by_name_digests:
+            # Deleting references one by one is not refused for an image a container uses
+            # (only its last reference is): check the containers first.
+            in_use = self._users()
+            if in_use is not None:
+                return self._outcome("skipped", in_use, "in_use")
+            for ref in by_name_digests:  # content addressed: a digest never moves
+                self.run.check()
+                self._note(self._delete(ref))
+            self._untag_verified(by_name_tags)
+            self.run.check()
+            now = engine.current(d.image_id)
+            if now is None:
+                return self._outcome("skipped", "already gone", "gone")
+            gained = sorted(set(now[0]) - set(d.tags))
+            if gained:
+                return self._outcome(
+                    "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
+                )
+        self.run.check()
+        try:
+            deletion = self._delete(d.image_id)
+        except _Refused as e:
+            in_use = self._users()
+            return self._outcome("skipped", in_use or e.reason, "in_use" if in_use else "conflict")
+        if deletion is None:
+            return self._outcome("skipped", "already gone", "gone")
+        self._note(deletion)
+        return self._outcome("done")
+
+    def _untag(self) -> Outcome:
+        d = self.d
+        self.run.check()
+        now = self.engine.current(d.image_id)
+        if now is None:
+            return self._outcome("skipped", "already gone", "gone")
+        tags = set(now[0])
+        wanted = [t for t in d.untag if t in tags]  # a tag that moved away is not ours
+        if not tags - set(wanted):
+            return self._outcome(
+                "skipped", "untagging would leave the image without a tag", "no_tag_left"
+            )
+        self._untag_verified(wanted)
+        return self._outcome("done")
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _users(self) -> str | None:
+        self.run.check()
+        users = self.engine.users(self.d.image_id)
+        if not users:
+            return None
+        return f"now used by container {users[0].name} ({users[0].state})"
+
+    def _delete(self, ref: str) -> Deletion | None:
+        """One DELETE; None when the reference is already gone."""
+        try:
+            deletion = self.engine.delete(ref)
+        except NotFoundError:
+            return None
+        except ConflictError as e:
+            raise _Refused(f"engine refused: {e}") from None
+        with self.run.lock:
+            self.run.deleted.update(deletion.deleted)
+        return deletion
+
+    def _note(self, deletion: Deletion | None, victims: frozenset[str] = frozenset()) -> None:
+        """Record what a DELETE removed: its tags, and any image outside the plan."""
+        if deletion is None:
+            return
+        snapshot = self.run.plan.snapshot
+        self.untagged.extend(ref for ref in deletion.untagged if "@" not in ref)
+        for deleted in deletion.deleted:
+            if deleted in self.run.planned or deleted == self.d.image_id:
+                continue
+            # The answer lists layers too: an image is one the snapshot or the events know.
+            if deleted in snapshot or deleted in victims:
+                self.unplanned.add(deleted)
+
+    def _untag_verified(self, tags: Sequence[str]) -> None:
+        """Delete tags of this image by name, then find in the engine's event log which
+        image each one really left. A few at a time; a stop is honoured between any two."""
+        for chunk in _chunks(sorted(tags), TAG_CHUNK):
+            done: list[_Untag] = []
+            failure: BaseException | None = None
+
+            def one(tag: str) -> _Untag | None:
+                self.run.check()
+                checked = time.time_ns()
+                if self.engine.target(tag) != self.d.image_id:
+                    return None  # it names another image now: not ours to delete
+                self.run.check()
+                deletion = self._delete(tag)
+                return None if deletion is None else _Untag(tag, checked, deletion)
+
+            if len(chunk) == 1:
+                try:
+                    found = one(chunk[0])
+                    done.extend([found] if found else [])
+                except Exception as e:
+                    failure = e
+            else:
+                with ThreadPoolExecutor(max_workers=TAG_WORKERS) as pool:
+                    for future in [pool.submit(one, t) for t in chunk]:
+                        try:
+                            found = future.result()
+                        except Exception as e:
+                            failure = failure or e
+                            continue
+                        if found is not None:
+                            done.append(found)
+            if done:
+                self._verify(done)
+            if failure is not None:
+                raise failure
+
+    def _verify(self, done: list[_Untag]) -> None:
+        """Which image lost each tag. The engine logs an `untag` event for the image that lost
+        a tag, between the DELETE's send and its answer. Another image can have lost it only
+        if the tag moved to it after gcd's re-read: then that image was also tagged, loaded,
+        pulled or imported in between (a `tag` event names the tag; the others name none)."""
+        image_id = self.d.image_id
+        since = min(u.checked_ns for u in done) - EVENT_SLACK_NS
+        until = max(u.deletion.answered_ns for u in done) + EVENT_SLACK_NS
+        events = self.engine.events(since, until)
+        for u in done:
+            sent, answered = u.deletion.sent_ns, u.deletion.answered_ns
+            lost = {
+                e.image_id
+                for e in events
+                if e.action in ("untag", "delete")
+                and sent - EVENT_SLACK_NS <= e.time_ns <= answered + EVENT_SLACK_NS
+            }
+            gained = {
+                e.image_id
+                for e in events
+                if ((e.action == "tag" and e.name == u.tag) or e.action in _ARRIVALS)
+                and u.checked_ns - EVENT_SLACK_NS <= e.time_ns <= answered + EVENT_SLACK_NS
+            }
+            victims = (lost & gained) - self.run.acting
+            if not victims:
+                if image_id not in lost:
+                    log.warning(
+                        "the engine's events do not show %s leaving %s (its event log may "
+                        "have moved on); counted as untagged there",
+                        u.tag,
+                        short_id(image_id),
+                    )
+                self._note(u.deletion)
+                continue
+            # The tag had moved to another image between the re-read and the DELETE.
+            self._note(dataclasses.replace(u.deletion, untagged=()), frozenset(victims))
+            survivors = sorted(v for v in victims if v not in u.deletion.deleted)
+            if len(victims) == 1 and survivors:
+                self._restore(u.tag, survivors[0])
+            elif survivors:
+                self.problems.append(
+                    f"{u.tag} may have been taken from "
+                    + " or ".join(short_id(v) for v in survivors)
+                    + "; not put back (more than one image lost a tag at that moment)"
+                )
+
+    def _restore(self, tag: str, victim: str) -> None:
+        """Put a tag gcd took by mistake back on the image it was taken from."""
+        self.run.check()
+        if self.engine.target(tag) is not None:
+            self.problems.append(
+                f"{tag} was taken from {short_id(victim)}; it names another image now"
+            )
+            return
+        try:
+            self.engine.tag(victim, tag)
+        except NotFoundError:
+            self.problems.append(f"{tag} was taken from {short_id(victim)}, which is gone now")
+            return
+        log.warning("%s had moved to %s during its removal: put it back", tag, short_id(victim))
+        self.restored.append(f"{tag} on {short_id(victim)}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Untag:
+    """One tag deleted by name: when gcd re-read what it named, and the engine's answer."""
+
+    tag: str
+    checked_ns: int
+    deletion: Deletion
+
+
+# Image events by which an image can get a tag without a `tag` event naming it.
+_ARRIVALS = frozenset({"load", "pull", "import", "commit"})
 
 
 def _log(d: Decision, o: Outcome) -> None:
-    what = f"{d.image_id[7:19]} {','.join(d.tags) or '<untagged>'}"
+    what = f"{short_id(d.image_id)} {','.join(d.tags) or '<untagged>'}"
     if o.outcome == "done" and d.decision == "remove":
         log.info("removed %s", what)
     elif o.outcome == "done":
@@ -218,3 +490,5 @@ def _log(d: Decision, o: Outcome) -> None:
         log.warning("skipped %s: %s", what, o.reason)
     else:
         log.error("failed %s: %s", what, o.error)
+    if o.outcome != "failed" and o.error:
+        log.error("%s: %s", what, o.error)

@@ -27,6 +27,7 @@ SKIP_REASONS = (
     "stopped",
     "engine_down",
 )
+FAILURE_CODES = ("unplanned",)
 IMAGE_STATES = ("keep", "remove", "protected", "dangling")
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
 _LISTEN = re.compile(r"\[?(?P<host>[^\[\]]*?)\]?:(?P<port>\d+)")
@@ -101,6 +102,18 @@ class Metrics:
             "Removals the engine failed with an error other than 409 or 404.",
             registry=r,
         )
+        self.unplanned_removals = Counter(
+            "gcd_unplanned_removals",
+            "Images the engine deleted during a removal that the plan did not remove "
+            "(a tag moved to them mid-removal). Each is an error to look into.",
+            registry=r,
+        )
+        self.tags_restored = Counter(
+            "gcd_tags_restored",
+            "Tags gcd took from an image the plan did not name (the tag moved there "
+            "mid-removal) and put back on it.",
+            registry=r,
+        )
         self.images = Gauge(
             "gcd_images",
             "Images in the last plan, by state: keep, remove, protected (a subset of keep), "
@@ -163,27 +176,25 @@ class Metrics:
             o = report.outcome(d.image_id)
             if o.outcome == "skipped" and o.code:
                 self.removals_skipped.labels(o.code).inc()
-            elif o.outcome == "failed":
+            elif o.outcome == "failed" and o.code not in FAILURE_CODES:
                 self.removal_failures.inc()
-            if o.outcome != "done":
-                continue
             rule_of: dict[str, str] = {}
             for tag, rule in d.expired:
                 rule_of.setdefault(tag, rule)
-            if d.decision == "remove":
+            # Exactly the tags that went, also from an image only partly untagged.
+            for tag in o.untagged:
+                self.tags_removed.labels(rule_of.get(tag, "unmatched")).inc()
+            if o.outcome == "done" and d.decision == "remove":
                 reason = (
                     "expired"
                     if d.tags
                     else ("intermediate" if snapshot.children(d.image_id) else "dangling")
                 )
                 self.images_removed.labels(reason).inc()
-                gone = d.tags
-            else:
-                gone = o.untagged
-            for tag in gone:
-                self.tags_removed.labels(rule_of.get(tag, "unmatched")).inc()
+        self.unplanned_removals.inc(len(report.unplanned()))
+        self.tags_restored.inc(len(report.restored()))
         self.bytes_reclaimed.inc(report.reclaimed_bytes)
-        result = "failure" if report.count("failed") else "success"
+        result = "failure" if report.count("failed") or report.unplanned() else "success"
         self.cycle_ended(result, duration, ended)
 
     def cycle_ended(self, result: str, duration: float, ended: float) -> None:

@@ -223,6 +223,10 @@ class Outcome:
     # Why it was skipped, as a metric label: gone, in_use, tag_changed, conflict,
     # kept_by_engine, no_tag_left, stopped, engine_down.
     code: str | None = None
+    # Images the engine deleted while carrying this action out that the plan did not remove.
+    unplanned: tuple[str, ...] = ()
+    # Tags gcd took from another image by mistake (it was moved there meanwhile) and put back.
+    restored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +243,13 @@ class Report:
     def count(self, kind: OutcomeKind) -> int:
         return sum(1 for o in self.outcomes.values() if o.outcome == kind)
 
+    def unplanned(self) -> tuple[str, ...]:
+        """Images the engine deleted that the plan did not remove: each is an error."""
+        return tuple(sorted({i for o in self.outcomes.values() for i in o.unplanned}))
+
+    def restored(self) -> tuple[str, ...]:
+        return tuple(t for o in self.outcomes.values() for t in o.restored)
+
     def removed(self) -> set[str]:
         """IDs of the images this cycle removed (planned removals whose outcome is done)."""
         return {
@@ -246,6 +257,27 @@ class Report:
             for d in self.plan.decisions
             if d.decision == "remove" and self.outcomes[d.image_id].outcome == "done"
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """The engine's answer to one `DELETE /images/{ref}`, with when it was sent and answered
+    (nanoseconds on the engine's clock), so the engine's events can be matched to it."""
+
+    deleted: tuple[str, ...]  # image IDs and layer chain IDs, as the engine lists them
+    untagged: tuple[str, ...]  # references it removed, tags and digests
+    sent_ns: int
+    answered_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEvent:
+    """One image event of the engine's event log: `tag`, `untag`, `delete`, `load`, ..."""
+
+    time_ns: int
+    action: str
+    image_id: str
+    name: str  # a tag for `tag` events; often the image ID itself for others
 
 
 @dataclass(frozen=True, slots=True)

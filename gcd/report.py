@@ -31,6 +31,8 @@ def summary(report: Report) -> dict[str, int]:
         "keep": sum(1 for d in plan.decisions if d.decision == "keep"),
         "skipped": report.count("skipped"),
         "failed": report.count("failed"),
+        "unplanned": len(report.unplanned()),
+        "tags_restored": len(report.restored()),
         "reclaimable_bytes": plan.reclaimable_bytes,
         "reclaimed_bytes": report.reclaimed_bytes,
     }
@@ -107,6 +109,8 @@ def summary_line(report: Report) -> str:
     return (
         f"run: {counts}; removed {len(report.removed())}, skipped {s['skipped']}, failed {s['failed']}; "
         f"reclaimed {format_bytes(s['reclaimed_bytes'])} of {format_bytes(s['reclaimable_bytes'])} planned"
+        + (f"; UNPLANNED removals {s['unplanned']}" if s["unplanned"] else "")
+        + (f"; tags put back {s['tags_restored']}" if s["tags_restored"] else "")
     )
 
 

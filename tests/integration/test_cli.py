@@ -64,6 +64,8 @@ def test_plan_and_dry_run_change_nothing_and_print_a_table(
         "keep",
         "skipped",
         "failed",
+        "unplanned",
+        "tags_restored",
         "reclaimable_bytes",
         "reclaimed_bytes",
     }

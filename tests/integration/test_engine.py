@@ -92,11 +92,32 @@ def test_docker_py_and_the_socket_connections_read_and_remove_alike(
     assert [c.name for c in py.users(ids[0])] == ["user"]
     with pytest.raises(ConflictError):
         py.delete("p:1")  # a container uses it
-    assert py.delete("q:2") == ()  # untagged only: p:2 still names it
-    assert ids[2] in py.delete("p:3")  # with its layers' chain IDs
+    for engine in (own, py):
+        assert engine.target("p:2") == ids[1]
+        assert engine.target("nothing:here") is None
+    untag = py.delete("q:2")
+    assert (untag.deleted, untag.untagged) == ((), ("q:2",))  # p:2 still names the image
+    assert untag.sent_ns <= untag.answered_ns
+    own.tag(ids[1], "q:2")  # put back
+    py.tag(ids[1], "r:2")
+    assert own.current(ids[1]) == (("p:2", "q:2", "r:2"), ())
+    by_id = own.delete(ids[2])  # with its layers' chain IDs
+    assert ids[2] in by_id.deleted and by_id.untagged == ("p:3",)
     assert py.current(ids[2]) is None
     with pytest.raises(NotFoundError):
         py.delete("p:3")
+    # The event log, in both formats' common fields, the same through both transports.
+    since, until = untag.sent_ns - 10**9, by_id.answered_ns
+    events = own.events(since, until)
+    assert events == py.events(since, until)
+    actions = [(e.action, e.image_id, e.name) for e in events if e.time_ns >= untag.sent_ns]
+    assert actions == [
+        ("untag", ids[1], ids[1]),
+        ("tag", ids[1], "q:2"),
+        ("tag", ids[1], "r:2"),
+        ("untag", ids[2], ids[2]),
+        ("delete", ids[2], ids[2]),
+    ]
 
 
 def test_a_kept_alive_connection_survives_an_engine_restart() -> None:

@@ -122,8 +122,9 @@ def test_stop_between_removals_leaves_the_rest_untouched(
     ids = load(client, [Spec([f"app:{n}"], [Layer(f"app-{n}")], WHEN) for n in range(1, 7)])
     plan, engine = prepare(dockerd, tmp_path)
     assert len(plan.removals()) == 5
-    calls = iter([False, False, True])
-    report = executor.execute(plan, engine, plan.now, stop=lambda: next(calls, True))
+    # The stop is polled before every request: a removal by ID is a re-read and a DELETE.
+    calls = iter([False] * 4)
+    report = executor.execute(plan, engine, plan.now, stop=lambda: next(calls, True), workers=1)
     done = [
         i
         for i in ids

@@ -29,6 +29,8 @@ def test_record_counts_removals_by_reason_tags_by_rule_and_skips_by_code() -> No
     plan = policy.plan(snapshot(images), config, state(), NOW)
     assert plan.decision(iid("top")).untag == ()
     outcomes = {d.image_id: Outcome(d.image_id, "done") for d in plan.decisions}
+    # The tags counted are those the engine said went: the executor's untagged list.
+    outcomes[iid("old")] = Outcome(iid("old"), "done", untagged=("app:1",))
     outcomes[iid("gone")] = Outcome(iid("gone"), "skipped", reason="already gone", code="gone")
     outcomes[iid("busy")] = Outcome(iid("busy"), "failed", error="500")
     report = Report(plan, False, NOW, outcomes, reclaimed_bytes=1234)

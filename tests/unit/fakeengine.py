@@ -1,0 +1,241 @@
+"""An in-memory engine with the classic Docker store's removal rules, for executor unit tests.
+
+It answers like dockerd 20.10-29 on overlay2 (checked against the real engine by the
+integration suite): a reference deleted by name untags; an image deleted by ID must have at
+most one tag and digests of that tag's repository; the last reference of an image a
+container uses is refused; a deleted image's untagged parents without other children go
+with it; every change is an event. `before(method, target)` runs before each request, so a
+test can change the world inside gcd's windows; `fail` maps a request to an error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from gcd.errors import ConflictError, NotFoundError
+from gcd.model import (
+    Container,
+    Deletion,
+    EngineInfo,
+    Image,
+    ImageEvent,
+    ImageFacts,
+    Snapshot,
+    short_id,
+    split_ref,
+)
+from tests.unit.snapshots import NOW
+
+
+@dataclass
+class _Image:
+    parent: str | None
+    refs: list[str] = field(default_factory=list)
+
+
+class FakeEngine:
+    url = "unix:///fake.sock"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.images: dict[str, _Image] = {}
+        self.refs: dict[str, str] = {}  # tag or digest reference -> image ID
+        self.containers: dict[str, tuple[str, str]] = {}  # name -> (image ID, state)
+        self.log: list[ImageEvent] = []
+        self.requests: list[tuple[str, str]] = []
+        self.before: Callable[[str, str], None] = lambda method, target: None
+        self.fail: dict[tuple[str, str], Exception] = {}
+        self._lock = threading.RLock()
+        self._last_ns = 0
+
+    # --- the world, changed by tests (and by `before`) -------------------------------------
+
+    def _now(self) -> int:
+        self._last_ns = max(self._last_ns + 1, time.time_ns())
+        return self._last_ns
+
+    def _event(self, action: str, image_id: str, name: str | None = None) -> None:
+        self.log.append(ImageEvent(self._now(), action, image_id, name or image_id))
+
+    def add(self, image_id: str, *refs: str, parent: str | None = None) -> None:
+        """A built image with its tags (a `tag` event for each, as a build makes)."""
+        with self._lock:
+            self.images[image_id] = _Image(parent)
+            for ref in refs:
+                self.tag(image_id, ref)
+
+    def load(self, image_id: str, *refs: str) -> None:
+        """`docker load`: tags move with a `load` event only."""
+        with self._lock:
+            self.images.setdefault(image_id, _Image(None))
+            for ref in refs:
+                self._move(image_id, ref)
+            self._event("load", image_id)
+
+    def run(self, name: str, image_id: str, state: str = "created") -> None:
+        with self._lock:
+            self.containers[name] = (image_id, state)
+
+    def _move(self, image_id: str, ref: str) -> None:
+        old = self.refs.get(ref)
+        if old is not None:
+            self.images[old].refs.remove(ref)
+        self.refs[ref] = image_id
+        self.images[image_id].refs.append(ref)
+
+    def _request(self, method: str, target: str) -> None:
+        self.calls += 1
+        self.requests.append((method, target))
+        self.before(method, target)
+        failure = self.fail.get((method, target))
+        if failure is not None:
+            raise failure
+
+    # --- the Engine protocol ----------------------------------------------------------------
+
+    def snapshot(
+        self, facts: Mapping[str, ImageFacts], stop: Callable[[], bool] = lambda: False
+    ) -> tuple[Snapshot, dict[str, ImageFacts]]:
+        with self._lock:
+            images = tuple(
+                Image(
+                    id=i,
+                    tags=tuple(sorted(r for r in img.refs if "@" not in r)),
+                    digests=tuple(sorted(r for r in img.refs if "@" in r)),
+                    parent=img.parent,
+                    created=NOW.replace(year=2025),
+                    size=1000,
+                    labels={},
+                    layers=(f"layer-{i}",),
+                    layer_sizes=(1000,),
+                )
+                for i, img in self.images.items()
+            )
+            containers = tuple(
+                Container(f"c-{name}", name, i, i, state, NOW)
+                for name, (i, state) in self.containers.items()
+            )
+        return Snapshot(EngineInfo(self.url, "fake", "1.41"), images, containers), {}
+
+    def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        self._request("GET", image_id)
+        with self._lock:
+            img = self.images.get(image_id)
+            if img is None:
+                return None
+            tags = tuple(sorted(r for r in img.refs if "@" not in r))
+            return tags, tuple(sorted(r for r in img.refs if "@" in r))
+
+    def users(self, image_id: str) -> tuple[Container, ...]:
+        self._request("GET", f"users:{image_id}")
+        with self._lock:
+            lineage = {i for i in self.images if image_id in self._ancestry(i)}
+            return tuple(
+                Container(f"c-{name}", name, i, i, state, NOW)
+                for name, (i, state) in sorted(self.containers.items())
+                if i in lineage
+            )
+
+    def target(self, ref: str) -> str | None:
+        self._request("GET", ref)
+        with self._lock:
+            return self.refs.get(ref)
+
+    def tag(self, image_id: str, ref: str) -> None:
+        with self._lock:
+            if image_id not in self.images:
+                raise NotFoundError(f"No such image: {image_id}")
+            self._move(image_id, ref)
+            self._event("tag", image_id, ref)
+
+    def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
+        self._request("GET", "events")
+        with self._lock:
+            return tuple(e for e in self.log if since_ns <= e.time_ns <= until_ns)
+
+    def delete(self, ref: str) -> Deletion:
+        sent = self._now()
+        self._request("DELETE", ref)
+        with self._lock:
+            deleted: list[str] = []
+            untagged: list[str] = []
+            if ref in self.images:
+                image_id = ref
+                img = self.images[image_id]
+                tags = [r for r in img.refs if "@" not in r]
+                repositories = {
+                    split_ref(r)[0] if "@" not in r else r.partition("@")[0] for r in img.refs
+                }
+                if len(tags) > 1 or len(repositories) > 1:
+                    raise ConflictError(
+                        f"conflict: unable to delete {short_id(image_id)} (must be forced) - "
+                        "image is referenced in multiple repositories"
+                    )
+                self._check_delete(image_id)
+                for r in list(img.refs):
+                    self._untag(image_id, r, untagged)
+            else:
+                image_id_or_none = self.refs.get(ref)
+                if image_id_or_none is None:
+                    raise NotFoundError(f"No such image: {ref}")
+                image_id = image_id_or_none
+                img = self.images[image_id]
+                if len(img.refs) == 1 and self._user(image_id):
+                    raise ConflictError(
+                        f'conflict: unable to remove repository reference "{ref}" (must force) '
+                        f"- container {self._user(image_id)} is using its referenced image"
+                    )
+                self._untag(image_id, ref, untagged)
+                if img.refs or self._children(image_id):
+                    return Deletion((), tuple(untagged), sent, self._now())
+            self._delete_with_parents(image_id, deleted)
+            return Deletion(tuple(deleted), tuple(untagged), sent, self._now())
+
+    # --- the engine's rules -------------------------------------------------------------------
+
+    def _ancestry(self, image_id: str) -> list[str]:
+        out = [image_id]
+        while (parent := self.images[out[-1]].parent) in self.images:
+            out.append(parent)  # type: ignore[arg-type]
+        return out
+
+    def _children(self, image_id: str) -> list[str]:
+        return [i for i, img in self.images.items() if img.parent == image_id]
+
+    def _user(self, image_id: str) -> str | None:
+        return next((n for n, (i, _) in self.containers.items() if i == image_id), None)
+
+    def _check_delete(self, image_id: str) -> None:
+        user = self._user(image_id)
+        if user is not None:
+            raise ConflictError(
+                f"conflict: unable to delete {short_id(image_id)} (must be forced) - image is "
+                f"being used by stopped container {user}"
+            )
+        if self._children(image_id):
+            raise ConflictError(
+                f"conflict: unable to delete {short_id(image_id)} (cannot be forced) - image "
+                "has dependent child images"
+            )
+
+    def _untag(self, image_id: str, ref: str, untagged: list[str]) -> None:
+        self.images[image_id].refs.remove(ref)
+        del self.refs[ref]
+        untagged.append(ref)
+        self._event("untag", image_id)
+
+    def _delete_with_parents(self, image_id: str, deleted: list[str]) -> None:
+        parent = self.images[image_id].parent
+        del self.images[image_id]
+        deleted.append(image_id)
+        self._event("delete", image_id)
+        if (
+            parent in self.images
+            and not self.images[parent].refs
+            and not self._children(parent)
+            and not self._user(parent)
+        ):
+            self._delete_with_parents(parent, deleted)  # type: ignore[arg-type]

@@ -1,0 +1,281 @@
+"""The executor's every outcome path, on an in-memory engine with Docker's removal rules.
+
+The same paths run against a real dockerd in tests/integration (test_races, test_faults);
+here each one is forced deterministically, including the windows a real engine rarely hits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from gcd import executor, policy
+from gcd.errors import EngineError, EngineUnavailable, NotFoundError
+from gcd.metrics import Metrics
+from gcd.model import Plan, Report
+from tests.unit.fakeengine import FakeEngine
+from tests.unit.snapshots import NOW, cfg, iid, state
+
+POLICY = """
+rules:
+  - name: ci
+    match: {tag: '(?P<n>\\d+)'}
+    order_by: numeric(n)
+    keep_last: 1
+"""
+OLD, NEW, OTHER = iid("old"), iid("new"), iid("other")
+
+
+def plan_of(engine: FakeEngine, body: str = POLICY) -> Plan:
+    snapshot, _ = engine.snapshot({})
+    return policy.plan(snapshot, cfg(body), state(), NOW)
+
+
+def execute(engine: FakeEngine, plan: Plan, stop: Callable[[], bool] = lambda: False) -> Report:
+    return executor.execute(plan, engine, NOW, stop=stop, workers=1)
+
+
+def world(*old_tags: str) -> FakeEngine:
+    """`old` with `old_tags` (expired), `new` with app:99999 (kept by keep_last 1)."""
+    engine = FakeEngine()
+    engine.add(OLD, *old_tags)
+    engine.add(NEW, "app:99999")
+    return engine
+
+
+def deletes(engine: FakeEngine) -> list[str]:
+    return [target for method, target in engine.requests if method == "DELETE"]
+
+
+def test_a_single_tag_image_goes_by_id_only() -> None:
+    engine = world("app:1")
+    report = execute(engine, plan_of(engine))
+    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).untagged == ("app:1",)
+    assert deletes(engine) == [OLD]
+    assert OLD not in engine.images
+
+
+def test_a_multi_tag_image_loses_all_but_one_tag_by_name_then_goes_by_id() -> None:
+    engine = world("app:1", "app:2", "app:3", "app@sha256:" + "a" * 64)
+    report = execute(engine, plan_of(engine))
+    # app:3, the greatest, goes with the ID (with the digest of its repository).
+    assert deletes(engine) == ["app:1", "app:2", OLD]
+    assert report.outcome(OLD).outcome == "done"
+    assert sorted(report.outcome(OLD).untagged) == ["app:1", "app:2", "app:3"]
+
+
+def test_a_rebuild_caught_between_the_reread_and_the_delete_is_untouched() -> None:
+    engine = world("app:1")
+    plan = plan_of(engine)
+
+    def rebuild(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", OLD):
+            engine.load(OTHER, "app:1")  # CI rebuilt app:1 inside gcd's window
+
+    engine.before = rebuild
+    report = execute(engine, plan)
+    assert report.outcome(OLD).outcome == "done"
+    assert engine.refs["app:1"] == OTHER and OTHER in engine.images
+    assert report.unplanned() == ()
+
+
+def test_a_tag_moved_mid_removal_onto_an_image_with_no_other_tag_is_an_unplanned_removal() -> None:
+    engine = world("app:1", "app:2")
+    plan = plan_of(engine)
+
+    def rebuild(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", "app:1"):
+            engine.load(OTHER, "app:1")  # after gcd re-read app:1, before its DELETE
+
+    engine.before = rebuild
+    report = execute(engine, plan)
+    # The engine deleted OTHER (its only tag went): gcd cannot undo that, so it says so.
+    assert OTHER not in engine.images
+    assert report.unplanned() == (OTHER,)
+    outcome = report.outcome(OLD)
+    assert outcome.error == (
+        f"the engine also deleted {OTHER[7:19]}, which the plan did not remove "
+        "(a tag moved to it during the removal)"
+    )
+    assert "app:1" not in outcome.untagged
+    metrics = Metrics()
+    metrics.record(report, 1.0, 0.0)
+    assert metrics.registry.get_sample_value("gcd_unplanned_removals_total") == 1
+    assert metrics.registry.get_sample_value("gcd_cycles_total", {"result": "failure"}) == 1
+
+
+def test_a_tag_taken_from_another_image_mid_removal_is_put_back() -> None:
+    engine = world("app:1", "app:2")
+    engine.add(OTHER, "keep:1")
+    plan = plan_of(engine, POLICY + "protect: [{ref: 'keep:*'}]\n")
+
+    def retag(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", "app:1"):
+            engine.tag(OTHER, "app:1")
+
+    engine.before = retag
+    report = execute(engine, plan)
+    assert sorted(engine.images[OTHER].refs) == ["app:1", "keep:1"]
+    assert report.restored() == (f"app:1 on {OTHER[7:19]}",)
+    assert report.unplanned() == ()
+    metrics = Metrics()
+    metrics.record(report, 1.0, 0.0)
+    assert metrics.registry.get_sample_value("gcd_tags_restored_total") == 1
+
+
+def test_a_container_created_after_the_plan_skips_a_single_tag_image() -> None:
+    engine = world("app:1")
+    plan = plan_of(engine)
+    engine.run("late", OLD)
+    report = execute(engine, plan)
+    outcome = report.outcome(OLD)
+    assert (outcome.outcome, outcome.code, outcome.reason) == (
+        "skipped",
+        "in_use",
+        "now used by container late (created)",
+    )
+    assert outcome.untagged == () and engine.refs["app:1"] == OLD
+
+
+def test_a_container_created_mid_removal_leaves_a_partial_untag_reported_exactly() -> None:
+    engine = world("app:1", "app:2", "app:3")
+    plan = plan_of(engine)
+
+    def late(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", "app:2"):
+            engine.run("late", OLD)
+
+    engine.before = late
+    report = execute(engine, plan)
+    outcome = report.outcome(OLD)
+    assert (outcome.outcome, outcome.reason) == ("skipped", "now used by container late (created)")
+    assert outcome.untagged == ("app:1", "app:2")
+    assert sorted(engine.images[OLD].refs) == ["app:3"]
+    metrics = Metrics()
+    metrics.record(report, 1.0, 0.0)
+    assert metrics.registry.get_sample_value("gcd_tags_removed_total", {"rule": "ci"}) == 2
+
+
+def test_already_gone_is_a_skip_not_a_failure() -> None:
+    engine = world("app:1")
+    plan = plan_of(engine)
+    engine.delete(OLD)
+    report = execute(engine, plan)
+    assert (report.outcome(OLD).outcome, report.outcome(OLD).reason) == ("skipped", "already gone")
+    assert report.count("failed") == 0
+
+
+def test_a_404_on_the_delete_itself_is_already_gone() -> None:
+    engine = world("app:1")
+    plan = plan_of(engine)
+    engine.fail[("DELETE", OLD)] = NotFoundError("No such image")
+    report = execute(engine, plan)
+    assert (report.outcome(OLD).code, report.outcome(OLD).reason) == ("gone", "already gone")
+
+
+def test_a_child_image_that_appeared_is_named_by_the_engines_refusal() -> None:
+    engine = world("app:1")
+    plan = plan_of(engine)
+    engine.add(OTHER, "child:1", parent=OLD)
+    report = execute(engine, plan)
+    outcome = report.outcome(OLD)
+    assert outcome.code == "conflict"
+    assert outcome.reason == (
+        f"engine refused: conflict: unable to delete {OLD[7:19]} (cannot be forced) - "
+        "image has dependent child images"
+    )
+
+
+def test_an_engine_error_fails_that_image_only() -> None:
+    engine = world("app:1", "app:2")
+    engine.add(OTHER, "lib:1")
+    engine.add(iid("lib2"), "lib:2")
+    engine.fail[("DELETE", OTHER)] = EngineError("the Docker engine answered: boom")
+    report = execute(engine, plan_of(engine))
+    assert report.outcome(OTHER).outcome == "failed"
+    assert report.outcome(OTHER).error == "the Docker engine answered: boom"
+    assert report.outcome(OLD).outcome == "done"
+
+
+def test_an_engine_lost_mid_run_stops_the_cycle() -> None:
+    engine = FakeEngine()
+    for n in range(1, 6):
+        engine.add(iid(f"i{n}"), f"app:{n}")
+    plan = plan_of(engine)
+    engine.fail[("DELETE", iid("i2"))] = EngineUnavailable("cannot reach the Docker engine")
+    report = execute(engine, plan)
+    sent = deletes(engine)
+    assert sent[-1] == iid("i2")  # nothing is sent after the engine is lost
+    assert report.outcome(iid("i2")).outcome == "failed"
+    assert report.outcome(iid("i2")).code == "engine_down"
+    after = [i for i in (iid(f"i{n}") for n in range(1, 5)) if i not in sent]
+    assert after and all(report.outcome(i).code == "engine_down" for i in after)
+    assert all(report.outcome(i).outcome == "done" for i in sent[:-1])
+
+
+@pytest.mark.parametrize("allowed", [1, 2, 5, 40])
+def test_a_stop_is_honoured_between_any_two_requests(allowed: int) -> None:
+    tags = [f"app:{n}" for n in range(1, 101)]
+    engine = world(*tags)
+    plan = plan_of(engine)
+    sent: list[int] = []
+    engine.before = lambda m, t: sent.append(1)
+    report = execute(engine, plan, stop=lambda: len(sent) >= allowed)
+    outcome = report.outcome(OLD)
+    assert outcome.code == "stopped"
+    # Exactly what went is reported, and nothing after the stop was sent.
+    gone = sorted(set(tags) - set(engine.images[OLD].refs))
+    assert sorted(outcome.untagged) == gone
+    assert len(engine.requests) <= allowed + executor.TAG_WORKERS
+    expected = "cycle stopped before this action" if not gone else None
+    assert outcome.reason == expected or outcome.reason == (
+        f"cycle stopped after untagging {', '.join(outcome.untagged)}"
+    )
+
+
+def test_thousands_of_tags_go_a_few_at_a_time_and_every_one_is_reported() -> None:
+    tags = [f"app:{n}" for n in range(1, 1001)]
+    engine = world(*tags)
+    report = execute(engine, plan_of(engine))
+    assert report.outcome(OLD).outcome == "done"
+    assert sorted(report.outcome(OLD).untagged) == sorted(tags)
+    # Each chunk's tags are checked against the event log once.
+    assert sum(1 for _, t in engine.requests if t == "events") == -(-999 // executor.TAG_CHUNK)
+
+
+def test_an_untag_action_never_takes_the_last_tag() -> None:
+    engine = FakeEngine()
+    engine.add(OLD, "app:1", "stable:1")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine, POLICY + "untag_expired: true\nprotect: [{ref: 'stable:*'}]\n")
+    assert plan.decision(OLD).untag == ("app:1",)
+    engine.images[OLD].refs.remove("stable:1")
+    del engine.refs["stable:1"]
+    report = execute(engine, plan)
+    assert report.outcome(OLD).code == "no_tag_left"
+    assert engine.refs["app:1"] == OLD
+
+
+def test_an_implied_parent_kept_by_the_engine_says_why_only_when_true() -> None:
+    engine = FakeEngine()
+    engine.add(iid("base"))
+    engine.add(OLD, "app:1", parent=iid("base"))
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    assert plan.decision(iid("base")).implied
+    report = execute(engine, plan)
+    assert report.outcome(iid("base")).outcome == "done"  # pruned with its child
+    assert iid("base") not in engine.images
+
+    engine = FakeEngine()
+    engine.add(iid("base"))
+    engine.add(OLD, "app:1", parent=iid("base"))
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    engine.run("late", OLD)
+    report = execute(engine, plan)
+    assert report.outcome(iid("base")).reason == (
+        "a child image was not removed, so the engine kept this parent"
+    )
