@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from gcd import __version__, config, cycle, report
-from gcd.errors import ConfigError, EngineUnavailable, GcdError, StateError, UsageError
+from gcd.errors import ConfigError, EngineUnavailable, GcdError, UsageError
 from gcd.model import Plan, Report
 from gcd.state import Store
 
@@ -124,26 +124,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
 
 
-def _open_store(cfg: config.Config, must_write: bool) -> Store:
-    """The state store; a dry run may plan from a store it cannot write."""
-    try:
-        return Store(cfg.state_dir)
-    except StateError as e:
-        if must_write:
-            raise
-        log.warning("%s; planning without recording observations", e)
-        return Store(cfg.state_dir, writable=False)
-
-
 def _dry_plan(cfg: config.Config) -> Plan:
-    """Snapshot and plan once, removing nothing (plan, run --dry-run, explain)."""
-    store = _open_store(cfg, must_write=False)
+    """Snapshot and plan once, removing nothing (plan, run --dry-run, explain): the state
+    store is read when it exists, never created or written (spec section 2)."""
+    store = Store(cfg.state_dir, writable=False)
     engine = cycle.connect(cfg)
     try:
-        return cycle.prepare(cfg, engine, store, cycle.utcnow())
+        plan = cycle.prepare(cfg, engine, store, cycle.utcnow())
     finally:
         engine.close()
         store.close()
+    if store.cycle_problem:
+        log.warning("%s; images it cannot vouch for count as first seen now", store.cycle_problem)
+    return plan
 
 
 def _plan(cfg: config.Config, output: str) -> int:
@@ -155,7 +148,7 @@ def _plan(cfg: config.Config, output: str) -> int:
 
 def _run(cfg: config.Config, output: str) -> int:
     now = cycle.utcnow()
-    store = _open_store(cfg, must_write=True)
+    store = Store(cfg.state_dir)
     engine = cycle.connect(cfg)
     stop = threading.Event()
     started = time.monotonic()
@@ -177,7 +170,9 @@ def _run(cfg: config.Config, output: str) -> int:
         store.close()
     _write_textfile(cfg, result, time.monotonic() - started)
     print(report.to_json(result) if output == "json" else report.to_text(result), end="")
-    return 1 if result.count("failed") or result.unplanned() else 0
+    if result.state_problem:
+        print(f"gcd: {result.state_problem}; {cycle.STATE_PROBLEM_EFFECT}", file=sys.stderr)
+    return 1 if result.count("failed") or result.unplanned() or result.state_problem else 0
 
 
 def _write_textfile(cfg: config.Config, result: Report | None, duration: float) -> None:

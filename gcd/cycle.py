@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,6 +13,10 @@ from gcd.engine import DockerEngine, Engine
 from gcd.model import Plan, Report
 from gcd.state import Store
 
+# What a state store problem means for the cycle it happened in (after the problem itself).
+STATE_PROBLEM_EFFECT = (
+    "images it could not vouch for counted as first seen now (safety.min_age protected them)"
+)
 # How long a removing cycle waits for another one (daemon or shell) to finish.
 LOCK_WAIT = 60.0
 
@@ -48,7 +53,8 @@ def run(
     """A whole cycle under the state lock: prepare, then carry the plan out."""
     with store.lock(lock_wait, stop):
         plan = prepare(config, engine, store, now, stop)
-        return executor.execute(plan, engine, now, stop)
+        report = executor.execute(plan, engine, now, stop)
+    return dataclasses.replace(report, state_problem=store.cycle_problem)
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,6 +226,8 @@ class Daemon:
             self.engine_down_since = None
         self.metrics.record(result, time.monotonic() - started, time.time())
         log.info("%s", report.summary_line(result))
+        if result.state_problem:
+            log.error("%s; %s", result.state_problem, cycle.STATE_PROBLEM_EFFECT)
         self._notify(f"STATUS={self._status(result)}")
 
     def _engine_lost(self, error: EngineUnavailable, started: float) -> None:

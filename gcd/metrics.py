@@ -114,6 +114,13 @@ class Metrics:
             "mid-removal) and put back on it.",
             registry=r,
         )
+        self.state_errors = Counter(
+            "gcd_state_errors",
+            "Cycles whose state store could not be read, trusted or written (a full disk, a "
+            "read-only state_dir, a damaged file). Such a cycle counts every image it cannot "
+            "vouch for as first seen now, so min_age protects it.",
+            registry=r,
+        )
         self.images = Gauge(
             "gcd_images",
             "Images in the last plan, by state: keep, remove, protected (a subset of keep), "
@@ -191,10 +198,13 @@ class Metrics:
                     else ("intermediate" if snapshot.children(d.image_id) else "dangling")
                 )
                 self.images_removed.labels(reason).inc()
+        if report.state_problem:
+            self.state_errors.inc()
         self.unplanned_removals.inc(len(report.unplanned()))
         self.tags_restored.inc(len(report.restored()))
         self.bytes_reclaimed.inc(report.reclaimed_bytes)
-        result = "failure" if report.count("failed") or report.unplanned() else "success"
+        failed = report.count("failed") or report.unplanned() or report.state_problem
+        result = "failure" if failed else "success"
         self.cycle_ended(result, duration, ended)
 
     def cycle_ended(self, result: str, duration: float, ended: float) -> None:

@@ -236,6 +236,8 @@ class Report:
     started_at: datetime
     outcomes: Mapping[str, Outcome]
     reclaimed_bytes: int = 0
+    # What gcd's state store could not read, vouch for or record in this cycle: an error.
+    state_problem: str | None = None
 
     def outcome(self, image_id: str) -> Outcome:
         return self.outcomes[image_id]

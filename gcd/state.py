@@ -6,7 +6,9 @@ file is recreated (with a warning), never a crash. One transaction per cycle.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import sqlite3
@@ -35,7 +37,8 @@ CREATE TABLE IF NOT EXISTS images (
     fact_tags TEXT,
     layers TEXT,
     layer_sizes TEXT,
-    last_tag_time REAL
+    last_tag_time REAL,
+    seal TEXT
 );
 """
 _RUNNING = frozenset({"running", "restarting", "paused"})
@@ -51,62 +54,141 @@ class _Row:
 
 
 class Store:
-    """The state store of one state_dir. `writable=False` observes in memory only."""
+    """The state store of one state_dir. `writable=False` observes in memory only.
+
+    A store that cannot be read, written or trusted never makes gcd forget silently: what it
+    cannot vouch for counts as first seen now (so `safety.min_age` protects it again), the
+    problem is kept in `problem` for the cycle to report (exit 1, a metric), and the next
+    cycle tries again. Only a file SQLite says is not a database, or is corrupt, is moved
+    aside, with an error in the log; the new store then starts as one that lost its memory,
+    not as a new one.
+    """
 
     def __init__(self, state_dir: str, writable: bool = True) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, FILENAME)
         self.writable = writable
         self._rows: dict[str, _Row] = {}
+        self._unsaved: set[str] = set()
+        self._gone: set[str] = set()
         self._released = False
         self._cycles = 0
         self._db: sqlite3.Connection | None = None
+        self._key: bytes | None = None
+        # Why this store cannot vouch for what it remembers; None when it can. Reported by
+        # the next observe() as `cycle_problem`.
+        self.problem: str | None = None
+        self.cycle_problem: str | None = None
         if writable:
-            self._open_writable(state_dir)
+            self._open_writable()
         elif os.path.exists(self.path):
             self._open_readonly()
 
-    def _open_writable(self, state_dir: str) -> None:
+    # --- opening ---------------------------------------------------------------------------
+
+    def _open_writable(self) -> None:
+        existed = os.path.exists(self.path)
         try:
-            os.makedirs(state_dir, exist_ok=True)
-            probe = os.path.join(state_dir, ".gcd-write-test")
-            with open(probe, "w"):
-                pass
-            os.unlink(probe)
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         except OSError as e:
-            raise StateError(
-                f"state_dir {state_dir} is not writable: {e.strerror}; "
-                "give the gcd user write access or set state_dir in the configuration"
-            ) from None
+            if not os.path.isdir(self.state_dir):  # a wrong path, not a passing fault
+                raise StateError(
+                    f"state_dir {self.state_dir} is not writable: {e.strerror}; "
+                    "give the gcd user write access or set state_dir in the configuration"
+                ) from None
+        try:
+            # Created by gcd alone (0600): SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as e:
+            self._lost(
+                f"cannot write the state store {self.path}: {e.strerror}; give the gcd user "
+                "write access to state_dir or set state_dir in the configuration"
+            )
+            self._open_readonly()
+            return
         try:
             self._db = self._connect(self.path)
             self._load()
-        except sqlite3.DatabaseError as e:
-            aside = f"{self.path}.unreadable-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-            log.warning(
-                "state store %s is unreadable (%s); moved it to %s and starting a new one",
-                self.path,
-                e,
-                aside,
-            )
-            if self._db is not None:
-                self._db.close()
-            os.replace(self.path, aside)
-            self._rows, self._cycles = {}, 0
-            self._db = self._connect(self.path)
-            self._load()
+        except (sqlite3.DatabaseError, OSError) as e:
+            self._close_quietly()
+            if isinstance(e, sqlite3.DatabaseError) and _unreadable(e):
+                self._set_aside(e)
+            else:
+                why = e.strerror if isinstance(e, OSError) else e
+                self._lost(f"cannot use the state store {self.path}: {why}")
+                self._open_readonly()
+            return
+        if existed and self._cycles == 0:
+            # A file that held a store but holds none now (emptied, truncated): memory lost.
+            self._lost(f"the state store {self.path} was empty: its records are lost")
+            self._persist_cycles()
 
     def _open_readonly(self) -> None:
+        """Read what the file holds without writing anything (not even its WAL index)."""
+        if not os.path.exists(self.path):
+            return
+        self._rows, self._cycles = {}, 0
         try:
-            with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
-                self._db = db
-                self._load()
+            for uri in (f"file:{self.path}?mode=ro", f"file:{self.path}?immutable=1"):
+                try:
+                    with closing(sqlite3.connect(uri, uri=True)) as db:
+                        self._db = db
+                        self._load(write=False)
+                    break
+                except sqlite3.OperationalError:
+                    continue  # a read-only folder: the WAL index cannot be made; read as is
         except sqlite3.DatabaseError as e:
-            log.warning(
-                "state store %s is unreadable (%s); planning as on a new store", self.path, e
-            )
+            self._lost(f"the state store {self.path} is unreadable ({e})")
             self._rows, self._cycles = {}, 0
         finally:
+            self._db = None
+        if self._cycles == 0 and self.problem is None:
+            self._lost(f"the state store {self.path} holds no records (emptied or truncated)")
+
+    def _set_aside(self, error: sqlite3.DatabaseError) -> None:
+        aside = f"{self.path}.unreadable-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+        try:
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm", ".key"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.path + suffix, aside + suffix)
+            self._db = self._connect(self.path)
+            self._load()
+        except (OSError, sqlite3.Error) as e:
+            self._close_quietly()
+            self._lost(
+                f"the state store {self.path} is unreadable ({error}) and cannot be replaced: {e}"
+            )
+            return
+        log.error(
+            "state store %s is unreadable (%s): moved it to %s; the images present now count "
+            "as first seen now",
+            self.path,
+            error,
+            aside,
+        )
+        self._lost(f"the state store {self.path} was unreadable ({error}); moved to {aside}")
+        self._persist_cycles()
+
+    def _lost(self, problem: str) -> None:
+        """Memory that cannot be vouched for: everything unknown counts as first seen now."""
+        self.problem = problem
+        self._cycles = max(self._cycles, 1)  # never planned as a new store again
+
+    def _persist_cycles(self) -> None:
+        if self._db is None:
+            return
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('cycles', ?)", (str(self._cycles),)
+            )
+        except sqlite3.Error as e:
+            self.problem = f"{self.problem}; cannot write it: {e}"
+
+    def _close_quietly(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
             self._db = None
 
     @contextmanager
@@ -114,7 +196,19 @@ class Store:
         """Hold the cycle lock of this state_dir: one removing cycle at a time per host,
         whether it is the daemon's or a `gcd run` from a shell. Waits up to `wait` seconds."""
         path = os.path.join(self.state_dir, LOCKNAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # 0600: a descriptor another user could open would let that user hold the lock.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)  # made by an older gcd
+        except OSError:
+            try:
+                fd = os.open(path, os.O_RDONLY)  # a read-only state_dir: flock works on it
+            except OSError as e:
+                # No lock to share: the engine's own checks and gcd's re-reads still hold.
+                log.warning("cannot take the cycle lock %s: %s", path, e.strerror)
+                yield
+                return
         try:
             deadline = time.monotonic() + wait
             while True:
@@ -143,24 +237,75 @@ class Store:
         db.executescript(_SCHEMA)
         return db
 
-    def _load(self) -> None:
+    def _load(self, write: bool = True) -> None:
+        """Read the whole store. A row is used only if its seal holds and its values can be
+        true (numbers, from 1970 to 2100, layer sizes that match). Anything else (another
+        store's WAL applied to this file, an edit, a bad disk) is dropped: that image then
+        counts as first seen now and is inspected again, and the cycle reports it."""
         assert self._db is not None
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'cycles'").fetchone()
-        self._cycles = int(row[0]) if row else 0
-        for r in self._db.execute(
+        db = self._db
+        columns = {r[1] for r in db.execute("PRAGMA table_info(images)")}
+        if "seal" not in columns and write:
+            db.execute("ALTER TABLE images ADD COLUMN seal TEXT")  # a store of gcd < 0.3
+            columns.add("seal")
+        self._key, legacy = self._read_key(write)
+        rows: dict[str, _Row] = {}
+        bad = 0
+        row = db.execute("SELECT value FROM meta WHERE key = 'cycles'").fetchone()
+        try:
+            cycles = int(row[0]) if row else 0
+        except (TypeError, ValueError):
+            cycles, bad = 1, bad + 1
+        seal = "seal" if "seal" in columns else "NULL"
+        for r in db.execute(
             "SELECT id, first_seen, first_seen_dangling, dangling, last_used, fact_tags, layers,"
-            " layer_sizes, last_tag_time FROM images"
+            f" layer_sizes, last_tag_time, {seal} FROM images"
         ):
-            facts = None
-            if r[5] is not None:
-                facts = ImageFacts(
-                    tuple(_split(r[5])),
-                    # Most layers are shared bases: one string per layer, not one per image.
-                    tuple(sys.intern(layer) for layer in _split(r[6])),
-                    tuple(int(s) for s in _split(r[7])),
-                    _time(r[8]),
-                )
-            self._rows[r[0]] = _Row(r[1], r[2], bool(r[3]), r[4], facts)
+            sealed = legacy or (self._key is not None and r[9] == _seal(self._key, r[:9]))
+            parsed = _row(r) if sealed else None
+            if parsed is None:
+                bad += 1
+            else:
+                rows[r[0]] = parsed
+        self._rows, self._cycles = rows, max(cycles, 0)
+        if legacy:
+            self._unsaved.update(rows)  # sealed at the next write
+        if bad:
+            self._lost(
+                f"the state store {self.path} held {bad} record(s) that gcd did not write as "
+                "they are; those images count as first seen now"
+            )
+
+    def _read_key(self, write: bool) -> tuple[bytes | None, bool]:
+        """The key rows are sealed with, and whether the store predates seals (its rows are
+        then taken as they are, once). A store opened for writing without a key gets one."""
+        path = f"{self.path}.key"
+        try:
+            with open(path) as f:
+                return bytes.fromhex(f.read().strip()), False
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError):
+            return None, False  # unreadable: no row can be vouched for
+        legacy = not self._has_seals()
+        if not write:
+            return None, legacy
+        key = os.urandom(16)
+        fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+        os.replace(f"{path}.tmp", path)
+        return key, legacy
+
+    def _has_seals(self) -> bool:
+        assert self._db is not None
+        try:
+            return (
+                self._db.execute("SELECT 1 FROM images WHERE seal IS NOT NULL LIMIT 1").fetchone()
+                is not None
+            )
+        except sqlite3.OperationalError:
+            return False  # no seal column: a store of gcd < 0.3
 
     def close(self) -> None:
         if self._db is not None:
@@ -179,7 +324,7 @@ class Store:
     def release(self) -> None:
         """Forget the rows until the next use: the daemon idles without a copy of the store
         (all of it is in the file; reading it back costs tens of milliseconds a cycle)."""
-        if self._db is not None:
+        if self._db is not None and not self._unsaved and not self._gone:
             self._rows = {}
             self._released = True
 
@@ -191,7 +336,11 @@ class Store:
     def observe(
         self, snapshot: Snapshot, learned: dict[str, ImageFacts], now: datetime
     ) -> StateView:
-        """Record what this snapshot shows (in one transaction) and return the view to plan with."""
+        """Record what this snapshot shows (in one transaction) and return the view to plan
+        with. `cycle_problem` says afterwards what this store could not vouch for or record
+        in this cycle (None when all went well)."""
+        if self.writable and self._db is None and self.problem is None:
+            self._open_writable()  # a store that failed in an earlier cycle is tried again
         self._reload()
         new_store = self.new
         stamp = now.timestamp()
@@ -222,35 +371,53 @@ class Store:
         for image_id in gone:
             del self._rows[image_id]
         self._cycles += 1
-        if self._db is not None:
-            self._write(sorted(set(changed)), gone)
+        self.cycle_problem, self.problem = self.problem, None
+        if self.writable:
+            self._unsaved.update(changed)
+            self._gone.update(gone)
+            self._unsaved -= self._gone
+            if self._db is None:
+                self.cycle_problem = (
+                    self.cycle_problem or f"cannot write the state store {self.path}"
+                )
+            else:
+                self._write()
         return StateView(
             new_store=new_store,
-            first_seen=_times(self._rows, "first_seen"),
-            first_seen_dangling=_times(self._rows, "first_seen_dangling"),
-            last_used=_times(self._rows, "last_used"),
+            first_seen=_times(self._rows, "first_seen", stamp),
+            first_seen_dangling=_times(self._rows, "first_seen_dangling", stamp),
+            last_used=_times(self._rows, "last_used", stamp),
         )
 
-    def _write(self, changed: list[str], gone: list[str]) -> None:
+    def _write(self) -> None:
+        """Write what changed since the last write that succeeded, in one transaction. A
+        failure (a full disk, no inodes, a read-only file) keeps it for the next cycle."""
         assert self._db is not None
         db = self._db
-        db.execute("BEGIN")
         try:
+            db.execute("BEGIN")
             db.executemany(
-                "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [self._values(i) for i in changed],
+                "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [self._values(i) for i in sorted(self._unsaved) if i in self._rows],
             )
-            db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in gone])
+            db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in sorted(self._gone)])
             db.execute("INSERT OR REPLACE INTO meta VALUES ('cycles', ?)", (str(self._cycles),))
             db.execute("COMMIT")
         except sqlite3.Error as e:
-            db.execute("ROLLBACK")
-            raise StateError(f"cannot write the state store {self.path}: {e}") from None
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            problem = f"cannot write the state store {self.path}: {e}"
+            self.cycle_problem = (
+                f"{self.cycle_problem}; {problem}" if self.cycle_problem else problem
+            )
+            return
+        self._unsaved.clear()
+        self._gone.clear()
 
     def _values(self, image_id: str) -> tuple[object, ...]:
         r = self._rows[image_id]
         f = r.facts
-        return (
+        values = (
             image_id,
             r.first_seen,
             r.first_seen_dangling,
@@ -261,20 +428,76 @@ class Store:
             None if f is None else " ".join(str(s) for s in f.layer_sizes),
             None if f is None or f.last_tag_time is None else f.last_tag_time.timestamp(),
         )
+        return (*values, None if self._key is None else _seal(self._key, values))
+
+
+# Times a record may hold: from 1970 to 2100 (anything else was not written by gcd).
+_LATEST = 4102444800.0
+
+
+def _stamp(value: object) -> float | None:
+    """A recorded time, or raise ValueError when it cannot be one."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(value)
+    if not (0 <= value <= _LATEST):  # NaN fails too
+        raise ValueError(value)
+    return float(value)
+
+
+def _seal(key: bytes, values: tuple[object, ...]) -> str:
+    """A keyed hash of a row's values as SQLite stores and returns them."""
+    return hashlib.blake2b(repr(values).encode(), key=key, digest_size=16).hexdigest()
+
+
+def _row(r: tuple[object, ...]) -> _Row | None:
+    """One images row as recorded, or None when any value in it cannot be one gcd wrote."""
+    try:
+        if not isinstance(r[0], str) or not r[0]:
+            return None
+        facts = None
+        if r[5] is not None:
+            layers = tuple(sys.intern(layer) for layer in _split(_text(r[6])))
+            sizes = tuple(int(s) for s in _split(_text(r[7])))
+            if len(sizes) != len(layers) or any(s < 0 for s in sizes):
+                return None
+            last_tag = _stamp(r[8])
+            facts = ImageFacts(
+                tuple(_split(_text(r[5]))),
+                # Most layers are shared bases: one string per layer, not one per image.
+                layers,
+                sizes,
+                None if last_tag is None else datetime.fromtimestamp(last_tag, UTC),
+            )
+        return _Row(_stamp(r[1]), _stamp(r[2]), bool(r[3]), _stamp(r[4]), facts)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _text(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(value)
+    return value
+
+
+def _unreadable(error: sqlite3.DatabaseError) -> bool:
+    """SQLite says the file is not a database, or a corrupt one: nothing in it can be used.
+    Anything else (a full disk, a read-only file, a lock, an I/O error) is not the file's
+    fault, and the file is left where it is."""
+    name = getattr(error, "sqlite_errorname", "")
+    return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or name.startswith("SQLITE_CORRUPT_")
 
 
 def _split(text: str | None) -> Iterator[str]:
     return iter(text.split()) if text else iter(())
 
 
-def _time(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
-
-
-def _times(rows: dict[str, _Row], column: str) -> dict[str, datetime]:
+def _times(rows: dict[str, _Row], column: str, now: float) -> dict[str, datetime]:
+    """One column as times; a time after now was not observed yet, so it counts as now."""
     out = {}
     for image_id, row in rows.items():
         value = getattr(row, column)
         if value is not None:
-            out[image_id] = datetime.fromtimestamp(value, UTC)
+            out[image_id] = datetime.fromtimestamp(min(value, now), UTC)
     return out

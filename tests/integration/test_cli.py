@@ -157,9 +157,8 @@ def test_unwritable_state_dir_stops_a_run_before_anything_is_removed(
         "give the gcd user write access or set state_dir in the configuration\n"
     )
     assert ids_now(client) == before
-    planned = gcd("plan", "--config", str(config))
-    assert planned.returncode == 0
-    assert "planning without recording observations" in planned.stderr
+    planned = gcd("plan", "--config", str(config))  # reads a store if there is one
+    assert planned.returncode == 0, planned.stderr
 
 
 def test_explain_names_every_reason(gcd: Gcd, client: docker.APIClient) -> None:

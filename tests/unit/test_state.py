@@ -80,21 +80,31 @@ def test_facts_and_observations_survive_a_reopen_and_vanished_images_are_forgott
     }
 
 
-def test_an_unreadable_store_is_moved_aside_and_recreated_with_a_warning(
+def test_an_unreadable_store_is_moved_aside_loudly_and_its_images_count_as_first_seen_now(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / FILENAME).write_bytes(b"this is not a database" * 100)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.ERROR):
         store = Store(str(tmp_path))
-    assert store.new
-    assert "is unreadable" in caplog.text and "starting a new one" in caplog.text
-    assert [p.name for p in tmp_path.iterdir() if ".unreadable-" in p.name]
-    store.observe(snapshot([image("x")]), {}, NOW)
+    # Not a new store: a new one would let every image count as old at once.
+    assert not store.new
+    (aside,) = [p for p in tmp_path.iterdir() if ".unreadable-" in p.name]
+    assert f"state store {tmp_path / FILENAME} is unreadable (file is not a database): " in (
+        caplog.text
+    )
+    view = store.observe(snapshot([image("x")]), {}, NOW)
+    assert view.first_seen == {iid("x"): NOW} and not view.new_store
+    assert store.cycle_problem == (
+        f"the state store {tmp_path / FILENAME} was unreadable (file is not a database); "
+        f"moved to {aside}"
+    )
     store.close()
-    assert not Store(str(tmp_path)).new
+    again = Store(str(tmp_path))
+    assert again.observe(snapshot([image("x")]), {}, LATER).first_seen == {iid("x"): NOW}
+    assert again.cycle_problem is None
 
 
-def test_an_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_state_dir_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(StateError) as caught:
@@ -103,6 +113,120 @@ def test_an_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
         f"state_dir {blocker}/state is not writable: Not a directory; "
         "give the gcd user write access or set state_dir in the configuration"
     )
+    assert Store(str(blocker / "state"), writable=False).new  # a dry run plans as on a new host
+
+
+def test_an_emptied_store_lost_its_memory_and_is_not_a_new_one(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    store.observe(snapshot([image("x")]), {}, NOW)
+    store.close()
+    (tmp_path / FILENAME).write_bytes(b"")  # truncated (a full disk, a careless cleanup)
+    for name in (f"{FILENAME}-wal", f"{FILENAME}-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    for writable in (False, True):
+        store = Store(str(tmp_path), writable=writable)
+        view = store.observe(snapshot([image("x"), image("y")]), {}, LATER)
+        assert not view.new_store
+        assert view.first_seen == {iid("x"): LATER, iid("y"): LATER}
+        assert store.cycle_problem is not None and "empt" in store.cycle_problem
+        store.close()
+    store = Store(str(tmp_path))
+    assert store.observe(snapshot([image("x")]), {}, LATER).first_seen == {iid("x"): LATER}
+    assert store.cycle_problem is None
+
+
+def test_impossible_values_are_dropped_reported_and_rewritten(tmp_path: Path) -> None:
+    import sqlite3
+
+    facts = ImageFacts(("a:1",), ("sha256:l1",), (10,), None)
+    store = Store(str(tmp_path))
+    store.observe(
+        snapshot([image(n, ["a:1"]) for n in ("ok", "text", "huge", "past", "sizes")]),
+        {iid(n): facts for n in ("ok", "sizes")},
+        NOW,
+    )
+    store.close()
+    db = sqlite3.connect(tmp_path / FILENAME)
+    db.execute("UPDATE images SET first_seen = 'abc' WHERE id = ?", (iid("text"),))
+    db.execute("UPDATE images SET first_seen = 1e300 WHERE id = ?", (iid("huge"),))
+    db.execute("UPDATE images SET last_used = -5 WHERE id = ?", (iid("past"),))
+    db.execute("UPDATE images SET layer_sizes = '1 x' WHERE id = ?", (iid("sizes"),))
+    db.commit()
+    db.close()
+    store = Store(str(tmp_path))
+    assert store.facts() == {iid("ok"): facts}
+    names = ("ok", "text", "huge", "past", "sizes")
+    view = store.observe(snapshot([image(n, ["a:1"]) for n in names]), {}, LATER)
+    assert view.first_seen == {iid(n): LATER for n in ("text", "huge", "past", "sizes")}
+    assert store.cycle_problem == (
+        f"the state store {tmp_path / FILENAME} held 4 record(s) that gcd did not write as "
+        "they are; those images count as first seen now"
+    )
+    store.close()
+    store = Store(str(tmp_path))
+    store.observe(snapshot([image(n, ["a:1"]) for n in names]), {}, LATER)
+    assert store.cycle_problem is None
+
+
+def test_a_time_after_now_counts_as_now(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    store.observe(snapshot([]), {}, NOW)
+    store.observe(snapshot([image("x")]), {}, NOW + timedelta(days=3650))  # a clock gone wrong
+    view = store.observe(snapshot([image("x")]), {}, NOW)
+    assert view.first_seen == {iid("x"): NOW}
+
+
+def test_a_foreign_wal_is_not_trusted_and_a_stale_one_is_replayed(tmp_path: Path) -> None:
+    import shutil
+
+    ours, other, stale = tmp_path / "ours", tmp_path / "other", tmp_path / "stale"
+    store = Store(str(ours))
+    store.observe(snapshot([]), {}, NOW)
+    store.observe(snapshot([image("x")]), {}, NOW)
+    store.close()  # checkpointed: no WAL left
+    writer = Store(str(other))
+    writer.observe(snapshot([]), {}, NOW)
+    writer.observe(snapshot([image("x"), image("y")]), {}, LATER - timedelta(minutes=30))
+    # Copied while the writer is open: its WAL holds the rows it committed last.
+    shutil.copy(other / f"{FILENAME}-wal", ours / f"{FILENAME}-wal")
+    stale.mkdir()
+    for suffix in ("", "-wal", ".key"):
+        shutil.copy(other / f"{FILENAME}{suffix}", stale / f"{FILENAME}{suffix}")
+    writer.close()
+
+    store = Store(str(ours))
+    view = store.observe(snapshot([image("x"), image("y")]), {}, LATER)
+    # SQLite applies another store's WAL to this file; its rows' seals do not hold here.
+    assert view.first_seen[iid("y")] == LATER
+    assert store.cycle_problem is not None and "did not write as they are" in store.cycle_problem
+    assert not [p for p in ours.iterdir() if ".unreadable-" in p.name]
+    store.close()
+    store = Store(str(ours))
+    store.observe(snapshot([image("x"), image("y")]), {}, LATER)
+    assert store.cycle_problem is None
+
+    # A WAL a killed gcd left behind is its own: replayed, nothing lost.
+    store = Store(str(stale))
+    view = store.observe(snapshot([image("y")]), {}, LATER)
+    assert view.first_seen == {iid("y"): LATER - timedelta(minutes=30)}
+    assert store.cycle_problem is None
+
+
+def test_the_store_and_its_lock_are_gcds_alone(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    store = Store(str(state))
+    store.observe(snapshot([image("x")]), {}, NOW)
+    (state / "gcd.lock").touch()
+    os.chmod(state / "gcd.lock", 0o644)  # left by an older gcd
+    with store.lock(1):
+        pass
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [state, *state.iterdir()]}
+    assert modes == {
+        "state": 0o700,
+        FILENAME: 0o600,
+        f"{FILENAME}.key": 0o600,
+        "gcd.lock": 0o600,
+    } | {n: 0o600 for n in modes if n.startswith(f"{FILENAME}-")}
 
 
 def test_read_only_store_plans_from_the_file_but_writes_nothing(tmp_path: Path) -> None:
