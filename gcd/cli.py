@@ -102,10 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         if args.command == "check-config":
-            config.load(args.path)
+            for warning in config.load(args.path).warnings:
+                print(warning, file=sys.stderr)
             print("ok")
             return 0
         cfg = config.load(args.config)
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
         if args.command == "explain":
             return _explain(cfg, args.refs)
         if args.command == "daemon":

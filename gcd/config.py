@@ -13,10 +13,14 @@ from typing import Any, Literal
 import yaml
 
 from gcd.errors import ConfigError
-from gcd.units import parse_duration
+from gcd.units import format_duration, parse_duration
 
 DEFAULT_PATH = "/etc/gcd/config.yaml"
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+# A safety.min_age below this draws a warning: a legacy build's newest layer image is
+# untagged, childless and unused for a moment between two steps, and only its age protects
+# it; ten minutes also cover a slow engine committing a large layer.
+MIN_AGE_FLOOR = timedelta(minutes=10)
 ORDER_KINDS = ("semver", "numeric", "natural", "created", "tagged", "first_seen", "last_used")
 _ORDER_WITH_GROUP = ("semver", "numeric")
 _ORDER = re.compile(r"(?P<kind>[a-z_]+)(?:\((?P<group>[A-Za-z_][A-Za-z0-9_]*)\))?")
@@ -100,6 +104,8 @@ class Config:
     dangling: DanglingConfig = DanglingConfig()
     unmatched: Literal["keep", "expire"] = "keep"
     untag_expired: bool = False
+    # Settings that are valid but risky, each as file:line: key: warning: why.
+    warnings: tuple[str, ...] = ()
 
     def engine_url(self, environ: Mapping[str, str] = os.environ) -> str:
         """`engine.url`, else `$DOCKER_HOST`, else the default socket."""
@@ -145,7 +151,8 @@ def parse(text: str, filename: str) -> Config:
         # Stable sort: problems on one line keep the order they were found in.
         raise ConfigError([text for _, text in sorted(checker.problems, key=lambda p: p[0])])
     assert config is not None
-    return replace(config, source=filename)
+    warnings = tuple(text for _, text in sorted(checker.warnings, key=lambda p: p[0]))
+    return replace(config, source=filename, warnings=warnings)
 
 
 def _given(value: Any, default: Any) -> Any:
@@ -159,12 +166,17 @@ class _Checker:
     def __init__(self, filename: str) -> None:
         self.filename = filename
         self.problems: list[tuple[int, str]] = []
+        self.warnings: list[tuple[int, str]] = []
         self._constructor = yaml.constructor.SafeConstructor()
 
     def problem(self, node: yaml.Node, path: str, message: str) -> None:
         line = node.start_mark.line + 1
         where = f"{path}: " if path else ""
         self.problems.append((line, f"{self.filename}:{line}: {where}{message}"))
+
+    def warning(self, node: yaml.Node, path: str, message: str) -> None:
+        line = node.start_mark.line + 1
+        self.warnings.append((line, f"{self.filename}:{line}: {path}: warning: {message}"))
 
     # --- structure -----------------------------------------------------------------------
 
@@ -403,6 +415,15 @@ class _Checker:
         min_age = d.min_age
         if "min_age" in found:
             min_age = _given(self.duration(found["min_age"], "safety.min_age"), min_age)
+            if min_age < MIN_AGE_FLOOR:
+                self.warning(
+                    found["min_age"],
+                    "safety.min_age",
+                    f"{format_duration(min_age)} is below {format_duration(MIN_AGE_FLOOR)}: "
+                    "between two steps of a legacy build its newest layer image is untagged and "
+                    "unused, and only its age protects it (a build fails when gcd removes it); "
+                    "backdate test images instead of lowering min_age",
+                )
         cap = d.max_removals_per_run
         if "max_removals_per_run" in found:
             cap = _given(

@@ -253,6 +253,8 @@ class Daemon:
             self.metrics.config_reloads.labels("failure").inc()
             return
         old, self.config = self.config, new
+        for warning in new.warnings:
+            log.warning("reload: %s", warning)
         self.metrics.config_reloads.labels("success").inc()
         log.info("configuration reloaded from %s", self.config_path or "built-in defaults")
         if (old.schedule.every, old.schedule.cron) != (new.schedule.every, new.schedule.cron):

@@ -17,16 +17,14 @@ from pathlib import Path
 import docker
 
 from tests.dockerd import PrivateEngine
-from tests.images import Layer, Spec, busybox_layer, legacy_build, load
+from tests.images import Layer, Spec, busybox_layer, load
 
 CONFIG = r"""
 version: 1
 engine: {{url: "{url}"}}
 state_dir: {state}
 safety:
-  min_age: 0s                 # demo only: every image was loaded a moment ago
   max_removal_fraction: 1.0   # demo only: a first cycle cleans a long backlog at once
-dangling: {{min_age: 0s}}       # demo only: no grace for the rebuilt demo:1.1
 protect:
   - tag: "stable|latest"
 rules:
@@ -47,12 +45,20 @@ rules:
 
 
 def populate(client: docker.APIClient) -> None:
+    """A build host's week, backdated: every sample image was built days ago, so gcd's
+    default min_age (1h) and dangling grace (24h) apply as they would on a real host."""
     now = datetime.now(UTC)
-    # The seed's story: demo:1.0 = latest, then 1.1, then 1.1 rebuilt with latest moved.
-    legacy_build(client, ["demo:latest", "demo:1.0"], {"Rakefile": "v1"})
-    legacy_build(client, ["demo:1.1"], {"Rakefile": "v2"})
-    legacy_build(client, ["demo:1.1", "demo:latest"], {"Rakefile": "v3"})
     base = [busybox_layer(), Layer("python-runtime", 3_000_000)]
+    # The seed's story: demo:1.0 = latest, then 1.1, then 1.1 rebuilt with latest moved:
+    # the first 1.1 is left dangling.
+    for tags, rakefile, days in (
+        (["demo:latest", "demo:1.0"], "v1", 10),
+        (["demo:1.1"], "v2", 6),
+        (["demo:1.1", "demo:latest"], "v3", 2),
+    ):
+        load(
+            client, [Spec(tags, [*base, Layer(f"Rakefile-{rakefile}")], now - timedelta(days=days))]
+        )
     specs = [
         Spec([f"app:build-{n}"], [*base, Layer(f"app-{n}", 800_000)], now - timedelta(days=13 - n))
         for n in range(1, 13)

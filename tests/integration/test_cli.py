@@ -111,8 +111,12 @@ def test_bad_config_exits_2_names_every_problem_and_removes_nothing(
     check = gcd("check-config", str(config))
     assert (check.returncode, check.stdout) == (2, "")
     assert check.stderr.count("\n") == 3
-    ok = gcd("check-config", str(gcd.config(POLICY)))
+    ok = gcd("check-config", str(gcd.config(POLICY.replace("min_age: 0s", "min_age: 1h", 1))))
     assert (ok.returncode, ok.stdout, ok.stderr) == (0, "ok\n", "")
+    path = gcd.config(POLICY)
+    risky = gcd("check-config", str(path))
+    assert (risky.returncode, risky.stdout) == (0, "ok\n")
+    assert risky.stderr.startswith(f"{path}:6: safety.min_age: warning: 0s is below 10m: ")
 
 
 def test_unreachable_engine_exits_3_naming_the_address(gcd: Gcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -152,7 +156,7 @@ def test_unwritable_state_dir_stops_a_run_before_anything_is_removed(
     )
     result = gcd("run", "--config", str(config))
     assert result.returncode == 2
-    assert result.stderr == (
+    assert result.stderr.splitlines(keepends=True)[-1] == (
         f"gcd: state_dir {blocker}/state is not writable: Not a directory; "
         "give the gcd user write access or set state_dir in the configuration\n"
     )
@@ -237,7 +241,8 @@ def test_logs_under_journald_carry_priorities_instead_of_timestamps(
             check=True,
             env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
         )
-    lines = log.read_text().splitlines()
+    warning, *lines = log.read_text().splitlines()
+    assert warning.startswith("<4>") and "safety.min_age: warning: 0s is below 10m" in warning
     assert lines and all(line.startswith("<6>removed ") for line in lines), lines
 
 

@@ -295,3 +295,24 @@ def test_the_daemon_schedule_follows_every_or_cron() -> None:
     assert cron.get_next_fire_time(None, start) == datetime(2026, 11, 27, 10, 15, tzinfo=UTC)
     every = trigger_of(config.parse("version: 1\nschedule: {every: 5m}\n", "c.yaml"))
     assert every.interval.total_seconds() == 300
+
+
+def test_a_min_age_below_the_floor_is_valid_with_a_warning_that_says_why() -> None:
+    cfg = config.parse("version: 1\nsafety:\n  min_age: 2m\n", "config.yaml")
+    assert cfg.safety.min_age == timedelta(minutes=2)
+    assert cfg.warnings == (
+        "config.yaml:3: safety.min_age: warning: 2m is below 10m: between two steps of a "
+        "legacy build its newest layer image is untagged and unused, and only its age "
+        "protects it (a build fails when gcd removes it); backdate test images instead of "
+        "lowering min_age",
+    )
+    assert config.parse("version: 1\nsafety: {min_age: 10m}\n", "c.yaml").warnings == ()
+    assert config.parse("version: 1\n", "c.yaml").warnings == ()
+
+
+def test_the_demo_teaches_settings_that_draw_no_warning() -> None:
+    from tests.demo import CONFIG
+
+    demo = config.parse(CONFIG.format(url="unix:///demo.sock", state="/tmp/demo"), "demo.yaml")
+    assert demo.warnings == ()
+    assert demo.safety.min_age == config.SafetyConfig().min_age
