@@ -46,6 +46,7 @@ T = TypeVar("T")
 _NO_TAG = "<none>:<none>"
 _NO_DIGEST = "<none>@<none>"
 _ISO_FRACTION = re.compile(r"(\.\d{1,6})\d*")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Concurrent inspects on a cold snapshot; below docker-py's connection pool (10).
 INSPECT_WORKERS = 8
 
@@ -239,7 +240,11 @@ class DockerEngine:
             raw["Id"]: tuple(sorted(t for t in raw.get("RepoTags") or () if t != _NO_TAG))
             for raw in raw_images
         }
-        unknown = [i for i, tags in tags_of.items() if i not in facts or facts[i].tags != tags]
+        unknown = [
+            i
+            for i, tags in tags_of.items()
+            if i not in facts or facts[i].tags != tags or facts[i].created is None
+        ]
         unknown_set = set(unknown)
         # Layer sizes by chain ID, from every image already read: an image with at most one
         # layer of unknown size needs no history (see _inspect).
@@ -303,8 +308,12 @@ class DockerEngine:
             f"/images/{image_id}/json", lambda: self.client.inspect_image(image_id)
         )
         last_tag_time = _parse_time((raw.get("Metadata") or {}).get("LastTagTime"))
-        if known is not None:  # only the tags changed: layers are content addressed
-            return ImageFacts(tags, known.layers, known.layer_sizes, last_tag_time)
+        # A missing or zero Created is the epoch: a time before 2000 is no signal of age.
+        created = _parse_time(raw.get("Created")) or _EPOCH
+        if known is not None:
+            # Only the tags changed (or the cache predates `created`): layers are content
+            # addressed.
+            return ImageFacts(tags, known.layers, known.layer_sizes, last_tag_time, created)
         layers = _chain_ids(tuple((raw.get("RootFS") or {}).get("Layers") or ()))
         total = int(raw.get("Size") or 0)
         sizes = _derived_sizes(layers, total, sized)
@@ -314,9 +323,9 @@ class DockerEngine:
             )
             sizes = _layer_sizes(len(layers), history, total)
             if sizes is None:
-                return ImageFacts(tags, (), (), last_tag_time)
+                return ImageFacts(tags, (), (), last_tag_time, created)
         sized.update(zip(layers, sizes, strict=True))  # one item at a time: safe across threads
-        return ImageFacts(tags, layers, sizes, last_tag_time)
+        return ImageFacts(tags, layers, sizes, last_tag_time, created)
 
     def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         try:
@@ -458,7 +467,7 @@ def _image(raw: Mapping[str, Any], tags: tuple[str, ...], facts: ImageFacts) -> 
         tags=tags,
         digests=_refs(raw.get("RepoDigests"), _NO_DIGEST),
         parent=raw.get("ParentId") or None,
-        created=datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),
+        created=facts.created or datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),
         size=int(raw.get("Size") or 0),
         labels=dict(raw.get("Labels") or {}),
         last_tag_time=facts.last_tag_time,
@@ -483,8 +492,11 @@ def _parse_time(text: str | None) -> datetime | None:
     """Docker's RFC 3339 times (nanoseconds, Z); the zero time 0001-01-01 means none."""
     if not text or text.startswith("0001-01-01"):
         return None
-    value = datetime.fromisoformat(_ISO_FRACTION.sub(r"\1", text.replace("Z", "+00:00")))
-    return value.astimezone(UTC)
+    try:
+        value = datetime.fromisoformat(_ISO_FRACTION.sub(r"\1", text.replace("Z", "+00:00")))
+    except (TypeError, ValueError):
+        return None  # not a time: no signal
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _chain_ids(diff_ids: tuple[str, ...]) -> tuple[str, ...]:

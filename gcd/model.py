@@ -294,3 +294,6 @@ class ImageFacts:
     layers: tuple[str, ...]
     layer_sizes: tuple[int, ...]
     last_tag_time: datetime | None
+    # `Created` at the engine's full precision (the list API gives whole seconds, and two
+    # builds within one second must still rank in the order they were made).
+    created: datetime | None = None

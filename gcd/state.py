@@ -38,9 +38,15 @@ CREATE TABLE IF NOT EXISTS images (
     layers TEXT,
     layer_sizes TEXT,
     last_tag_time REAL,
-    seal TEXT
+    seal TEXT,
+    created REAL
 );
 """
+# The columns a row is written and sealed with, in this order.
+_COLUMNS = (
+    "id, first_seen, first_seen_dangling, dangling, last_used, fact_tags, layers, layer_sizes,"
+    " last_tag_time, created"
+)
 _RUNNING = frozenset({"running", "restarting", "paused"})
 
 
@@ -245,9 +251,10 @@ class Store:
         assert self._db is not None
         db = self._db
         columns = {r[1] for r in db.execute("PRAGMA table_info(images)")}
-        if "seal" not in columns and write:
-            db.execute("ALTER TABLE images ADD COLUMN seal TEXT")  # a store of gcd < 0.3
-            columns.add("seal")
+        for column, kind in (("seal", "TEXT"), ("created", "REAL")):  # a store of gcd < 0.3
+            if column not in columns and write:
+                db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
+                columns.add(column)
         self._key, legacy = self._read_key(write)
         rows: dict[str, _Row] = {}
         bad = 0
@@ -256,12 +263,10 @@ class Store:
             cycles = int(row[0]) if row else 0
         except (TypeError, ValueError):
             cycles, bad = 1, bad + 1
+        wanted = _COLUMNS.replace(", created", ", created" if "created" in columns else ", NULL")
         seal = "seal" if "seal" in columns else "NULL"
-        for r in db.execute(
-            "SELECT id, first_seen, first_seen_dangling, dangling, last_used, fact_tags, layers,"
-            f" layer_sizes, last_tag_time, {seal} FROM images"
-        ):
-            sealed = legacy or (self._key is not None and r[9] == _seal(self._key, r[:9]))
+        for r in db.execute(f"SELECT {wanted}, {seal} FROM images"):
+            sealed = legacy or (self._key is not None and r[10] == _seal(self._key, r[:10]))
             parsed = _row(r) if sealed else None
             if parsed is None:
                 bad += 1
@@ -397,7 +402,8 @@ class Store:
         try:
             db.execute("BEGIN")
             db.executemany(
-                "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO images ({_COLUMNS}, seal)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [self._values(i) for i in sorted(self._unsaved) if i in self._rows],
             )
             db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in sorted(self._gone)])
@@ -427,6 +433,7 @@ class Store:
             None if f is None else " ".join(f.layers),
             None if f is None else " ".join(str(s) for s in f.layer_sizes),
             None if f is None or f.last_tag_time is None else f.last_tag_time.timestamp(),
+            None if f is None or f.created is None else f.created.timestamp(),
         )
         return (*values, None if self._key is None else _seal(self._key, values))
 
@@ -462,13 +469,14 @@ def _row(r: tuple[object, ...]) -> _Row | None:
             sizes = tuple(int(s) for s in _split(_text(r[7])))
             if len(sizes) != len(layers) or any(s < 0 for s in sizes):
                 return None
-            last_tag = _stamp(r[8])
+            last_tag, created = _stamp(r[8]), _stamp(r[9])
             facts = ImageFacts(
                 tuple(_split(_text(r[5]))),
                 # Most layers are shared bases: one string per layer, not one per image.
                 layers,
                 sizes,
                 None if last_tag is None else datetime.fromtimestamp(last_tag, UTC),
+                None if created is None else datetime.fromtimestamp(created, UTC),
             )
         return _Row(_stamp(r[1]), _stamp(r[2]), bool(r[3]), _stamp(r[4]), facts)
     except (TypeError, ValueError, OverflowError):

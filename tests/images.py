@@ -71,7 +71,9 @@ class Spec:
 
     def config(self) -> tuple[bytes, list[bytes]]:
         tars = [layer.tar() for layer in self.layers]
-        created = self.created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = self.created.astimezone(UTC)
+        fraction = f".{when.microsecond:06d}" if when.microsecond else ""
+        created = when.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
         config = {
             "architecture": "amd64",
             "os": "linux",

@@ -279,3 +279,29 @@ def test_siblings_sharing_an_intermediate_parent_both_go_and_the_parent_with_the
     assert by_id[parent]["decision"] == "remove"
     assert by_id[parent]["outcome"] == "done"
     assert ids_now(client) == set()
+
+
+def test_order_by_created_ranks_two_builds_of_one_second_by_their_full_precision(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
+    second = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+    # The newer build has the smaller tag name: were `created` whole seconds (the list
+    # API's), the two would tie and the greater tag name, the older build, would stay.
+    older, newer = load(
+        client,
+        [
+            Spec(["app:b"], [Layer("b")], second.replace(microsecond=100_000)),
+            Spec(["app:a"], [Layer("a")], second.replace(microsecond=900_000)),
+        ],
+    )
+    policy = """
+    safety: {min_age: 1h, max_removal_fraction: 1.0, keep_one_per_repository: false}
+    rules:
+      - {name: by-age, match: {repository: app}, order_by: created, keep_last: 1}
+    """
+    decisions = {
+        d["image_id"]: d for d in gcd.json("plan", "--config", str(gcd.config(policy)))["decisions"]
+    }
+    assert decisions[newer]["decision"] == "keep"
+    assert decisions[older]["decision"] == "remove"
+    assert decisions[older]["reasons"] == ["by-age: rank 2 > keep_last 1 in group repository=app"]

@@ -65,7 +65,8 @@ def test_last_used_is_now_for_running_containers_and_creation_time_otherwise(
 def test_facts_and_observations_survive_a_reopen_and_vanished_images_are_forgotten(
     tmp_path: Path,
 ) -> None:
-    facts = ImageFacts(("a:1",), ("sha256:l1", "sha256:l2"), (10, 20), NOW)
+    created = NOW.replace(microsecond=123_456)  # full precision survives the store
+    facts = ImageFacts(("a:1",), ("sha256:l1", "sha256:l2"), (10, 20), NOW, created)
     store = Store(str(tmp_path))
     store.observe(snapshot([image("x", ["a:1"]), image("y")]), {iid("x"): facts}, NOW)
     store.observe(snapshot([image("x", ["a:1"]), image("y"), image("z")]), {}, LATER)
