@@ -175,6 +175,14 @@ def _run(cfg: config.Config, output: str) -> int:
     print(report.to_json(result) if output == "json" else report.to_text(result), end="")
     if result.state_problem:
         print(f"gcd: {result.state_problem}; {cycle.STATE_PROBLEM_EFFECT}", file=sys.stderr)
+    lost = next((o for o in result.outcomes.values() if o.code == "engine_down" and o.error), None)
+    if lost is not None:
+        # The rest of the plan was skipped unsent: the engine, not a removal, failed.
+        print(
+            f"gcd: {lost.error}; stopped after {len(result.removed())} removals",
+            file=sys.stderr,
+        )
+        return EngineUnavailable.exit_code
     return 1 if result.count("failed") or result.unplanned() or result.state_problem else 0
 
 

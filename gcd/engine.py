@@ -71,8 +71,8 @@ class Engine(Protocol):
         """The ID of the image a tag names now, or None if it names none."""
 
     def delete(self, ref: str) -> Deletion:
-        """Delete one reference or an image ID, never forced (ConflictError on 409,
-        NotFoundError on 404)."""
+        """Delete one reference or an image ID, never forced and never pruning parents
+        (ConflictError on 409, NotFoundError on 404)."""
 
     def tag(self, image_id: str, ref: str) -> None:
         """Put the tag `ref` on an image (moving it if it names another)."""
@@ -357,12 +357,14 @@ class DockerEngine:
         return str(raw["Id"])
 
     def delete(self, ref: str) -> Deletion:
-        # force=False, noprune=False: the engine refuses what is in use and prunes parents.
+        # force=0: the engine refuses what is in use. noprune=1: it deletes this image only,
+        # never an untagged parent with it (one the plan kept may have lost its last user
+        # meanwhile); gcd deletes the parents it planned itself, after their children.
         sent = time.time_ns()
         if self._socket_path is None:
-            answer = self._get(lambda: self.client.remove_image(ref, force=False, noprune=False))
+            answer = self._get(lambda: self.client.remove_image(ref, force=False, noprune=True))
         else:
-            path = f"/images/{urllib.parse.quote(ref, safe='/:@')}?force=0&noprune=0"
+            path = f"/images/{urllib.parse.quote(ref, safe='/:@')}?force=0&noprune=1"
             answer = self._local_request("DELETE", path, self._socket_path)
         answered = time.time_ns()
         items = answer if isinstance(answer, list) else ()

@@ -77,7 +77,6 @@ class _Run:
         self.deleted: set[str] = set()  # every ID the engine said it deleted
         self.halted: str | None = None  # "stopped" or "engine_down"
         removing = {d.image_id for d in plan.decisions if d.decision == "remove"}
-        self.planned = frozenset(removing)
         # Images gcd itself changes in this run: their untag events are gcd's own.
         self.acting = frozenset(removing | {d.image_id for d in plan.decisions if d.untag})
 
@@ -126,26 +125,20 @@ def execute(
         with ThreadPoolExecutor(max_workers=min(workers, len(groups))) as pool:
             for future in [pool.submit(run_group, g) for g in groups]:
                 future.result()
-    unplanned = {i: o for o in outcomes.values() for i in o.unplanned}
     for d in plan.decisions:
         if d.image_id in outcomes:
             continue
-        if d.image_id in unplanned:
-            cause = unplanned[d.image_id]
-            outcomes[d.image_id] = Outcome(
-                d.image_id,
-                "failed",
-                error=f"deleted by the engine while gcd removed {short_id(cause.image_id)}, "
-                "although the plan kept it",
-                code="unplanned",
-            )
-        elif d.implied and d.image_id not in run.deleted:
-            outcomes[d.image_id] = _skip(
-                d, "kept_by_engine", "a child image was not removed, so the engine kept this parent"
-            )
-        else:
-            outcomes[d.image_id] = Outcome(d.image_id, "done")
+        cause = next((i for i, o in outcomes.items() if d.image_id in o.unplanned), None)
+        if cause is None:
+            outcomes[d.image_id] = Outcome(d.image_id, "done")  # kept, nothing to do
             continue
+        outcomes[d.image_id] = Outcome(
+            d.image_id,
+            "failed",
+            error=f"deleted by the engine while gcd removed {short_id(cause)}, although the "
+            "plan kept it",
+            code="unplanned",
+        )
         _log(d, outcomes[d.image_id])
     report = Report(plan, False, started_at, outcomes)
     reclaimed = sum(plan.snapshot.freed_bytes(report.removed()).values())
@@ -164,11 +157,7 @@ def _groups(plan: Plan) -> list[list[Decision]]:
             image_id = parent_of[image_id]
         return image_id
 
-    actions = [
-        d
-        for d in plan.decisions
-        if (d.decision == "remove" and not d.implied) or (d.decision == "keep" and d.untag)
-    ]
+    actions = [d for d in plan.decisions if d.decision == "remove" or d.untag]
     for d in actions:
         if d.decision != "remove":
             continue
@@ -220,7 +209,7 @@ class _Action:
         self.engine = run.engine
         self.untagged: list[str] = []
         self.restored: list[str] = []
-        self.unplanned: set[str] = set()
+        self.unplanned: dict[str, str] = {}  # image ID -> how it came to be deleted
         self.problems: list[str] = []
 
     def carry_out(self) -> Outcome:
@@ -253,12 +242,12 @@ class _Action:
         error: str | None = None,
     ) -> Outcome:
         problems = list(self.problems)
-        if self.unplanned:
-            problems.append(
-                "the engine also deleted "
-                + ", ".join(short_id(i) for i in sorted(self.unplanned))
-                + ", which the plan did not remove (a tag moved to it during the removal)"
-            )
+        for image_id, cause in sorted(self.unplanned.items()):
+            if image_id != self.d.image_id:
+                problems.append(
+                    f"the engine also deleted {short_id(image_id)}, which the plan did not "
+                    f"remove{cause}"
+                )
         if error:
             problems.insert(0, error)
         return Outcome(
@@ -276,6 +265,20 @@ class _Action:
 
     def _remove(self) -> Outcome:
         d, engine = self.d, self.engine
+        if d.implied:
+            # A parent goes after its children (they come first in its group); one that
+            # stayed keeps it, and the engine would refuse anyway.
+            snapshot = self.run.plan.snapshot
+            with self.run.lock:
+                staying = sorted(
+                    c for c in snapshot.children(d.image_id) if c not in self.run.deleted
+                )
+            if staying:
+                return self._outcome(
+                    "skipped",
+                    f"its child image {short_id(staying[0])} was not removed, so it stays",
+                    "child_kept",
+                )
         self.run.check()
         now = engine.current(d.image_id)
         if now is None:
@@ -316,6 +319,15 @@ class _Action:
         if deletion is None:
             return self._outcome("skipped", "already gone", "gone")
         self._note(deletion)
+        # The one window of a removal by ID: after the re-read, the image's own tags moved
+        # away and it was given a new one (the engine refuses two). Said, never silent.
+        gained = sorted(t for t in deletion.untagged if "@" not in t and t not in d.tags)
+        if gained and d.image_id in deletion.deleted:
+            self.unplanned[d.image_id] = ""
+            self.problems.append(
+                f"it was tagged {', '.join(gained)} during its removal, and the engine "
+                "deleted it with that tag"
+            )
         return self._outcome("done")
 
     def _untag(self) -> Outcome:
@@ -361,11 +373,14 @@ class _Action:
         snapshot = self.run.plan.snapshot
         self.untagged.extend(ref for ref in deletion.untagged if "@" not in ref)
         for deleted in deletion.deleted:
-            if deleted in self.run.planned or deleted == self.d.image_id:
+            if deleted == self.d.image_id:
                 continue
             # The answer lists layers too: an image is one the snapshot or the events know.
-            if deleted in snapshot or deleted in victims:
-                self.unplanned.add(deleted)
+            # With noprune, nothing but the image itself should go: anything else is said.
+            if deleted in victims:
+                self.unplanned[deleted] = " (a tag moved to it during the removal)"
+            elif deleted in snapshot:
+                self.unplanned[deleted] = ""
 
     def _untag_verified(self, tags: Sequence[str]) -> None:
         """Delete tags of this image by name, then find in the engine's event log which

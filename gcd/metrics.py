@@ -22,7 +22,7 @@ SKIP_REASONS = (
     "in_use",
     "tag_changed",
     "conflict",
-    "kept_by_engine",
+    "child_kept",
     "no_tag_left",
     "stopped",
     "engine_down",

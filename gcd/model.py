@@ -185,7 +185,7 @@ class Decision(NamedTuple):
     reasons: tuple[str, ...]
     untag: tuple[str, ...] = ()
     bytes: int = 0
-    # Removed by the engine together with its last child: gcd sends no request of its own.
+    # An untagged parent removed right after its last child (by gcd, by ID).
     implied: bool = False
     protected: bool = False
     dangling: bool = False
@@ -221,7 +221,7 @@ class Outcome:
     error: str | None = None
     untagged: tuple[str, ...] = ()
     # Why it was skipped, as a metric label: gone, in_use, tag_changed, conflict,
-    # kept_by_engine, no_tag_left, stopped, engine_down.
+    # child_kept, no_tag_left, stopped, engine_down; or "unplanned" on a failed keep.
     code: str | None = None
     # Images the engine deleted while carrying this action out that the plan did not remove.
     unplanned: tuple[str, ...] = ()

@@ -3,8 +3,8 @@
 It answers like dockerd 20.10-29 on overlay2 (checked against the real engine by the
 integration suite): a reference deleted by name untags; an image deleted by ID must have at
 most one tag and digests of that tag's repository; the last reference of an image a
-container uses is refused; a deleted image's untagged parents without other children go
-with it; every change is an event. `before(method, target)` runs before each request, so a
+container uses is refused; parents are never pruned with a child (gcd always sends
+noprune=1); every change is an event. `before(method, target)` runs before each request, so a
 test can change the world inside gcd's windows; `fail` maps a request to an error.
 """
 
@@ -228,14 +228,6 @@ class FakeEngine:
         self._event("untag", image_id)
 
     def _delete_with_parents(self, image_id: str, deleted: list[str]) -> None:
-        parent = self.images[image_id].parent
         del self.images[image_id]
         deleted.append(image_id)
         self._event("delete", image_id)
-        if (
-            parent in self.images
-            and not self.images[parent].refs
-            and not self._children(parent)
-            and not self._user(parent)
-        ):
-            self._delete_with_parents(parent, deleted)  # type: ignore[arg-type]

@@ -266,7 +266,7 @@ def test_an_implied_parent_kept_by_the_engine_says_why_only_when_true() -> None:
     plan = plan_of(engine)
     assert plan.decision(iid("base")).implied
     report = execute(engine, plan)
-    assert report.outcome(iid("base")).outcome == "done"  # pruned with its child
+    assert report.outcome(iid("base")).outcome == "done"  # removed after its child
     assert iid("base") not in engine.images
 
     engine = FakeEngine()
@@ -277,5 +277,45 @@ def test_an_implied_parent_kept_by_the_engine_says_why_only_when_true() -> None:
     engine.run("late", OLD)
     report = execute(engine, plan)
     assert report.outcome(iid("base")).reason == (
-        "a child image was not removed, so the engine kept this parent"
+        f"its child image {OLD[7:19]} was not removed, so it stays"
     )
+    assert iid("base") in engine.images
+
+
+def test_a_parent_the_plan_kept_is_never_pruned_with_a_child() -> None:
+    # Kept at plan time because a container used it; the container is gone by the time its
+    # child is removed. The engine would prune it: gcd asks it not to.
+    engine = FakeEngine()
+    engine.add(iid("base"))
+    engine.add(OLD, "app:1", parent=iid("base"))
+    engine.add(NEW, "app:99999")
+    engine.run("job", iid("base"))
+    plan = plan_of(engine)
+    assert plan.decision(iid("base")).decision == "keep"
+    del engine.containers["job"]
+    report = execute(engine, plan)
+    assert report.outcome(OLD).outcome == "done"
+    assert iid("base") in engine.images
+    assert report.unplanned() == ()
+
+
+def test_an_image_tagged_anew_while_its_own_tag_moved_away_is_reported_if_deleted() -> None:
+    # The one window of a removal by ID: both changes land between the re-read and the
+    # DELETE. The engine deletes the image with its new tag; gcd cannot prevent it (no
+    # compare-and-swap in the API) but says so: an error, counted as unplanned.
+    engine = world("app:1")
+    plan = plan_of(engine)
+
+    def promote_and_rebuild(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", OLD):
+            engine.tag(OLD, "app:stable")
+            engine.load(OTHER, "app:1")
+
+    engine.before = promote_and_rebuild
+    report = execute(engine, plan)
+    outcome = report.outcome(OLD)
+    assert report.unplanned() == (OLD,)
+    assert outcome.error == (
+        "it was tagged app:stable during its removal, and the engine deleted it with that tag"
+    )
+    assert outcome.untagged == ("app:stable",)
