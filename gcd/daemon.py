@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 
 # Between two watchdog checks when systemd asks for no watchdog: how soon a signal is handled.
 IDLE_TICK = 1.0
+# How long one sd_notify message may wait for systemd to take it.
+NOTIFY_TIMEOUT = 0.1
+
+
+def _one_line(text: str) -> str:
+    """ASCII without control characters: newlines and the like become spaces."""
+    ascii_text = text.encode("ascii", "replace").decode("ascii")
+    return "".join(c if " " <= c <= "~" else " " for c in ascii_text)
 
 
 def _release_memory() -> None:
@@ -71,6 +79,11 @@ class Daemon:
         self.config_path = config_path
         self.metrics = metrics or Metrics()
         self.notifier = notifier or SystemdNotifier()
+        sock = getattr(self.notifier, "socket", None)
+        if sock is not None:
+            # A notification never holds the daemon up: one systemd does not take within a tenth
+            # of a second is dropped (sdnotify ignores the error), not waited for.
+            sock.settimeout(NOTIFY_TIMEOUT)
         env = os.environ if environ is None else environ
         usec = int(env.get("WATCHDOG_USEC", "0") or 0)
         owner = env.get("WATCHDOG_PID")
@@ -286,8 +299,9 @@ class Daemon:
     # --- text --------------------------------------------------------------------------------
 
     def _notify(self, *lines: str) -> None:
-        # sd_notify wants ASCII; reasons can carry any tag name.
-        self.notifier.notify("\n".join(lines).encode("ascii", "replace").decode("ascii"))
+        # sd_notify wants ASCII, one assignment a line: text from the engine (tags, errors)
+        # must not start a line of its own (a "MAINPID=1" in an error message).
+        self.notifier.notify("\n".join(_one_line(line) for line in lines))
 
     def _next_run(self) -> str:
         when = self.trigger.get_next_fire_time(None, datetime.now(UTC))

@@ -81,6 +81,7 @@ class Store:
         self._cycles = 0
         self._db: sqlite3.Connection | None = None
         self._key: bytes | None = None
+        self._recorded = False  # the file holds a store's record of its cycles
         # Why this store cannot vouch for what it remembers; None when it can. Reported by
         # the next observe() as `cycle_problem`.
         self.problem: str | None = None
@@ -124,9 +125,12 @@ class Store:
                 self._lost(f"cannot use the state store {self.path}: {why}")
                 self._open_readonly()
             return
-        if existed and self._cycles == 0:
+        if existed and not self._recorded:
             # A file that held a store but holds none now (emptied, truncated): memory lost.
             self._lost(f"the state store {self.path} was empty: its records are lost")
+        if not self._recorded or self.problem:
+            # From its first moment a store says so (cycles 0): an empty file is then a
+            # lost one, never a new one.
             self._persist_cycles()
 
     def _open_readonly(self) -> None:
@@ -148,7 +152,7 @@ class Store:
             self._rows, self._cycles = {}, 0
         finally:
             self._db = None
-        if self._cycles == 0 and self.problem is None:
+        if not self._recorded and self.problem is None:
             self._lost(f"the state store {self.path} holds no records (emptied or truncated)")
 
     def _set_aside(self, error: sqlite3.DatabaseError) -> None:
@@ -188,8 +192,10 @@ class Store:
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('cycles', ?)", (str(self._cycles),)
             )
+            self._recorded = True
         except sqlite3.Error as e:
-            self.problem = f"{self.problem}; cannot write it: {e}"
+            problem = f"cannot write the state store {self.path}: {e}"
+            self.problem = f"{self.problem}; {problem}" if self.problem else problem
 
     def _close_quietly(self) -> None:
         if self._db is not None:
@@ -260,6 +266,7 @@ class Store:
         bad = 0
         row = db.execute("SELECT value FROM meta WHERE key = 'cycles'").fetchone()
         try:
+            self._recorded = row is not None
             cycles = int(row[0]) if row else 0
         except (TypeError, ValueError):
             cycles, bad = 1, bad + 1

@@ -6,6 +6,7 @@ Needs root, dockerd (Debian: docker.io) and, for runnable images, busybox-static
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -88,6 +89,18 @@ class PrivateEngine:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL dockerd, as the OOM killer would; its containerd dies with it. The next
+        start() makes a new containerd: the old one's pid file is removed, since here its
+        zombie may never be reaped (PID 1 of a sandbox need not reap) and would pass for a
+        live containerd."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.root, "exec", "containerd", "containerd.pid"))
 
     def remove(self) -> None:
         """Delete the data root; unmount anything a crashed engine left mounted first."""

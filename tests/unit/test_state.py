@@ -278,3 +278,11 @@ def test_released_rows_are_read_back_on_the_next_use(tmp_path: Path) -> None:
     assert store.facts() == {iid("x"): facts}
     view = store.observe(snapshot([image("x", ["a:1"]), image("y")]), {}, LATER)
     assert view.first_seen == {iid("y"): LATER}
+
+
+def test_a_store_whose_first_cycle_never_came_is_still_new_not_lost(tmp_path: Path) -> None:
+    Store(str(tmp_path)).close()  # the run failed before it observed anything
+    store = Store(str(tmp_path))
+    assert store.new and store.problem is None
+    view = store.observe(snapshot([image("x")]), {}, NOW)
+    assert view.new_store and store.cycle_problem is None
