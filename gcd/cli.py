@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dry_plan(cfg: config.Config) -> Plan:
     """Snapshot and plan once, removing nothing (plan, run --dry-run, explain): the state
-    store is read when it exists, never created or written (spec section 2)."""
+    store is read when it exists, never created or written."""
     store = Store(cfg.state_dir, writable=False)
     engine = cycle.connect(cfg)
     try:

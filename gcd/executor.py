@@ -1,7 +1,7 @@
 """execute(plan, engine) -> Report: the only place that removes anything.
 
 Never forces. The Engine API has no compare-and-swap for tags, so the order of requests is
-the safety (spec section 5):
+the safety (docs/architecture.md, Removing safely):
 
 - an image's last (or only) reference goes with `DELETE /images/<image ID>`: the engine then
   deletes exactly that image, or refuses (409); a tag that moved to another image meanwhile
@@ -30,7 +30,16 @@ from datetime import datetime
 
 from gcd.engine import Engine
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
-from gcd.model import Decision, Deletion, Outcome, Plan, Report, short_id, split_ref
+from gcd.model import (
+    Decision,
+    Deletion,
+    Outcome,
+    OutcomeKind,
+    Plan,
+    Report,
+    short_id,
+    split_ref,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +189,13 @@ def _skip(d: Decision, code: str, reason: str, untagged: Sequence[str] = ()) -> 
     return Outcome(d.image_id, "skipped", reason=reason, untagged=tuple(untagged), code=code)
 
 
+def _names(tags: Sequence[str], shown: int = 3) -> str:
+    """`a:1, a:2, a:3 and 997 more`: a reason stays one short line however many tags."""
+    ordered = sorted(tags)
+    text = ", ".join(ordered[:shown])
+    return f"{text} and {len(ordered) - shown} more" if len(ordered) > shown else text
+
+
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -221,7 +237,7 @@ class _Action:
             if e.code == "engine_down":
                 return self._outcome("skipped", "engine unreachable", "engine_down")
             if self.untagged:
-                reason = f"cycle stopped after untagging {', '.join(self.untagged)}"
+                reason = f"cycle stopped after untagging {_names(self.untagged)}"
             else:
                 reason = "cycle stopped before this action"
             return self._outcome("skipped", reason, "stopped")
@@ -236,7 +252,7 @@ class _Action:
 
     def _outcome(
         self,
-        status: str,
+        status: OutcomeKind,
         reason: str | None = None,
         code: str | None = None,
         error: str | None = None,
@@ -252,7 +268,7 @@ class _Action:
             problems.insert(0, error)
         return Outcome(
             self.d.image_id,
-            status,  # type: ignore[arg-type]
+            status,
             reason=reason,
             error="; ".join(problems) or None,
             untagged=tuple(self.untagged),

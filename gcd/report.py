@@ -71,6 +71,9 @@ def _decision(report: Report, d: Decision) -> dict[str, Any]:
         "size": report.plan.snapshot.image(d.image_id).size,
         "outcome": o.outcome,
         "error": o.error,
+        # The references the engine said went, exactly (a skipped image may have lost some).
+        "untagged": list(o.untagged),
+        "restored": list(o.restored),
     }
 
 

@@ -11,7 +11,7 @@ every image the engine deleted or untagged:
 - it was not in use (no container of it existed at that moment, by the actors' own log);
 - it did not carry `app:stable` at that moment (by the engine's tag events);
 - an image untagged was one gcd acted on, or one gcd itself reported (a tag put back, or
-  an unplanned removal: spec section 5's one racy step, a multi-tag image's other tags).
+  an unplanned removal: the one racy step, a multi-tag image's other tags).
 
 Run it long: `sudo .venv/bin/python -m tests.race --rounds 1000` (a private engine of its
 own); the seed is printed, and `--seed` replays the random choices (timing still varies).

@@ -1,4 +1,4 @@
-"""Measure the windows spec section 5 leaves: the time from gcd's re-read of what an image
+"""Measure the windows the Engine API leaves open: the time from gcd's re-read of what an image
 or a tag is to the DELETE that acts on it, on a private engine (no proxy).
 
     sudo .venv/bin/python -m tests.window [--images 300]

@@ -308,3 +308,46 @@ def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
     assert stopped and done, (len(stopped), len(done))
     assert len(stopped) + len(done) == 299
     assert {d["tags"][0] for d in stopped} <= set(tags_now(client))  # untouched
+
+
+def test_sigterm_while_an_image_loses_thousands_of_tags_stops_within_a_request(
+    gcd: Gcd, client: docker.APIClient, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import time
+
+    old, _ = load(
+        client,
+        [Spec(["many:1"], [Layer("many-1")], WHEN), Spec(["many:99999"], [Layer("new")], WHEN)],
+    )
+    names = [f"many:{n}" for n in range(2, 1001)]
+    for name in names:
+        client.tag(old, "many", name.partition(":")[2])
+    config = gcd.config(POLICY.replace("repository: app", "repository: many"))
+    log = tmp_path / "run.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gcd", "run", "--config", str(config), "--output", "json"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while len(tags_now(client)) > 950 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        out, _ = process.communicate(timeout=30)
+    assert time.monotonic() - stopped_at < 5
+    assert process.returncode == 0
+    (decision,) = [d for d in json.loads(out)["decisions"] if d["image_id"] == old]
+    assert decision["outcome"] == "skipped"
+    left = {t for t, i in tags_now(client).items() if i == old}
+    # The report names exactly the tags that went; the image keeps the rest.
+    assert 0 < len(decision["untagged"]) < 1000
+    assert set(decision["untagged"]) == {"many:1", *names} - left
+    first = ", ".join(sorted(decision["untagged"])[:3])
+    assert (
+        f"skipped: cycle stopped after untagging {first} and {len(decision['untagged']) - 3} more"
+        in decision["reasons"]
+    )
