@@ -98,10 +98,23 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("gcd: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         if args.command == "check-config":
+            if config.config_path(args.path) is None:
+                raise UsageError(
+                    f"no configuration to check: name a file, set $GCD_CONFIG, or create "
+                    f"{config.DEFAULT_PATH}"
+                )
             for warning in config.load(args.path).warnings:
                 print(warning, file=sys.stderr)
             print("ok")

@@ -405,6 +405,13 @@ class _Checker:
                     )
                 else:
                     listen = value
+                    if match is not None and match["host"].strip("[]") in ("", "0.0.0.0", "::"):
+                        self.warning(
+                            found["listen"],
+                            "metrics.listen",
+                            f"{json.dumps(value)} serves /metrics on every interface, to other "
+                            "hosts too; name an address (127.0.0.1:9782) unless that is meant",
+                        )
         textfile = None
         if "textfile" in found:
             textfile = self.string(found["textfile"], "metrics.textfile", nullable=True)

@@ -512,11 +512,11 @@ _ARRIVALS = frozenset({"load", "pull", "import", "commit"})
 
 
 def _log(d: Decision, o: Outcome) -> None:
-    what = f"{short_id(d.image_id)} {','.join(d.tags) or '<untagged>'}"
+    what = f"{short_id(d.image_id)} {_names(d.tags) if d.tags else '<untagged>'}"
     if o.outcome == "done" and d.decision == "remove":
         log.info("removed %s", what)
     elif o.outcome == "done":
-        log.info("untagged %s on kept image %s", ",".join(o.untagged), what)
+        log.info("untagged %s on kept image %s", _names(o.untagged), what)
     elif o.outcome == "skipped":
         log.warning("skipped %s: %s", what, o.reason)
     else:

@@ -3,6 +3,7 @@ an HTTP endpoint for the daemon, a node_exporter textfile for one-shot runs."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -230,5 +231,8 @@ class Metrics:
         """Write every metric to `path` atomically (a temporary file renamed over it)."""
         try:
             write_to_textfile(path, self.registry)
+            # node_exporter runs as another user: readable by all, whatever gcd's umask
+            # (the systemd units set 0077).
+            os.chmod(path, 0o644)
         except OSError as e:
             raise GcdError(f"cannot write metrics.textfile {path}: {e.strerror}") from None

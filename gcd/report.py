@@ -89,7 +89,7 @@ def to_text(report: Report) -> str:
             reason += f" (+{len(d.reasons) - 1} more)"
         if o.reason or o.error:
             reason = f"{o.reason or o.error}; planned: {reason}"
-        tags = ", ".join(d.tags) or "<none>"
+        tags = tag_cell(d.tags)
         size = format_bytes(plan.snapshot.image(d.image_id).size)
         row = (short_id(d.image_id), tags, decision, size, reason)
         # A kept image with nothing to do has no outcome worth a word in the table.
@@ -102,6 +102,16 @@ def to_text(report: Report) -> str:
     lines.append("")
     lines.append(summary_line(report))
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def tag_cell(tags: tuple[str, ...], shown: int = 2) -> str:
+    """`app:1, app:2 … (+9,998)`: a table row stays readable however many tags an image
+    has (the JSON document lists them all)."""
+    if not tags:
+        return "<none>"
+    if len(tags) <= shown + 1:
+        return ", ".join(tags)
+    return f"{', '.join(tags[:shown])} … (+{len(tags) - shown:,})"
 
 
 def summary_line(report: Report) -> str:

@@ -316,3 +316,14 @@ def test_the_demo_teaches_settings_that_draw_no_warning() -> None:
     demo = config.parse(CONFIG.format(url="unix:///demo.sock", state="/tmp/demo"), "demo.yaml")
     assert demo.warnings == ()
     assert demo.safety.min_age == config.SafetyConfig().min_age
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9782", ":9782", "'[::]:9782'"])
+def test_metrics_on_every_interface_is_valid_with_a_warning(listen: str) -> None:
+    cfg = config.parse(f"version: 1\nmetrics:\n  listen: {listen}\n", "config.yaml")
+    shown = listen.strip("'")
+    assert cfg.warnings == (
+        f'config.yaml:3: metrics.listen: warning: "{shown}" serves /metrics on every '
+        "interface, to other hosts too; name an address (127.0.0.1:9782) unless that is meant",
+    )
+    assert config.parse("version: 1\nmetrics: {listen: '127.0.0.1:9782'}\n", "c").warnings == ()

@@ -97,3 +97,14 @@ def test_serve_binds_loopback_by_default_config() -> None:
         assert server.httpd.server_address[0] == "127.0.0.1"
     finally:
         server.close()
+
+
+def test_the_textfile_is_readable_by_node_exporter_whatever_the_umask(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    previous = os.umask(0o077)  # what the systemd units set
+    try:
+        Metrics().write_textfile(str(tmp_path / "gcd.prom"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "gcd.prom").stat().st_mode & 0o777 == 0o644
