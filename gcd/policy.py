@@ -380,11 +380,12 @@ def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, 
     # An expiry's reason, but for its rank, is the same throughout the group: made once.
     head, tail = f"{name}: rank ", f" > keep_last {keep_last} in group {label}"
     for rank, (_, _, tags, v) in enumerate(entries[keep_last:], start=keep_last + 1):
-        if keep_within is not None and (v.age is None or v.age < keep_within):
-            # An image with no age signal at all is not known to be old: keep it.
-            shown = "unknown" if v.age is None else format_duration(v.age)
+        # An image with no age signal at all counts as old, as everywhere (else keep_within
+        # would keep a reproducible build with no tag time forever).
+        if keep_within is not None and v.age is not None and v.age < keep_within:
             reason = (
-                f"{name}: age {shown} < keep_within {format_duration(keep_within)} in group {label}"
+                f"{name}: age {format_duration(v.age)} < keep_within "
+                f"{format_duration(keep_within)} in group {label}"
             )
             for tag in tags:
                 keeps[tag].append(reason)
@@ -467,16 +468,21 @@ def _mark_candidates(
             v.keep_reasons += ("dangling (dangling.action: keep)",)
             continue
         since = state.first_seen_dangling.get(image.id)
-        # Dangling since before the store existed: the image's own age stands in.
-        dangling_for = now - since if since else v.age
         grace = format_duration(config.dangling.min_age)
-        if dangling_for is not None and dangling_for < config.dangling.min_age:
-            v.keep_reasons += (
-                f"dangling for {format_duration(dangling_for)} < dangling.min_age {grace}",
-            )
+        measured: timedelta | None
+        if since is not None:
+            measured = now - since
+            what = f"dangling for {format_duration(measured)}"
         else:
-            shown = "an unknown time" if dangling_for is None else format_duration(dangling_for)
-            v.expire_reasons += (f"dangling for {shown} >= dangling.min_age {grace}",)
+            # Dangling since before gcd's records began: the image's own age stands in, and
+            # the reason says it is the age that was measured.
+            measured = v.age
+            age = "unknown (counts as old)" if v.age is None else format_duration(v.age)
+            what = f"dangling since before gcd's records began, age {age}"
+        if measured is not None and measured < config.dangling.min_age:
+            v.keep_reasons += (f"{what} < dangling.min_age {grace}",)
+        else:
+            v.expire_reasons += (f"{what} >= dangling.min_age {grace}",)
             v.remove = True
 
 

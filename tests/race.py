@@ -88,6 +88,7 @@ class Figures:
 
 @dataclass
 class _Use:
+    container: str
     image_id: str
     created_ns: int  # the container existed from here
     removed_ns: int | None = None  # until here (the remove request started)
@@ -179,7 +180,7 @@ class Actors:
         none = client.create_host_config(network_mode="none")
         created = client.create_container(ref, ["/bin/busybox", "true"], host_config=none)
         image_id = client.inspect_container(created["Id"])["Image"]
-        use = _Use(image_id, time.time_ns())
+        use = _Use(created["Id"][:12], image_id, time.time_ns())
         with self.lock:
             self.uses.append(use)
         self._count("containers")
@@ -210,13 +211,18 @@ class Actors:
         shutil.rmtree(context, ignore_errors=True)
         self._count("buildkit builds")
 
-    def in_use(self, image_id: str, at_ns: int) -> bool:
+    def user(self, image_id: str, at_ns: int) -> _Use | None:
+        """A container of the actors' that existed at `at_ns` and was made from this image."""
         with self.lock:
-            return any(
-                u.image_id == image_id
-                and u.created_ns < at_ns
-                and (u.removed_ns is None or u.removed_ns > at_ns)
-                for u in self.uses
+            return next(
+                (
+                    u
+                    for u in self.uses
+                    if u.image_id == image_id
+                    and u.created_ns < at_ns
+                    and (u.removed_ns is None or u.removed_ns > at_ns)
+                ),
+                None,
             )
 
 
@@ -273,8 +279,16 @@ class Oracle:
             figures.wrong.append(f"{image} was deleted although the plan kept it")
         if self.stable == e.image_id:
             figures.wrong.append(f"{image} was deleted while it carried {STABLE}")
-        if self.actors.in_use(e.image_id, self._sent(e.time_ns)):
-            figures.wrong.append(f"{image} was deleted while a container used it")
+        sent = self._sent(e.time_ns)
+        user = self.actors.user(e.image_id, sent)
+        if user is not None:
+            outcome = report.outcomes.get(e.image_id)
+            figures.wrong.append(
+                f"{image} was deleted while a container used it (container {user.container} "
+                f"made {(sent - user.created_ns) / 1e6:.1f} ms before the DELETE reached the "
+                f"proxy, deleted {(e.time_ns - sent) / 1e6:.1f} ms after; gcd's outcome: "
+                f"{outcome})"
+            )
 
 
 def _widen(proxy: FaultProxy, rng: random.Random, most: float) -> None:

@@ -39,7 +39,8 @@ def test_seed_story_end_to_end(gcd: Gcd, client: docker.APIClient) -> None:
     assert decisions[v2]["decision"] == "remove"
     # Already dangling on the store's first cycle: its age stands in for time dangling.
     (reason,) = decisions[v2]["reasons"]
-    assert reason.startswith("dangling for ") and reason.endswith(" >= dangling.min_age 0s")
+    assert reason.startswith("dangling since before gcd's records began, age ")
+    assert reason.endswith(" >= dangling.min_age 0s")
     assert decisions[v3]["decision"] == "keep"
     assert "builds: rank 1 <= keep_last 1 in group repository=demo" in decisions[v3]["reasons"]
     assert "no rule matches demo:latest (unmatched: keep)" in decisions[v3]["reasons"]

@@ -41,8 +41,14 @@ CASES = [
         "",
         [image("old-dangling"), image("young-dangling", age=D), image("tagged", ["app:1"])],
         {
-            "old-dangling": ("remove", ["dangling for 4w2d >= dangling.min_age 1d"]),
-            "young-dangling": ("remove", ["dangling for 1d >= dangling.min_age 1d"]),
+            "old-dangling": (
+                "remove",
+                ["dangling since before gcd's records began, age 4w2d >= dangling.min_age 1d"],
+            ),
+            "young-dangling": (
+                "remove",
+                ["dangling since before gcd's records began, age 1d >= dangling.min_age 1d"],
+            ),
             "tagged": ("keep", ["no rule matches app:1 (unmatched: keep)"]),
         },
     ),
@@ -116,6 +122,18 @@ CASES = [
             "c": ("keep", ["ci: rank 1 <= keep_last 1 in group repository=app"]),
             "a": ("keep", ["ci: age 2d < keep_within 3d in group repository=app"]),
             "b": ("remove", ["ci: rank 2 > keep_last 1 in group repository=app"]),
+        },
+    ),
+    Case(
+        "keep_within: an image with no age signal (a 1970 build, no tag time) counts as old",
+        NUMBERED.replace("keep_last: 2", "keep_last: 1\n    keep_within: 3d"),
+        [
+            image("repro", ["app:1"], age=NOW - NOW.replace(year=1970)),
+            image("c", ["app:3"], age=D),
+        ],
+        {
+            "c": ("keep", ["ci: rank 1 <= keep_last 1 in group repository=app"]),
+            "repro": ("remove", ["ci: rank 2 > keep_last 1 in group repository=app"]),
         },
     ),
     Case(
@@ -333,7 +351,10 @@ protect:
         {
             "recent": ("keep", ["dangling for 2h < dangling.min_age 1d"]),
             "long": ("remove", ["dangling for 2d >= dangling.min_age 1d"]),
-            "before-store": ("remove", ["dangling for 1w3d >= dangling.min_age 1d"]),
+            "before-store": (
+                "remove",
+                ["dangling since before gcd's records began, age 1w3d >= dangling.min_age 1d"],
+            ),
         },
         state=state(dangling_since={"recent": 2 * H, "long": 2 * D}),
     ),
@@ -347,7 +368,12 @@ protect:
         "a digest-only image is dangling and removed directly",
         "",
         [image("pulled", digests=["repo@sha256:" + "a" * 64])],
-        {"pulled": ("remove", ["dangling for 4w2d >= dangling.min_age 1d"])},
+        {
+            "pulled": (
+                "remove",
+                ["dangling since before gcd's records began, age 4w2d >= dangling.min_age 1d"],
+            )
+        },
     ),
     Case(
         "guard max_removal_fraction refuses a repository's plan",
@@ -457,13 +483,19 @@ protect:
         "safety: {min_age: 0s, max_removal_fraction: 1.0, keep_one_per_repository: false, max_removals_per_run: 2}\n",
         [image("d1", age=5 * D), image("d2", age=9 * D), image("d3", age=7 * D)],
         {
-            "d2": ("remove", ["dangling for 1w2d >= dangling.min_age 1d"]),
-            "d3": ("remove", ["dangling for 1w >= dangling.min_age 1d"]),
+            "d2": (
+                "remove",
+                ["dangling since before gcd's records began, age 1w2d >= dangling.min_age 1d"],
+            ),
+            "d3": (
+                "remove",
+                ["dangling since before gcd's records began, age 1w >= dangling.min_age 1d"],
+            ),
             "d1": (
                 "keep",
                 [
                     "guard safety.max_removals_per_run: 2 removals reached; older images go first",
-                    "dangling for 5d >= dangling.min_age 1d",
+                    "dangling since before gcd's records began, age 5d >= dangling.min_age 1d",
                 ],
             ),
         },
