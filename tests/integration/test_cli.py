@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
 
 import docker
 
@@ -271,6 +273,16 @@ def test_an_engine_hanging_on_its_socket_fails_fast_with_the_timeout(gcd: Gcd, t
         hung.close()
 
 
+def json_run(config: Path, stderr: IO[str]) -> subprocess.Popen[str]:
+    """`gcd run --output json` in the background, its log to `stderr`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gcd", "run", "--config", str(config), "--output", "json"],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+
+
 def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
     gcd: Gcd, client: docker.APIClient, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -285,12 +297,7 @@ def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
     )
     log = tmp_path / "run.log"
     with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gcd", "run", "--config", str(config), "--output", "json"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
+        process = json_run(config, stderr)
         deadline = time.monotonic() + 60
         while "INFO removed " not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -326,12 +333,7 @@ def test_sigterm_while_an_image_loses_thousands_of_tags_stops_within_a_request(
     config = gcd.config(POLICY.replace("repository: app", "repository: many"))
     log = tmp_path / "run.log"
     with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gcd", "run", "--config", str(config), "--output", "json"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
+        process = json_run(config, stderr)
         deadline = time.monotonic() + 60
         while len(tags_now(client)) > 950 and time.monotonic() < deadline:
             time.sleep(0.01)
