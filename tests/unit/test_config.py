@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gcd import config
 from gcd.config import Config
@@ -193,7 +194,12 @@ protect:
         ),
         (
             "version: 1\nrules: [\n",
-            ["config.yaml:3: invalid YAML: expected the node content, but found '<stream end>'"],
+            [
+                "config.yaml:3: invalid YAML: did not find expected node content"
+                if config._LOADER is not yaml.SafeLoader  # libyaml's words
+                else "config.yaml:3: invalid YAML: expected the node content, but found "
+                "'<stream end>'"
+            ],
         ),
         ("- 1\n", ["config.yaml:1: expected a mapping, got a list"]),
         ("version: 1\nversion: 1\n", ["config.yaml:2: version: duplicate key"]),
@@ -327,3 +333,91 @@ def test_metrics_on_every_interface_is_valid_with_a_warning(listen: str) -> None
         "interface, to other hosts too; name an address (127.0.0.1:9782) unless that is meant",
     )
     assert config.parse("version: 1\nmetrics: {listen: '127.0.0.1:9782'}\n", "c").warnings == ()
+
+
+def _alias_bomb(levels: int) -> str:
+    text = 'version: 1\na0: &a0 ["x","x","x","x","x","x","x","x","x","x"]\n'
+    for n in range(1, levels + 1):
+        text += f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 10) + "]\n"
+    return text + f"protect: *a{levels}\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            b"version: 1\nsafety: {min_age: \xff\xfe}\n",
+            "c.yaml:2: not UTF-8 text (byte 0xff); save the file as UTF-8",
+        ),
+        (
+            b"version: 1\nsafety: {max_removals_per_run: !!int abc}\n",
+            "c.yaml:2: safety.max_removals_per_run: expected an integer >= 1, got abc",
+        ),
+        (
+            b"version: 1\nunmatched: !!bool maybe\n",
+            "c.yaml:2: unmatched: expected one of keep | expire, got maybe",
+        ),
+        (
+            b"version: 1\nsafety: {max_removal_fraction: !!float xyz}\n",
+            "c.yaml:2: safety.max_removal_fraction: expected a number in (0, 1], got xyz",
+        ),
+        (
+            b"version: 1\nunmatched: !x:str foo\n",
+            "c.yaml:2: unmatched: expected one of keep | expire, got !x:str foo",
+        ),
+        (
+            b"version: 1\nsafety: {max_removals_per_run: " + b"9" * 5000 + b"}\n",
+            "c.yaml:2: safety.max_removals_per_run: expected an integer >= 1, got "
+            + "9" * 59
+            + "… (5,000 characters)",
+        ),
+        (
+            b"version: 1\nsafety: {min_age: 1000000000d}\n",
+            'c.yaml:2: safety.min_age: expected a duration up to 3650d, got "1000000000d"',
+        ),
+        (
+            b"version: 1\nschedule: {every: 3000000d}\n",
+            'c.yaml:2: schedule.every: expected a duration up to 3650d, got "3000000d"',
+        ),
+        (
+            b"version: 1\nunmatched: keep\x00\n",
+            "c.yaml:2: invalid YAML: character U+0000 is not allowed in YAML",
+        ),
+        (
+            _alias_bomb(9).encode(),
+            "c.yaml:5: invalid YAML: more than 10000 values once its aliases are expanded",
+        ),
+    ],
+    ids=[
+        "not-utf8",
+        "int-tag",
+        "bool-tag",
+        "float-tag",
+        "local-tag",
+        "5000-digits",
+        "min_age-overflow",
+        "every-overflow",
+        "nul",
+        "alias-bomb",
+    ],
+)
+def test_hostile_files_are_one_clear_line_each(tmp_path: Path, data: bytes, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as caught:
+        config.load(str(path))
+    assert caught.value.problems == (message.replace("c.yaml", str(path)),)
+
+
+def test_deep_nesting_and_huge_files_are_refused_with_a_line(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("version: 1\nprotect: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(str(deep))
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{deep}:2: invalid YAML: ")
+    big = tmp_path / "big.yaml"
+    big.write_text("version: 1\n" + "# padding\n" * 200_000)
+    with pytest.raises(ConfigError) as caught:
+        config.load(str(big))
+    assert caught.value.problems == (f"{big}:1: the configuration is larger than 1 MB",)
