@@ -90,7 +90,11 @@ class Daemon:
         self.watchdog = usec / 1e6 if usec and (not owner or owner == str(os.getpid())) else 0.0
         self.stopping = threading.Event()
         self.wake = threading.Event()
-        self.reload_requested = False
+        # SIGHUPs received and reloads carried out: the last SIGHUP always wins (coalesced,
+        # never dropped, also while a reload runs).
+        self.reloads_wanted = 0
+        self.reloads_done = 0
+        self.reload_queued = False  # a reload job is added and has not started yet
         self.trigger = trigger_of(config)
         self.new_trigger: CronTrigger | IntervalTrigger | None = None
         self.engine: DockerEngine = cycle.connect(config)
@@ -152,9 +156,13 @@ class Daemon:
             self.wake.clear()
             if self.stopping.is_set():
                 break
-            if self.reload_requested:
-                self.reload_requested = False
-                self.scheduler.add_job(self._reload, id="reload", replace_existing=True)
+            if self.reloads_wanted > self.reloads_done and not self.reload_queued:
+                # One reload may wait while another runs (it started before the latest
+                # SIGHUP): APScheduler would skip a second instance, and drop that SIGHUP.
+                self.reload_queued = True
+                self.scheduler.add_job(
+                    self._reload, id="reload", replace_existing=True, max_instances=2
+                )
             if self.new_trigger is not None:  # set by a reload, applied here (see above)
                 self.trigger, self.new_trigger = self.new_trigger, None
                 self.scheduler.reschedule_job("cycle", trigger=self.trigger)
@@ -164,7 +172,7 @@ class Daemon:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
-            self.reload_requested = True
+            self.reloads_wanted += 1
         else:
             self.stopping.set()
         self.wake.set()
@@ -194,9 +202,16 @@ class Daemon:
             self._after_job()
 
     def _reload(self) -> None:
+        """Reload until no SIGHUP came in meanwhile: each pass reads the file as it is then,
+        so the last SIGHUP's file is the one that runs."""
+        self.reload_queued = False  # a SIGHUP from now on needs a pass after this one
         try:
-            self._run_reload()
+            while self.reloads_done < self.reloads_wanted:
+                target = self.reloads_wanted
+                self._run_reload()
+                self.reloads_done = target
         finally:
+            self.wake.set()  # a SIGHUP after the last pass: the main loop queues another
             self._after_job()
 
     def _after_job(self) -> None:

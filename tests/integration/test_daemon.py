@@ -314,3 +314,49 @@ def test_the_watchdog_goes_quiet_while_a_cycle_is_wedged_and_resumes_after(
         assert d.stop() == 0
     finally:
         hung.close()
+
+
+def test_the_last_of_a_burst_of_sighups_always_wins(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    import random
+
+    load(client, [Spec([f"app:{n}"], [Layer(f"burst-{n}")], WHEN) for n in range(1, 6)])
+    d = Daemon(tmp_path, dockerd.url, RULES.replace("KEEP", "5"))
+    daemons.append(d)
+    wait_for(lambda: d.saw("STATUS=last cycle"), what="the first cycle")
+    rng = random.Random(7)
+
+    def write(keep: int) -> None:  # atomically, as config management does
+        real, d.config = d.config, d.config.with_suffix(".new")
+        try:
+            d.write_config(dockerd.url, RULES.replace("KEEP", str(keep)))
+        finally:
+            d.config = real
+        real.with_suffix(".new").replace(real)
+
+    for _ in range(50):  # reloads run while more SIGHUPs arrive
+        write(rng.choice([3, 4, 5]))
+        d.process.send_signal(signal.SIGHUP)
+        time.sleep(rng.uniform(0.0, 0.02))
+    write(1)
+    d.process.send_signal(signal.SIGHUP)
+
+    def last_diff() -> str:
+        lines = [line for line in d.logs().splitlines() if "reload: the new policy" in line]
+        return lines[-1] if lines else ""
+
+    # keep_last 1 of 5 images: 4 to remove, a count no earlier file in the burst gives.
+    try:
+        wait_for(
+            lambda: last_diff().endswith("(4 to remove at the next cycle)"),
+            timeout=60,
+            what="the last SIGHUP's policy",
+        )
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{d.logs()[-3000:]}") from None
+    time.sleep(2)  # nothing after it may override it
+    assert last_diff().endswith("(4 to remove at the next cycle)")
+    assert d.value("gcd_config_reloads_total", result="failure") == 0
+    assert d.process.poll() is None
+    assert d.stop() == 0
