@@ -185,10 +185,6 @@ def _groups(plan: Plan) -> list[list[Decision]]:
     return sorted(groups, key=lambda g: (-len(g), g[0].image_id))
 
 
-def _skip(d: Decision, code: str, reason: str, untagged: Sequence[str] = ()) -> Outcome:
-    return Outcome(d.image_id, "skipped", reason=reason, untagged=tuple(untagged), code=code)
-
-
 def _names(tags: Sequence[str], shown: int = 3) -> str:
     """`a:1, a:2, a:3 and 997 more`: a reason stays one short line however many tags."""
     ordered = sorted(tags)
