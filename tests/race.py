@@ -262,7 +262,11 @@ class Oracle:
         plan = report.plan
         acting = {d.image_id for d in plan.decisions if d.decision == "remove" or d.untag}
         unplanned = set(report.unplanned())
-        restored = " ".join(report.restored())
+        # What gcd said: tags put back, and tags it took but could not put back (the tag
+        # had moved on again); each names the image by its short ID.
+        restored = " ".join(report.restored()) + " ".join(
+            o.error for o in report.outcomes.values() if o.error
+        )
         for e in sorted(events, key=lambda e: e.time_ns):
             if e.action == "tag" and e.name in (STABLE, f"docker.io/library/{STABLE}"):
                 self.stable = e.image_id
