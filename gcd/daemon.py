@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # Between two watchdog checks when systemd asks for no watchdog: how soon a signal is handled.
 IDLE_TICK = 1.0
+# How often a metrics.listen that could not be bound is tried again.
+METRICS_RETRY = 5.0
 # How long one sd_notify message may wait for systemd to take it.
 NOTIFY_TIMEOUT = 0.1
 
@@ -99,6 +101,8 @@ class Daemon:
         self.new_trigger: CronTrigger | IntervalTrigger | None = None
         self.engine: DockerEngine = cycle.connect(config)
         self.store: Store | None = None
+        self.server: Server | None = None
+        self._bind_retry_at = 0.0  # when to try metrics.listen again; 0: never failed
         self.engine_down_since: datetime | None = None
         self.in_cycle = False
         self.polls = 0
@@ -119,10 +123,7 @@ class Daemon:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         self.store = Store(self.config.state_dir)
-        server: Server | None = None
-        if self.config.metrics.listen:
-            server = self.metrics.serve(self.config.metrics.listen)
-            log.info("serving metrics on http://%s/metrics", self.config.metrics.listen)
+        self._serve_metrics()
         previous = {
             s: signal.signal(s, self._on_signal)
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -140,14 +141,31 @@ class Daemon:
             self._notify("STOPPING=1", "STATUS=stopping")
             log.info("stopping: waiting for the current cycle to stop between two removals")
             self.scheduler.shutdown(wait=True)
-            if server is not None:
-                server.close()
+            if self.server is not None:
+                self.server.close()
             self.engine.close()
             self.store.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         log.info("gcd daemon stopped")
         return 0
+
+    def _serve_metrics(self) -> None:
+        """Bind metrics.listen. A port that is taken does not stop the daemon (under systemd
+        that would be a restart loop): it collects anyway, says so once, and tries again
+        every METRICS_RETRY seconds; /metrics then shows the failed attempts."""
+        listen = self.config.metrics.listen
+        if not listen or self.server is not None:
+            return
+        try:
+            self.server = self.metrics.serve(listen)
+        except GcdError as e:
+            self.metrics.listen_failures.inc()
+            if self._bind_retry_at == 0.0:
+                log.error("%s; collecting anyway, trying again every %gs", e, METRICS_RETRY)
+            self._bind_retry_at = time.monotonic() + METRICS_RETRY
+            return
+        log.info("serving metrics on http://%s/metrics", listen)
 
     def _main_loop(self) -> None:
         tick = min(self.watchdog / 2, IDLE_TICK * 5) if self.watchdog else IDLE_TICK
@@ -163,6 +181,8 @@ class Daemon:
                 self.scheduler.add_job(
                     self._reload, id="reload", replace_existing=True, max_instances=2
                 )
+            if self.server is None and time.monotonic() >= self._bind_retry_at:
+                self._serve_metrics()
             if self.new_trigger is not None:  # set by a reload, applied here (see above)
                 self.trigger, self.new_trigger = self.new_trigger, None
                 self.scheduler.reschedule_job("cycle", trigger=self.trigger)

@@ -142,6 +142,12 @@ class Metrics:
             "1 if the last attempt to talk to the engine succeeded, else 0.",
             registry=r,
         )
+        self.listen_failures = Counter(
+            "gcd_metrics_listen_failures",
+            "Attempts to bind metrics.listen that failed (the port was taken); the daemon "
+            "collects anyway and tries again every 5 s.",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gcd_config_reloads",
             "Configuration reloads (SIGHUP), by result: success, failure.",

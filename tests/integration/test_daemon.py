@@ -360,3 +360,38 @@ def test_the_last_of_a_burst_of_sighups_always_wins(
     assert d.value("gcd_config_reloads_total", result="failure") == 0
     assert d.process.poll() is None
     assert d.stop() == 0
+
+
+def test_a_taken_metrics_port_does_not_stop_the_daemon(
+    dockerd: PrivateEngine,
+    client: docker.APIClient,
+    tmp_path: Path,
+    daemons: list[Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    load(client, [Spec([f"app:{n}"], [Layer(f"port-{n}")], WHEN) for n in range(1, 4)])
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    taken = int(squatter.getsockname()[1])
+    monkeypatch.setattr(sys.modules[__name__], "free_port", lambda: taken)
+    d = Daemon(tmp_path, dockerd.url, RULES.replace("KEEP", "1"))  # metrics on the taken port
+    daemons.append(d)
+    try:
+        # Before the fix the daemon exited here: a restart loop under systemd.
+        wait_for(lambda: d.saw("STATUS=last cycle"), what="a cycle without /metrics")
+        assert len(tags_now(client)) == 1
+        assert d.process.poll() is None
+    finally:
+        squatter.close()
+    wait_for(
+        lambda: d.value("gcd_cycles_total", result="success") == 1,
+        timeout=20,
+        what="/metrics once the port is free",
+    )
+    assert d.value("gcd_metrics_listen_failures_total") >= 1
+    errors = [line for line in d.logs().splitlines() if "cannot serve metrics" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "Address already in use; collecting anyway, trying again every 5s"
+    ), errors
+    assert d.stop() == 0
