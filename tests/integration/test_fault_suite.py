@@ -8,6 +8,7 @@ fault proxy (tests/proxy.py), which holds a request at the moment a fault is inj
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from gcd.state import Store
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
+from tests.integration import conftest
 from tests.integration.test_daemon import Daemon, wait_for
 from tests.proxy import FaultProxy, Hang, Hold, Status, Truncate
 
@@ -91,24 +93,13 @@ def gcd_run(path: Path) -> subprocess.Popen[str]:
 
 
 def images_now(engine: PrivateEngine) -> set[str]:
-    client = docker.APIClient(base_url=engine.url, version="auto", timeout=60)
-    try:
-        return {i["Id"] for i in client.images(all=True)}
-    finally:
-        client.close()
+    with contextlib.closing(docker.APIClient(base_url=engine.url, version="auto")) as client:
+        return conftest.ids_now(client)
 
 
 def tags_now(engine: PrivateEngine) -> dict[str, str]:
-    client = docker.APIClient(base_url=engine.url, version="auto", timeout=60)
-    try:
-        return {
-            t: i["Id"]
-            for i in client.images(all=True)
-            for t in i.get("RepoTags") or ()
-            if t != "<none>:<none>"
-        }
-    finally:
-        client.close()
+    with contextlib.closing(docker.APIClient(base_url=engine.url, version="auto")) as client:
+        return conftest.tags_now(client)
 
 
 def kill(engine: PrivateEngine) -> None:
