@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from gcd.errors import ConfigError
+from gcd.patterns import ANY, Pattern, PatternError
 from gcd.units import format_duration, parse_duration
 
 DEFAULT_PATH = "/etc/gcd/config.yaml"
@@ -29,6 +30,8 @@ _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # untagged, childless and unused for a moment between two steps, and only its age protects
 # it; ten minutes also cover a slow engine committing a large layer.
 MIN_AGE_FLOOR = timedelta(minutes=10)
+# Said after RE2's own words when it refuses a pattern (docs/configuration.md, Patterns).
+RE2_SYNTAX = "patterns use RE2 syntax: no backreferences or lookaround"
 ORDER_KINDS = ("semver", "numeric", "natural", "created", "tagged", "first_seen", "last_used")
 _ORDER_WITH_GROUP = ("semver", "numeric")
 _ORDER = re.compile(r"(?P<kind>[a-z_]+)(?:\((?P<group>[A-Za-z_][A-Za-z0-9_]*)\))?")
@@ -69,7 +72,7 @@ class Protect:
     index: int
     kind: Literal["ref", "tag", "label", "id"]
     value: str
-    regex: re.Pattern[str] | None = None
+    regex: Pattern | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +88,9 @@ class OrderBy:
 class Rule:
     name: str
     keep_last: int
-    repository: re.Pattern[str] = re.compile(".*")
-    tag: re.Pattern[str] = re.compile(".*")
-    exclude_tag: re.Pattern[str] | None = None
+    repository: Pattern = ANY
+    tag: Pattern = ANY
+    exclude_tag: Pattern | None = None
     group_by: tuple[str, ...] = ("repository",)
     order_by: OrderBy = OrderBy("created")
     keep_within: timedelta | None = None
@@ -353,14 +356,18 @@ class _Checker:
             return None
         return value
 
-    def regex(self, node: yaml.Node, path: str) -> re.Pattern[str] | None:
+    def regex(self, node: yaml.Node, path: str) -> Pattern | None:
         text = self.string(node, path)
         if text is None:
             return None
         try:
-            return re.compile(text)
-        except re.error as e:
-            self.problem(node, path, f"invalid regular expression {json.dumps(text)}: {e}")
+            return Pattern(text)
+        except PatternError as e:
+            self.problem(
+                node,
+                path,
+                f"invalid regular expression {_cut(json.dumps(text))}: {e} ({RE2_SYNTAX})",
+            )
             return None
 
     def section(
@@ -633,7 +640,7 @@ class _Checker:
         keep_within = None
         if "keep_within" in found and not self._is_null(found["keep_within"]):
             keep_within = self.duration(found["keep_within"], f"{path}.keep_within")
-        repository, tag, exclude = re.compile(".*"), re.compile(".*"), None
+        repository, tag, exclude = ANY, ANY, None
         if "match" in found:
             match = self.mapping(
                 found["match"], f"{path}.match", ("repository", "tag", "exclude_tag")

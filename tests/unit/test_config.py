@@ -171,7 +171,7 @@ protect:
         "config.yaml:4: engine.timeout: expected a duration greater than 0s",
         'config.yaml:6: safety.min_age: expected a duration such as 90s, 15m, 2h, 7d, 2w, got "soon"',
         "config.yaml:7: safety.max_removal_fraction: expected a number in (0, 1], got 1.5",
-        'config.yaml:10: rules[0].match.repository: invalid regular expression "demo(": missing ), unterminated subpattern at position 4',
+        'config.yaml:10: rules[0].match.repository: invalid regular expression "demo(": missing ): demo( (patterns use RE2 syntax: no backreferences or lookaround)',
         'config.yaml:11: rules[0].order_by: unknown group "ver"; match.tag has no group of that name',
         'config.yaml:12: rules[0].group_by[1]: unknown group "branch"; match.tag has no group of that name (expected one of: repository, version)',
         'config.yaml:13: rules[0].keep_last: expected an integer >= 1, got "three"',
@@ -278,7 +278,19 @@ protect:
         (
             "version: 1\nprotect:\n  - tag: '('\n",
             [
-                'config.yaml:3: protect[0].tag: invalid regular expression "(": missing ), unterminated subpattern at position 0'
+                'config.yaml:3: protect[0].tag: invalid regular expression "(": missing ): ( (patterns use RE2 syntax: no backreferences or lookaround)'
+            ],
+        ),
+        (
+            "version: 1\nprotect:\n  - tag: '(?!tmp-).*'\n",
+            [
+                'config.yaml:3: protect[0].tag: invalid regular expression "(?!tmp-).*": invalid perl operator: (?! (patterns use RE2 syntax: no backreferences or lookaround)'
+            ],
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    keep_last: 1\n    match: {tag: '(\\w+)-\\1'}\n",
+            [
+                'config.yaml:5: rules[0].match.tag: invalid regular expression "(\\\\w+)-\\\\1": invalid escape sequence: \\1 (patterns use RE2 syntax: no backreferences or lookaround)'
             ],
         ),
         (

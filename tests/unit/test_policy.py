@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -628,3 +629,32 @@ def test_plan_restores_the_cyclic_collector_and_files_its_objects_as_long_lived(
         assert not gc.isenabled()  # a caller's choice stands
     finally:
         gc.enable()
+
+
+def test_a_backtracking_pattern_costs_microseconds_not_hours() -> None:
+    # Python's re needs about 2**40 steps for `(a+)+` against 40 a's and "-x" (a valid tag):
+    # the cycle froze for hours, and /metrics with it. RE2 is linear in the tag.
+    tag = "a" * 40 + "-x"
+    images = [
+        image("victim", [f"app:{tag}"]),
+        image("newer", [f"app:a{tag}"], age=timedelta(days=1)),
+        image("other", ["app:1"]),
+    ]
+    config = cfg(
+        "protect: [{tag: '(a+)+'}]\n"
+        "rules:\n  - {name: r, match: {tag: '(x+x+)+y|(a|aa)+-x'}, keep_last: 1}\n"
+    )
+
+    def too_slow(signum: int, frame: object) -> None:
+        raise TimeoutError("the planner backtracked")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(30)
+    try:
+        plan = policy.plan(snapshot(images), config, state(), NOW)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert plan.decision(iid("victim")).decision == "remove"
+    assert plan.decision(iid("newer")).decision == "keep"
+    assert plan.decision(iid("other")).decision == "keep"
