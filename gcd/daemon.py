@@ -34,6 +34,7 @@ from gcd.engine import DockerEngine
 from gcd.errors import ConfigError, EngineUnavailable, GcdError, LockBusy, Stopped
 from gcd.metrics import Metrics, Server
 from gcd.model import Report
+from gcd.signals import HELD, Held
 from gcd.state import Store
 from gcd.units import format_bytes
 
@@ -120,17 +121,21 @@ class Daemon:
 
     # --- life cycle --------------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit code."""
+    def run(self, held: Held | None = None) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code. `held`: the signals that came
+        before (a SIGTERM then means no cycle at all, a SIGHUP a reload)."""
         self.store = Store(self.config.state_dir)
         self._serve_metrics()
-        previous = {
-            s: signal.signal(s, self._on_signal)
-            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        }
+        previous = {s: signal.getsignal(s) for s in HELD}
+        if held is None:
+            held = Held()
+        held.take_over(self._on_signal)
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self.scheduler.add_job(
-            self._cycle, self.trigger, id="cycle", next_run_time=datetime.now(UTC)
+            self._cycle,
+            self.trigger,
+            id="cycle",
+            next_run_time=None if self.stopping.is_set() else datetime.now(UTC),
         )
         log.info("gcd daemon started: %s, engine %s", self._schedule_text(), self.engine.url)
         self.scheduler.start()

@@ -395,3 +395,37 @@ def test_a_taken_metrics_port_does_not_stop_the_daemon(
         "Address already in use; collecting anyway, trying again every 5s"
     ), errors
     assert d.stop() == 0
+
+
+def catches(pid: int, signum: int) -> bool:
+    """The process has a handler for `signum` (SigCgt in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def test_signals_in_the_daemons_first_moments_wait_for_it(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    # Sent as soon as the process catches the signal, while it still loads gcd: under
+    # Python's own handling, SIGHUP there ended it with rc 129 and SIGTERM with -15.
+    load(client, [Spec([f"app:{n}"], [Layer(f"own-{n}")], WHEN) for n in range(1, 4)])
+    (tmp_path / "hup").mkdir()
+    d = Daemon(tmp_path / "hup", dockerd.url, RULES.replace("KEEP", "3"))
+    daemons.append(d)
+    wait_for(lambda: catches(d.process.pid, signal.SIGHUP), what="SIGHUP caught")
+    d.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: d.saw("STATUS=last cycle"), what="the first cycle")
+    wait_for(lambda: "configuration reloaded from" in d.logs(), what="the reload")
+    assert d.process.poll() is None
+    assert d.stop() == 0
+
+    (tmp_path / "term").mkdir()
+    d = Daemon(tmp_path / "term", dockerd.url, RULES.replace("KEEP", "1"))
+    daemons.append(d)
+    wait_for(lambda: catches(d.process.pid, signal.SIGTERM), what="SIGTERM caught")
+    d.process.send_signal(signal.SIGTERM)
+    assert d.process.wait(15) == 0
+    assert "gcd daemon stopped" in d.logs()
+    assert not d.saw("STATUS=last cycle")
+    assert len(tags_now(client)) == 3  # KEEP 1 would have removed two: no cycle ran

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gcd import cli, config
+from gcd import cli, commands, config
+from gcd.errors import Stopped
+from gcd.signals import HELD, Held
 
 
 def test_check_config_with_nothing_to_check_is_a_usage_error(
@@ -50,3 +52,66 @@ def test_ctrl_c_during_a_plan_is_exit_130_in_one_line(tmp_path: Path) -> None:
     finally:
         hung.close()
     assert (process.returncode, out, err) == (130, "", "gcd: interrupted\n")
+
+
+def test_the_command_line_holds_signals_before_loading_the_rest_of_gcd() -> None:
+    # Loading docker-py, PyYAML and RE2 takes about 0.15 s: a SIGTERM or SIGHUP then killed
+    # the daemon (rc -15, 129). gcd.cli loads only what holding them needs.
+    probe = (
+        "import sys, gcd.cli; "
+        "print(sorted(m for m in ('docker', 'yaml', 're2', 'apscheduler', 'gcd.config', "
+        "'gcd.commands') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout == "[]\n"
+
+
+def test_held_signals_reach_the_command_that_takes_them_in_order() -> None:
+    got: list[int] = []
+    before = {s: signal.getsignal(s) for s in HELD}
+    signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(-signum))
+    held = Held()
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert held.received == [signal.SIGHUP, signal.SIGTERM, signal.SIGHUP]
+        held.take_over(lambda signum, _frame: got.append(signum), (signal.SIGHUP,))
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    # SIGTERM, not taken, went back to its former handler (recording it negated), in turn.
+    assert got == [signal.SIGHUP, -signal.SIGTERM, signal.SIGHUP]
+
+
+def test_sigint_held_then_released_is_ctrl_c() -> None:
+    held = Held()
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        held.release()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_sigterm_while_gcd_run_starts_removes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "engine.sock")
+    engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    engine.bind(path)
+    engine.listen(8)
+    engine.settimeout(0)
+    cfg = config.parse(
+        f"version: 1\nstate_dir: {tmp_path}/s\nengine: {{url: 'unix://{path}'}}\n", "c.yaml"
+    )
+    before = {s: signal.getsignal(s) for s in HELD}
+    held = Held()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Stopped, match=r"^stopped before the cycle began; nothing removed$"):
+            commands.run(cfg, "text", held)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    with pytest.raises(BlockingIOError):
+        engine.accept()  # not one request reached the engine
+    engine.close()
