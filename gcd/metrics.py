@@ -3,14 +3,24 @@ an HTTP endpoint for the daemon, a node_exporter textfile for one-shot runs."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
-from prometheus_client.exposition import start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    write_to_textfile,
+)
 
 from gcd import __version__
 from gcd.errors import GcdError
@@ -32,6 +42,58 @@ FAILURE_CODES = ("unplanned",)
 IMAGE_STATES = ("keep", "remove", "protected", "dangling")
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
 _LISTEN = re.compile(r"\[?(?P<host>[^\[\]]*?)\]?:(?P<port>\d+)")
+# /metrics serves this many connections at once, each given this long to send its request:
+# one thread per connection without a bound made 2,000 idle connections 2,000 threads
+# (+55 MB) and, under a process limit, "can't start new thread" tracebacks. A connection
+# beyond the bound is closed at once and counted. Prometheus scrapes one at a time.
+MAX_CONNECTIONS = 16
+REQUEST_TIMEOUT = 5.0
+
+log = logging.getLogger(__name__)
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT  # a silent client times out; its thread ends
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not news."""
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them."""
+
+    daemon_threads = True
+    request_queue_size = 128  # accepted, then served or refused: not left to the kernel
+
+    def __init__(
+        self, family: socket.AddressFamily, address: tuple[str, int], refused: Any
+    ) -> None:
+        self.address_family = family
+        self.refused = refused
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused.inc()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread to be had (a process limit): as if full
+            self._slots.release()
+            self.refused.inc()
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-answer: one debug line, not a traceback on stderr."""
+        log.debug("metrics: a connection from %s failed", client_address, exc_info=True)
 
 
 @dataclass
@@ -148,6 +210,11 @@ class Metrics:
             "collects anyway and tries again every 5 s.",
             registry=r,
         )
+        self.connections_refused = Counter(
+            "gcd_metrics_connections_refused",
+            f"Connections to /metrics closed unanswered: {MAX_CONNECTIONS} were open already.",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gcd_config_reloads",
             "Configuration reloads (SIGHUP), by result: success, failure.",
@@ -226,11 +293,18 @@ class Metrics:
         match = _LISTEN.fullmatch(listen)
         if match is None:
             raise GcdError(f"metrics.listen {listen!r} is not host:port")
-        host = match["host"] or "0.0.0.0"
+        host, port = match["host"] or "0.0.0.0", int(match["port"])
         try:
-            httpd, thread = start_http_server(int(match["port"]), addr=host, registry=self.registry)
+            family, _, _, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            bound = (str(address[0]), int(address[1]))
+            httpd = _BoundedServer(family, bound, self.connections_refused)
         except OSError as e:
             raise GcdError(f"cannot serve metrics on {listen}: {e.strerror}") from None
+        httpd.set_app(make_wsgi_app(self.registry))
+        thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
+        thread.start()
         return Server(httpd, thread)
 
     def write_textfile(self, path: str) -> None:

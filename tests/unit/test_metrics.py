@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
 from prometheus_client import generate_latest
 
+from gcd import metrics as gcd_metrics
 from gcd import policy
-from gcd.metrics import Metrics
+from gcd.metrics import MAX_CONNECTIONS, Metrics
 from gcd.model import Outcome, Report
 from tests.unit.snapshots import NOW, cfg, iid, image, snapshot, state
 
@@ -81,6 +88,7 @@ def test_every_metric_has_help_and_every_label_value_exists_from_the_start() -> 
         "gcd_reclaimable_bytes",
         "gcd_engine_up",
         "gcd_config_reloads_total",
+        "gcd_metrics_connections_refused_total",
         "gcd_build_info",
     ):
         family = name.removesuffix("_total")
@@ -108,3 +116,52 @@ def test_the_textfile_is_readable_by_node_exporter_whatever_the_umask(tmp_path) 
     finally:
         os.umask(previous)
     assert (tmp_path / "gcd.prom").stat().st_mode & 0o777 == 0o644
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def test_connections_to_metrics_are_bounded() -> None:
+    # 2,000 idle connections made 2,000 threads (+55 MB): now at most MAX_CONNECTIONS.
+    metrics = Metrics()
+    server = metrics.serve("127.0.0.1:0")
+    port = server.httpd.server_address[1]
+    threads = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+    try:
+        deadline = time.monotonic() + 10
+        while sample(metrics, "gcd_metrics_connections_refused_total") != 100 - MAX_CONNECTIONS:
+            assert time.monotonic() < deadline, "the extra connections were not refused"
+            time.sleep(0.05)
+        assert threading.active_count() - threads <= MAX_CONNECTIONS
+    finally:
+        for s in idle:
+            s.close()
+    try:
+        deadline = time.monotonic() + 10
+        while threading.active_count() > threads:  # closed: their threads end
+            assert time.monotonic() < deadline, "threads outlived their connections"
+            time.sleep(0.05)
+        assert "gcd_build_info" in _scrape(port)
+    finally:
+        server.close()
+
+
+def test_a_silent_connection_times_out_and_frees_its_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gcd_metrics._Handler, "timeout", 0.5)
+    metrics = Metrics()
+    server = metrics.serve("127.0.0.1:0")
+    port = server.httpd.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(1.5)
+        assert "gcd_build_info" in _scrape(port)
+        assert sample(metrics, "gcd_metrics_connections_refused_total") == 0
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
