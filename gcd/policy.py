@@ -133,7 +133,8 @@ def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -
     _guard(snapshot, config, verdicts, repositories)
     _sweep(snapshot, verdicts, children)
     _name_kept_children(verdicts, children)
-    freed = snapshot.freed_bytes({i for i, v in verdicts.items() if v.remove})
+    removed = {i for i, v in verdicts.items() if v.remove}
+    freed = _fold_into_children(snapshot, removed, snapshot.freed_bytes(removed))
     decisions = tuple(
         _decide(snapshot, config.untag_expired, verdicts[i], freed.get(i, 0))
         for i in sorted(verdicts)
@@ -573,6 +574,58 @@ def _is_implied(snapshot: Snapshot, image: Image) -> bool:
 
 
 # --- bytes and decisions ----------------------------------------------------------------------
+
+
+def _fold_into_children(
+    snapshot: Snapshot, removed: set[str], freed: dict[str, int]
+) -> dict[str, int]:
+    """A parent without a name goes with the child its reason names (sorted first; the
+    executor deletes it right after), so its bytes count in that child's row: each row says
+    what its removal frees, parents included, and the rows still add up to the total."""
+    for image_id in list(freed):
+        owner = intermediate_owner(snapshot, image_id)
+        if owner is not None and owner in removed:
+            freed[owner] = freed.get(owner, 0) + freed.pop(image_id)
+    return freed
+
+
+def intermediate_owner(snapshot: Snapshot, image_id: str) -> str | None:
+    """The descendant whose row counts this parent's bytes (see _fold_into_children)."""
+    if not _is_implied(snapshot, snapshot.image(image_id)):
+        return None
+    child = image_id
+    while _is_implied(snapshot, snapshot.image(child)):
+        child = sorted(snapshot.children(child))[0]
+    return child
+
+
+def parents_going_with(snapshot: Snapshot, image_id: str, plan: Plan) -> list[str]:
+    """The parents without a name that go when `image_id` goes, nearest first: for a removed
+    image those whose bytes its row counts; for a kept one those that would go with it."""
+    found: list[str] = []
+    parent = snapshot.image(image_id).parent
+    if plan.decision(image_id).decision == "remove":
+        while (
+            parent is not None
+            and parent in snapshot
+            and intermediate_owner(snapshot, parent) == image_id
+        ):
+            found.append(parent)
+            parent = snapshot.image(parent).parent
+        return found
+    while parent is not None and parent in snapshot:
+        image = snapshot.image(parent)
+        if image.tags or image.digests or plan.decision(parent).decision == "remove":
+            break
+        going = {image_id, *found}
+        if any(
+            c not in going and plan.decision(c).decision != "remove"
+            for c in snapshot.children(parent)
+        ):
+            break  # another child stays: so does the parent
+        found.append(parent)
+        parent = image.parent
+    return found
 
 
 def _decide(snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int) -> Decision:

@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from gcd import __version__
+from gcd import __version__, policy
 from gcd.model import Decision, Outcome, Plan, Report, short_id
 from gcd.units import format_bytes
 
@@ -135,12 +135,36 @@ def explain(plan: Plan, image_id: str) -> str:
         f"{image.id}",
         f"  tags:     {', '.join(d.tags) or '<none>'}",
         f"  created:  {_iso(image.created)}",
-        f"  size:     {format_bytes(image.size)} ({format_bytes(d.bytes)} freed by removing it)",
+        f"  size:     {format_bytes(image.size)} ({_freed_text(plan, d)})",
         f"  decision: {d.decision}" + (f" (untag {', '.join(d.untag)})" if d.untag else ""),
         "  reasons:",
         *(f"    - {r}" for r in d.reasons),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _freed_text(plan: Plan, d: Decision) -> str:
+    """What removing the image frees, parents that go with it included: what the plan counts
+    in its row or, for a kept image, what removing it too would add to the plan."""
+    snapshot = plan.snapshot
+    if d.decision == "remove":
+        owner = policy.intermediate_owner(snapshot, d.image_id)
+        if owner is not None and owner != d.image_id:
+            return f"goes with {short_id(owner)}, whose row counts it"
+        parents = policy.parents_going_with(snapshot, d.image_id, plan)
+        return f"{format_bytes(d.bytes)} freed by removing it{_with(parents)}"
+    removed = {r.image_id for r in plan.removals()}
+    parents = policy.parents_going_with(snapshot, d.image_id, plan)
+    before = sum(snapshot.freed_bytes(removed).values())
+    extra = sum(snapshot.freed_bytes(removed | {d.image_id, *parents}).values()) - before
+    return f"removing it would free {format_bytes(extra)}{_with(parents)}"
+
+
+def _with(parents: list[str]) -> str:
+    if not parents:
+        return ""
+    plural = "s" if len(parents) > 1 else ""
+    return f", with its parent image{plural} {', '.join(short_id(p) for p in parents)}"
 
 
 def _ordered(plan: Plan) -> list[Decision]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from gcd import policy, report
-from tests.unit.snapshots import NOW, cfg, image, snapshot, state
+from tests.unit.snapshots import NOW, cfg, iid, image, snapshot, state
 
 
 def test_an_image_with_ten_thousand_tags_is_one_short_row_and_a_whole_json_entry() -> None:
@@ -23,3 +23,37 @@ def test_an_image_with_ten_thousand_tags_is_one_short_row_and_a_whole_json_entry
 def test_a_few_tags_are_shown_whole() -> None:
     assert report.tag_cell(("a:1", "a:2", "a:3")) == "a:1, a:2, a:3"
     assert report.tag_cell(()) == "<none>"
+
+
+def _size_line(plan: object, name: str) -> str:
+    text = report.explain(plan, iid(name))  # type: ignore[arg-type]
+    (line,) = [line for line in text.splitlines() if line.startswith("  size:")]
+    return line
+
+
+def test_explain_says_what_removing_each_image_frees_parents_included() -> None:
+    base = ("base", 1_000_000)  # held by lib:1, which stays
+    images = [
+        image("mid", layers=[base, ("deps", 300_000)]),
+        image("q1", ["q:1"], parent="mid", layers=[base, ("deps", 300_000), ("q1", 3)]),
+        image("kmid", layers=[base, ("kdeps", 200_000)]),
+        image("k1", ["k:1"], parent="kmid", layers=[base, ("kdeps", 200_000), ("k1", 50)]),
+        image("lib", ["lib:1"], layers=[base]),
+    ]
+    config = cfg("unmatched: expire\nprotect: [{ref: 'lib:*'}, {ref: 'k:*'}]\n")
+    plan = policy.plan(snapshot(images), config, state(), NOW)
+    # Removed: the leaf's row counts its untagged parent (it used to say 3B).
+    assert plan.decision(iid("q1")).bytes == 300_003
+    assert plan.decision(iid("mid")).bytes == 0
+    assert plan.reclaimable_bytes == 300_003
+    assert _size_line(plan, "q1") == (
+        f"  size:     1.3MB (300.0kB freed by removing it, with its parent image {iid('mid')[7:19]})"
+    )
+    assert _size_line(plan, "mid") == (
+        f"  size:     1.3MB (goes with {iid('q1')[7:19]}, whose row counts it)"
+    )
+    # Kept: what removing it too would free (it used to say 0B).
+    assert _size_line(plan, "k1") == (
+        f"  size:     1.2MB (removing it would free 200.1kB, with its parent image {iid('kmid')[7:19]})"
+    )
+    assert _size_line(plan, "lib") == "  size:     1.0MB (removing it would free 0B)"
