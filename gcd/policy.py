@@ -30,13 +30,37 @@ _OLDEST = datetime.min.replace(tzinfo=UTC)
 _NATURAL_CHUNK = re.compile(r"\d+|\D+")
 
 
+# A time ahead of now by more than this is no signal either: a 9999 `created` (a broken
+# build, a hostile image) made an image young forever, so min_age protected it forever.
+# Within it, a clock a little ahead counts as now.
+FUTURE_SKEW = timedelta(minutes=5)
+
+
 def image_age(image: Image, state: StateView, now: datetime) -> timedelta | None:
     """now - youngest(created, last_tag_time, first_seen); None when no signal exists."""
-    youngest = image.created if image.created >= CREATED_FLOOR else None
+    limit = now + FUTURE_SKEW
+    youngest = image.created if CREATED_FLOOR <= image.created <= limit else None
     for signal in (image.last_tag_time, state.first_seen.get(image.id)):
-        if signal is not None and (youngest is None or signal > youngest):
+        if signal is not None and signal <= limit and (youngest is None or signal > youngest):
             youngest = signal
-    return None if youngest is None else now - youngest
+    return None if youngest is None else max(now - youngest, timedelta(0))
+
+
+def future_times(image: Image, now: datetime) -> str | None:
+    """What the image claims about its times that lies beyond now (said in its reasons)."""
+    limit = now + FUTURE_SKEW
+    claims = [
+        f"{what} {_iso(when)}"
+        for what, when in (("created", image.created), ("tagged", image.last_tag_time))
+        if when is not None and when > limit
+    ]
+    if not claims:
+        return None
+    return f"{' and '.join(claims)}: in the future, not taken as its age or rank"
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Verdict:
@@ -124,7 +148,7 @@ def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -
     }
     repositories = _by_repository(verdicts)
     _protect(snapshot, config, verdicts)
-    _apply_rules(config, verdicts, repositories)
+    _apply_rules(config, verdicts, repositories, now)
     _mark_candidates(snapshot, config, state, now, verdicts)
     # Images whose parent is in the store: the legacy builder's, or none at all. The sweeps
     # visit only these, not every image's record again.
@@ -136,7 +160,7 @@ def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -
     removed = {i for i, v in verdicts.items() if v.remove}
     freed = _fold_into_children(snapshot, removed, snapshot.freed_bytes(removed))
     decisions = tuple(
-        _decide(snapshot, config.untag_expired, verdicts[i], freed.get(i, 0))
+        _decide(snapshot, config.untag_expired, verdicts[i], freed.get(i, 0), now)
         for i in sorted(verdicts)
     )
     return Plan(snapshot, now, decisions, sum(freed.values()))
@@ -216,7 +240,10 @@ _NAME_KEYS = ("semver", "numeric", "natural")
 
 
 def _apply_rules(
-    config: Config, verdicts: dict[str, _Verdict], repositories: dict[str, list[_Tag]]
+    config: Config,
+    verdicts: dict[str, _Verdict],
+    repositories: dict[str, list[_Tag]],
+    now: datetime,
 ) -> None:
     """Rank each rule's groups, then settle each tag: kept if any rule keeps it, expired if
     a rule matched it and none kept it, else as `unmatched` says."""
@@ -225,7 +252,7 @@ def _apply_rules(
     # By name, so that reasons read the same whatever the order of the rules in the file, and
     # an image's (tag, rule) pairs come out sorted.
     for rule in sorted(config.rules, key=lambda r: r.name):
-        for label, entries in _groups(repositories, names, rule, keeps).items():
+        for label, entries in _groups(repositories, names, rule, keeps, now).items():
             _rank_group(rule, label, entries, keeps)
     unmatched_keep = config.unmatched == "keep"
     for v in verdicts.values():
@@ -278,6 +305,7 @@ def _groups(
     names: set[str],
     rule: Rule,
     keeps: dict[str, list[str]],
+    now: datetime,
 ) -> dict[str, list[_Entry]]:
     """group label -> one entry per image the rule matches in that group. A tag whose sort
     key cannot be parsed is kept here and ranks nowhere."""
@@ -287,7 +315,7 @@ def _groups(
     # is matched once per rule.
     parse = _parser(rule, named)
     parsed = {name: parse(name) for name in names}
-    image_key = None if rule.order_by.kind in _NAME_KEYS else _image_key_function(rule)
+    image_key = None if rule.order_by.kind in _NAME_KEYS else _image_key_function(rule, now)
     # Where each image's entry is, in groups that span repositories: an image's names in
     # other repositories come later, after other images' entries.
     spans = "repository" not in rule.group_by
@@ -407,17 +435,24 @@ def _newest_first(entries: list[_Entry]) -> None:
         entries.sort(key=lambda e: (e[0], e[3].image.created, e[1], e[3].image.id), reverse=True)
 
 
-def _image_key_function(rule: Rule) -> Callable[[_Verdict], Any]:
+def _image_key_function(rule: Rule, now: datetime) -> Callable[[_Verdict], Any]:
     """For the orders that rank the image rather than the tag's name: the value sorted on,
     greater is newer."""
     kind = rule.order_by.kind
+    if kind == "last_used":
+        return lambda v: v.last_used or _OLDEST
+    limit = now + FUTURE_SKEW
+
+    def created(v: _Verdict) -> datetime:
+        # A created in the future (future_times) ranks as when gcd first saw the image.
+        c = v.image.created
+        return c if c <= limit else v.first_seen or now
+
     if kind == "created":
-        return lambda v: v.image.created
+        return created
     if kind == "tagged":
-        return lambda v: v.image.last_tag_time or v.image.created
-    if kind == "first_seen":
-        return lambda v: v.first_seen or v.image.created
-    return lambda v: v.last_used or _OLDEST
+        return lambda v: t if (t := v.image.last_tag_time) and t <= limit else created(v)
+    return lambda v: v.first_seen or created(v)
 
 
 def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
@@ -628,8 +663,13 @@ def parents_going_with(snapshot: Snapshot, image_id: str, plan: Plan) -> list[st
     return found
 
 
-def _decide(snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int) -> Decision:
+def _decide(
+    snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int, now: datetime
+) -> Decision:
     image = v.image
+    # Said last: the first reason is the one a table row shows.
+    told = future_times(image, now)
+    note = (told,) if told else ()
     tags = image.tags  # sorted by the engine adapter
     expired = v.expired  # sorted by _apply_rules
     dangling = not tags and snapshot.is_dangling(image.id)
@@ -642,7 +682,7 @@ def _decide(snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int) ->
             image.id,
             tags,
             "remove",
-            removal,
+            removal + note,
             bytes=freed,
             implied=_is_implied(snapshot, image),
             dangling=dangling,
@@ -669,7 +709,7 @@ def _decide(snapshot: Snapshot, untag_expired: bool, v: _Verdict, freed: int) ->
         image.id,
         tags,
         "keep",
-        reasons,
+        reasons + note,
         untag=untag,
         protected=bool(v.protections) or parent_of is not None,
         dangling=dangling,

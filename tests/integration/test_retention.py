@@ -305,3 +305,17 @@ def test_order_by_created_ranks_two_builds_of_one_second_by_their_full_precision
     assert decisions[newer]["decision"] == "keep"
     assert decisions[older]["decision"] == "remove"
     assert decisions[older]["reasons"] == ["by-age: rank 2 > keep_last 1 in group repository=app"]
+
+
+def test_an_image_dated_in_the_future_is_not_young_forever(
+    gcd: Gcd, client: docker.APIClient
+) -> None:
+    (future,) = load(client, [Spec(["far:1"], [Layer("far")], datetime(9999, 12, 31, tzinfo=UTC))])
+    config = str(gcd.config("safety: {min_age: 1h}\nunmatched: expire\n"))
+    assert gcd("run", "--config", config).returncode == 0  # first seen now: min_age holds
+    decisions = {d["image_id"]: d for d in gcd.json("plan", "--config", config)["decisions"]}
+    reasons = decisions[future]["reasons"]
+    assert reasons[0].startswith("younger than safety.min_age 1h (age ")  # since gcd saw it
+    assert reasons[-1] == (
+        "created 9999-12-31T00:00:00Z: in the future, not taken as its age or rank"
+    )

@@ -245,6 +245,58 @@ CASES = [
         state=state(first_seen={"pulled": timedelta(minutes=2)}),
     ),
     Case(
+        "a time in the future is no age signal, and says so; a clock a little ahead is now",
+        "unmatched: expire\n",
+        [
+            image("far", ["f:1"], age=NOW - NOW.replace(year=9999, month=12, day=31)),
+            image("tagfar", ["t:1"], tagged_age=-timedelta(days=400)),
+            image("ahead", ["a:1"], age=-timedelta(minutes=2)),
+        ],
+        {
+            "far": (
+                "remove",
+                [
+                    "no rule matches f:1 (unmatched: expire)",
+                    "created 9999-12-31T12:00:00Z: in the future, not taken as its age or rank",
+                ],
+            ),
+            "tagfar": (
+                "remove",
+                [
+                    "no rule matches t:1 (unmatched: expire)",
+                    "tagged 2028-01-01T12:00:00Z: in the future, not taken as its age or rank",
+                ],
+            ),
+            "ahead": (
+                "keep",
+                [
+                    "younger than safety.min_age 1h (age 0s)",
+                    "no rule matches a:1 (unmatched: expire)",
+                ],
+            ),
+        },
+        state=state(first_seen={"far": 30 * D, "tagfar": 30 * D, "ahead": 30 * D}),
+    ),
+    Case(
+        "order_by created: a created in the future ranks as when gcd first saw the image",
+        "rules:\n  - {name: c, keep_last: 1}\n",
+        [
+            image("future", ["c:future"], age=-400 * D),
+            image("recent", ["c:recent"], age=D),
+        ],
+        {
+            "future": (
+                "remove",
+                [
+                    "c: rank 2 > keep_last 1 in group repository=c",
+                    "created 2028-01-01T12:00:00Z: in the future, not taken as its age or rank",
+                ],
+            ),
+            "recent": ("keep", ["c: rank 1 <= keep_last 1 in group repository=c"]),
+        },
+        state=state(first_seen={"future": 10 * D, "recent": D}),
+    ),
+    Case(
         "created before 2000 (reproducible builds) is no age signal",
         "unmatched: expire\n",
         [image("repro", ["r:1"], age=NOW - NOW.replace(year=1970, month=1, day=1, hour=0))],
