@@ -22,12 +22,17 @@ def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze is missing (Debian: systemd)")
     root = tmp_path_factory.mktemp("root")
-    shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
+    # A merged-/usr root, as Debian's are: systemd 257 (Debian 13) looks for units in
+    # usr/lib only, 252 (Debian 12) finds them through the lib symlink.
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "usr/bin").mkdir(parents=True)
+    shutil.copy("/usr/bin/kill", root / "usr/bin/kill")
+    for link in ("lib", "bin", "sbin"):
+        (root / link).symlink_to(f"usr/{link}")
+    (root / "usr/sbin").mkdir()
     (root / "usr/local/bin").mkdir(parents=True)
     (root / "usr/local/bin/gcd").write_text("#!/bin/sh\n")
     (root / "usr/local/bin/gcd").chmod(0o755)
-    (root / "bin").mkdir()
-    shutil.copy("/bin/kill", root / "bin/kill")
     (root / "etc/systemd/system").mkdir(parents=True)
     for unit in UNITS:
         shutil.copy(ROOT / "systemd" / unit, root / "etc/systemd/system" / unit)
