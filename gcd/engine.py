@@ -93,6 +93,7 @@ class DockerEngine:
         self._socket_path = url.removeprefix("unix://") if url.startswith("unix://") else None
         self._local = threading.local()
         self._api_version: str | None = None
+        self._store_name: str | None = None
 
     @property
     def client(self) -> docker.APIClient:
@@ -142,6 +143,7 @@ class DockerEngine:
         except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as e:
             # A broken connection is worth a fresh one next time (engine restarted).
             self._client = None
+            self._store_name = None
             raise EngineUnavailable(
                 f"cannot reach the Docker engine at {self.url}: {self._why(e)}"
             ) from None
@@ -208,6 +210,7 @@ class DockerEngine:
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 self._local.conn = None
+                self._store_name = None
                 # A kept-alive connection the engine closed meanwhile: once more on a new one.
                 if method == "GET" and reused and attempt == 1 and not isinstance(e, TimeoutError):
                     continue
@@ -261,9 +264,21 @@ class DockerEngine:
                 images.append(_image(raw, tags_of[raw["Id"]], known))
         containers = tuple(_container(c) for c in raw_containers)
         info = EngineInfo(
-            self.url, str(version.get("Version", "")), str(version.get("ApiVersion", ""))
+            self.url,
+            str(version.get("Version", "")),
+            str(version.get("ApiVersion", "")),
+            _kind(version),
+            self._store(),
         )
         return Snapshot(info, tuple(images), containers), learned
+
+    def _store(self) -> str:
+        """The image store, from /info: asked once per engine (and again after the engine
+        was lost, since it may come back with another store)."""
+        if self._store_name is None:
+            info = self._get_json("/info", lambda: self.client.info())
+            self._store_name = _store(info if isinstance(info, dict) else {})
+        return self._store_name
 
     def _inspect_all(
         self,
@@ -453,6 +468,25 @@ def _event(raw: Any) -> ImageEvent | None:
         return None
     when = raw.get("timeNano") or int(raw.get("time") or 0) * 1_000_000_000
     return ImageEvent(int(when), action, image_id, str(attributes.get("name") or ""))
+
+
+def _kind(version: Any) -> str:
+    """docker or podman, from /version: Podman names itself among the components."""
+    components = version.get("Components") if isinstance(version, dict) else None
+    for component in components if isinstance(components, list) else ():
+        if isinstance(component, dict) and "podman" in str(component.get("Name", "")).lower():
+            return "podman"
+    return "docker"
+
+
+def _store(info: Mapping[str, Any]) -> str:
+    """containerd for Docker's containerd image store (its driver reports a snapshotter),
+    else the graph driver's name (overlay2; Podman's overlay)."""
+    status = info.get("DriverStatus")
+    for pair in status if isinstance(status, list) else ():
+        if isinstance(pair, list) and len(pair) == 2 and "containerd.snapshotter" in str(pair[1]):
+            return "containerd"
+    return str(info.get("Driver") or "unknown")
 
 
 def _explanation(e: docker.errors.APIError) -> str:

@@ -221,12 +221,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        Gauge(
+        self.build_info = Gauge(
             "gcd_build_info",
-            "Always 1; the version label says which gcd runs.",
-            ["version"],
+            "Always 1; the labels say which gcd runs, and on which engine (kind: docker, "
+            "podman; store: overlay2, containerd, overlay...) once a cycle has read it.",
+            ["version", "kind", "store"],
             registry=r,
-        ).labels(__version__).set(1)
+        )
+        self.build_info.labels(__version__, "", "").set(1)
         # Every label value exists from the start, so rate() and absent() behave.
         for result in CYCLE_RESULTS:
             self.cycles.labels(result)
@@ -243,6 +245,9 @@ class Metrics:
         """Count one completed cycle (a dry run only sets the plan gauges)."""
         plan = report.plan
         snapshot = plan.snapshot
+        engine = snapshot.engine
+        self.build_info.clear()
+        self.build_info.labels(__version__, engine.kind, engine.store).set(1)
         lost = any(o.code == "engine_down" for o in report.outcomes.values())
         self.engine_up.set(0 if lost else 1)
         self.images.labels("keep").set(sum(1 for d in plan.decisions if d.decision == "keep"))

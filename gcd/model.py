@@ -29,6 +29,15 @@ class EngineInfo:
     url: str
     server_version: str
     api_version: str
+    kind: str = "docker"  # docker | podman
+    # The image store: overlay2 (Docker's classic graphdriver), containerd (Docker's
+    # containerd image store), or the graph driver Podman or an older Docker names.
+    store: str = "overlay2"
+
+    def __str__(self) -> str:
+        name = "Podman" if self.kind == "podman" else "Docker"
+        store = "containerd image store" if self.store == "containerd" else self.store
+        return f"{name} {self.server_version} (API {self.api_version}, {store}) at {self.url}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,8 @@ def to_json(report: Report) -> str:
             "url": engine.url,
             "server_version": engine.server_version,
             "api_version": engine.api_version,
+            "kind": engine.kind,
+            "store": engine.store,
         },
         "summary": summary(report),
         "decisions": [_decision(report, d) for d in _ordered(plan)],
@@ -78,7 +80,7 @@ def _decision(report: Report, d: Decision) -> dict[str, Any]:
 
 
 def to_text(report: Report) -> str:
-    """One row an image, removals first, then a summary line."""
+    """The engine it ran on, one row an image (removals first), then a summary line."""
     plan = report.plan
     rows = [_COLUMNS if report.dry_run else (*_COLUMNS[:3], "OUTCOME", *_COLUMNS[3:])]
     for d in _ordered(plan):
@@ -96,7 +98,8 @@ def to_text(report: Report) -> str:
         shown = "-" if d.decision == "keep" and not d.untag and o.outcome == "done" else o.outcome
         rows.append(row if report.dry_run else (*row[:3], shown, *row[3:]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = [
+    lines = [f"engine: {plan.snapshot.engine}"]
+    lines += [
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows
     ]
     lines.append("")

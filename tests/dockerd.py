@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -19,34 +20,70 @@ from types import TracebackType
 
 import docker
 
+from tests import engines
+
 
 class PrivateEngine:
-    def __init__(self, root: str | None = None) -> None:
-        self.root = root or tempfile.mkdtemp(prefix="gcd-dockerd-")
+    """The engine GCD_TEST_ENGINE names (tests/engines.py; the host's dockerd by default)."""
+
+    def __init__(self, root: str | None = None, kind: engines.Kind | None = None) -> None:
+        self.kind = kind or engines.chosen()
+        if self.kind.in_root:
+            engines.ensure()
+            (engines.ROOT / "var/tmp").mkdir(parents=True, exist_ok=True)
+        base = str(engines.ROOT / "var/tmp") if self.kind.in_root else None
+        self.root = root or tempfile.mkdtemp(prefix="gcd-dockerd-", dir=base)
+        # The engine's own view of its folder: inside the Debian 13 root, where it runs.
+        self.inner = (
+            "/" + os.path.relpath(self.root, engines.ROOT) if self.kind.in_root else self.root
+        )
         self.socket = os.path.join(self.root, "docker.sock")
         self.url = f"unix://{self.socket}"
         self.log_path = os.path.join(self.root, "dockerd.log")
         self.process: subprocess.Popen[bytes] | None = None
 
+    def _command(self) -> list[str]:
+        inner, url = self.inner, f"unix://{self.inner}/docker.sock"
+        if self.kind.engine == "podman":
+            command = [
+                "podman",
+                f"--root={inner}/storage",
+                f"--runroot={inner}/run",
+                f"--tmpdir={inner}/tmp",
+                "system",
+                "service",
+                "--time=0",
+                url,
+            ]
+        else:
+            # containerd accepts [A-Za-z0-9] runs joined by single . _ or -; mkdtemp's random
+            # suffix may hold "_" next to "-" or at the end, so the name is derived instead.
+            namespace = "gcd-test-" + hashlib.sha256(self.root.encode()).hexdigest()[:16]
+            features = {"containerd-snapshotter": self.kind.containerd_store}
+            with open(os.path.join(self.root, "daemon.json"), "w") as f:
+                json.dump({"features": features}, f)
+            command = [
+                "dockerd",
+                f"--config-file={inner}/daemon.json",
+                f"--data-root={inner}/data",
+                f"--exec-root={inner}/exec",
+                f"--pidfile={inner}/docker.pid",
+                f"--host={url}",
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--ip6tables=false",
+                f"--containerd-namespace={namespace}",
+                f"--containerd-plugins-namespace={namespace}-plugins",
+            ]
+        if self.kind.in_root:
+            return engines.chroot(*command, path=self.kind.path)
+        return command
+
     def start(self, timeout: float = 60) -> None:
-        if shutil.which("dockerd") is None:
+        if not self.kind.in_root and shutil.which("dockerd") is None:
             raise RuntimeError("dockerd not found: apt-get install docker.io busybox-static")
-        # containerd accepts [A-Za-z0-9] runs joined by single . _ or -; mkdtemp's random
-        # suffix may hold "_" next to "-" or at the end, so the name is derived instead.
-        namespace = "gcd-test-" + hashlib.sha256(self.root.encode()).hexdigest()[:16]
-        command = [
-            "dockerd",
-            f"--data-root={self.root}/data",
-            f"--exec-root={self.root}/exec",
-            f"--pidfile={self.root}/docker.pid",
-            f"--host={self.url}",
-            "--bridge=none",
-            "--iptables=false",
-            "--ip-masq=false",
-            "--ip6tables=false",
-            f"--containerd-namespace={namespace}",
-            f"--containerd-plugins-namespace={namespace}-plugins",
-        ]
+        command = self._command()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -81,6 +118,14 @@ class PrivateEngine:
         """Stop dockerd (it stops its containers and its own containerd)."""
         if self.process is None:
             return
+        if self.kind.engine == "podman" and self.process.poll() is None:
+            # Podman's containers outlive its API service: remove them first.
+            podman = ["podman", f"--root={self.inner}/storage", f"--runroot={self.inner}/run"]
+            subprocess.run(
+                engines.chroot(*podman, "rm", "--all", "--force", "--time=0"),
+                capture_output=True,
+                check=False,
+            )
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

@@ -122,10 +122,32 @@ def tarball(specs: Iterable[Spec]) -> bytes:
 
 
 def load(client: docker.APIClient, specs: Sequence[Spec]) -> list[str]:
-    """Load the specs; return their image IDs in order. A tag already present moves."""
-    for _ in client.load_image(tarball(specs)) or ():
-        pass
-    return [image_id(s) for s in specs]
+    """Load the specs; return their image IDs, as the engine names them, in order. A tag
+    already present moves. An error in the load stream raises."""
+    lines: list[str] = []
+    for chunk in client.load_image(tarball(specs)) or ():
+        if isinstance(chunk, dict) and (chunk.get("error") or chunk.get("errorDetail")):
+            raise RuntimeError(f"docker load: {chunk.get('error') or chunk['errorDetail']}")
+        if isinstance(chunk, dict):
+            lines += str(chunk.get("stream") or "").splitlines()
+    # Untagged images are named only in the stream, in the archive's order (the containerd
+    # store's IDs are manifest digests, which the archive does not hold).
+    loaded = [line.split(": ", 1)[1] for line in lines if line.startswith("Loaded image ID: ")]
+    ids = []
+    for spec in specs:
+        config = image_id(spec)
+        try:
+            ids.append(client.inspect_image(config)["Id"])  # the overlay2 store, Podman
+            continue
+        except docker.errors.NotFound:
+            pass
+        if spec.tags:
+            ids.append(client.inspect_image(spec.tags[0])["Id"])
+        elif loaded:
+            ids.append(loaded.pop(0))
+        else:
+            raise RuntimeError(f"docker load: no ID for the untagged image {config}")
+    return ids
 
 
 def legacy_build(

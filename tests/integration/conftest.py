@@ -85,6 +85,16 @@ class Gcd:
         return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
+def engine_line(api: docker.APIClient, url: str) -> str:
+    """What gcd's header says of the engine, from the engine's own answers."""
+    version, info = api.version(), api.info()
+    podman = any("podman" in c.get("Name", "").lower() for c in version.get("Components") or ())
+    containerd = any("containerd.snapshotter" in str(v) for _, v in info.get("DriverStatus") or ())
+    store = "containerd image store" if containerd else info["Driver"]
+    name = "Podman" if podman else "Docker"
+    return f"{name} {version['Version']} (API {version['ApiVersion']}, {store}) at {url}"
+
+
 @pytest.fixture
 def gcd(dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path) -> Gcd:
     return Gcd(dockerd.url, tmp_path)

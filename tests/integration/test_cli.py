@@ -14,7 +14,7 @@ import docker
 
 from gcd import __version__
 from tests.images import Layer, Spec, load
-from tests.integration.conftest import Gcd, ids_now, tags_now
+from tests.integration.conftest import Gcd, engine_line, ids_now, tags_now
 
 WHEN = datetime(2026, 3, 1, tzinfo=UTC)
 POLICY = r"""
@@ -45,6 +45,7 @@ def test_plan_and_dry_run_change_nothing_and_print_a_table(
         result = gcd(*args, "--config", config)
         assert result.returncode == 0, result.stderr
         assert result.stdout == (
+            f"engine: {engine_line(client, gcd.url)}\n"
             "IMAGE         TAGS   DECISION  SIZE   REASON\n"
             f"{old[7:19]}  app:1  remove    2.0MB  ci: rank 2 > keep_last 1 in group repository=app\n"
             f"{new[7:19]}  app:2  keep      2.0MB  ci: rank 1 <= keep_last 1 in group repository=app\n"
@@ -56,6 +57,11 @@ def test_plan_and_dry_run_change_nothing_and_print_a_table(
     assert document["dry_run"] is True
     assert {d["outcome"] for d in document["decisions"]} == {"planned"}
     assert document["engine"]["url"] == gcd.url
+    assert f"{document['engine']['kind']} {document['engine']['store']}" in (
+        "docker overlay2",
+        "docker containerd",
+        "podman overlay",
+    )
     assert document["version"] == f"gcd {__version__}"
     assert set(document["summary"]) == {
         "images",
@@ -78,9 +84,10 @@ def test_run_prints_outcomes_and_a_summary(gcd: Gcd, client: docker.APIClient) -
     result = gcd("run", "--config", str(gcd.config(POLICY)))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "IMAGE         TAGS   DECISION  OUTCOME  SIZE   REASON"
+    assert lines[0] == f"engine: {engine_line(client, gcd.url)}"
+    assert lines[1] == "IMAGE         TAGS   DECISION  OUTCOME  SIZE   REASON"
     assert (
-        lines[1]
+        lines[2]
         == f"{old[7:19]}  app:1  remove    done     2.0MB  ci: rank 2 > keep_last 1 in group repository=app"
     )
     assert lines[-1] == (

@@ -18,9 +18,9 @@ def test_warm_snapshots_cost_three_calls_and_a_retag_one_inspect(
     engine = DockerEngine(dockerd.url, 30)
     _, learned = engine.snapshot({})
     assert len(learned) == 20
-    # Version negotiation, version/images/containers, an inspect each: a one-layer image's
-    # layer size is its size, so no history is read.
-    assert engine.calls == 1 + 3 + 20
+    # Version negotiation, version/images/containers, the store (/info, once), an inspect
+    # each: a one-layer image's layer size is its size, so no history is read.
+    assert engine.calls == 1 + 3 + 1 + 20
     engine.calls = 0
     _, again = engine.snapshot(learned)
     assert (engine.calls, again) == (3, {})
@@ -133,3 +133,28 @@ def test_a_kept_alive_connection_survives_an_engine_restart() -> None:
         private.start()
         assert engine.current(image_id) == (("a:1",), ())
         engine.close()
+
+
+def test_the_engine_kind_and_store_are_detected_and_reported(
+    dockerd: PrivateEngine, client: docker.APIClient
+) -> None:
+    load(client, [Spec(["k:1"], [Layer("k1")])])
+    engine = DockerEngine(dockerd.url, 30)
+    snapshot, _ = engine.snapshot({})
+    info = snapshot.engine
+    version = client.version()
+    expected_store = {
+        "host": client.info()["Driver"],
+        "docker26": "overlay2",
+        "docker26-containerd": "containerd",
+        "docker28-containerd": "containerd",
+        "podman": "overlay",
+    }[dockerd.kind.name]
+    assert (info.kind, info.store) == (dockerd.kind.engine, expected_store)
+    assert info.server_version == version["Version"]
+    name = "Podman" if dockerd.kind.engine == "podman" else "Docker"
+    shown = "containerd image store" if expected_store == "containerd" else expected_store
+    assert str(info) == (
+        f"{name} {version['Version']} (API {version['ApiVersion']}, {shown}) at {dockerd.url}"
+    )
+    engine.close()
