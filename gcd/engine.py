@@ -94,6 +94,7 @@ class DockerEngine:
         self._local = threading.local()
         self._api_version: str | None = None
         self._store_name: str | None = None
+        self._kind = "docker"  # from the last snapshot's /version
 
     @property
     def client(self) -> docker.APIClient:
@@ -270,6 +271,7 @@ class DockerEngine:
             _kind(version),
             self._store(),
         )
+        self._kind = info.kind
         return Snapshot(info, tuple(images), containers), learned
 
     def _store(self) -> str:
@@ -352,12 +354,35 @@ class DockerEngine:
         return _refs(raw.get("RepoTags"), _NO_TAG), _refs(raw.get("RepoDigests"), _NO_DIGEST)
 
     def users(self, image_id: str) -> tuple[Container, ...]:
+        if self._kind == "podman":
+            return self._users_by_graph(image_id)
         ancestor = urllib.parse.quote(json.dumps({"ancestor": [image_id]}))
         raw = self._get_json(
             f"/containers/json?all=1&filters={ancestor}",
             lambda: self.client.containers(all=True, filters={"ancestor": image_id}),
         )
         return tuple(_container(c) for c in raw)
+
+    def _users_by_graph(self, image_id: str) -> tuple[Container, ...]:
+        """Podman's ancestor filter ignores `sha256:<id>`: read every container and the
+        image graph, and find the users of the image and of its descendants here."""
+        raw_containers = self._get_json(
+            "/containers/json?all=1", lambda: self.client.containers(all=True)
+        )
+        raw_images = self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
+        children: dict[str, list[str]] = {}
+        for raw in raw_images:
+            parent = _full_id(raw.get("ParentId"))
+            if parent:
+                children.setdefault(parent, []).append(_full_id(raw.get("Id")))
+        family, todo = {image_id}, [image_id]
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child not in family:
+                    family.add(child)
+                    todo.append(child)
+        found = (_container(c) for c in raw_containers)
+        return tuple(c for c in found if c.image_id in family)
 
     # --- removing --------------------------------------------------------------------------
 
@@ -384,7 +409,7 @@ class DockerEngine:
         answered = time.time_ns()
         items = answer if isinstance(answer, list) else ()
         return Deletion(
-            tuple(str(i["Deleted"]) for i in items if isinstance(i, dict) and "Deleted" in i),
+            tuple(_full_id(i["Deleted"]) for i in items if isinstance(i, dict) and "Deleted" in i),
             tuple(str(i["Untagged"]) for i in items if isinstance(i, dict) and "Untagged" in i),
             sent,
             answered,
@@ -467,7 +492,17 @@ def _event(raw: Any) -> ImageEvent | None:
     if not isinstance(action, str) or not isinstance(image_id, str):
         return None
     when = raw.get("timeNano") or int(raw.get("time") or 0) * 1_000_000_000
-    return ImageEvent(int(when), action, image_id, str(attributes.get("name") or ""))
+    return ImageEvent(int(when), action, _full_id(image_id), str(attributes.get("name") or ""))
+
+
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _full_id(value: Any) -> str:
+    """An image ID as Docker writes it: Podman leaves `sha256:` off parents, deleted IDs and
+    event actors, and every comparison with a listed ID would miss."""
+    text = str(value or "")
+    return f"sha256:{text}" if _HEX_ID.fullmatch(text) else text
 
 
 def _kind(version: Any) -> str:
@@ -502,7 +537,7 @@ def _image(raw: Mapping[str, Any], tags: tuple[str, ...], facts: ImageFacts) -> 
         id=raw["Id"],
         tags=tags,
         digests=_refs(raw.get("RepoDigests"), _NO_DIGEST),
-        parent=raw.get("ParentId") or None,
+        parent=_full_id(raw.get("ParentId")) or None,
         created=facts.created or datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),
         size=int(raw.get("Size") or 0),
         labels=dict(raw.get("Labels") or {}),
@@ -517,7 +552,7 @@ def _container(raw: Mapping[str, Any]) -> Container:
     return Container(
         id=raw["Id"],
         name=names[0].lstrip("/"),
-        image_id=raw.get("ImageID") or "",
+        image_id=_full_id(raw.get("ImageID")),
         image=raw.get("Image") or "",
         state=raw.get("State") or "unknown",
         created=datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),

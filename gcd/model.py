@@ -24,6 +24,19 @@ def split_ref(ref: str) -> tuple[str, str]:
     return repository, tag
 
 
+# How Podman names what Docker shows as `app:1`, `demo:1.0` and `team/app:1` (spec §8).
+_FULL_PREFIXES = ("localhost/", "docker.io/library/", "docker.io/")
+
+
+def familiar(ref: str) -> str:
+    """`localhost/app:1` -> `app:1`, `docker.io/library/demo:1.0` -> `demo:1.0`,
+    `docker.io/team/app` -> `team/app`: the short form a Docker user writes."""
+    for prefix in _FULL_PREFIXES:
+        if ref.startswith(prefix) and len(ref) > len(prefix):
+            return ref[len(prefix) :]
+    return ref
+
+
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
     url: str
@@ -33,6 +46,12 @@ class EngineInfo:
     # The image store: overlay2 (Docker's classic graphdriver), containerd (Docker's
     # containerd image store), or the graph driver Podman or an older Docker names.
     store: str = "overlay2"
+
+    @property
+    def full_names(self) -> bool:
+        """Names come back in full (Podman): `app` and `demo:1.0` in a policy or on the
+        command line also match `localhost/app` and `docker.io/library/demo:1.0`."""
+        return self.kind == "podman"
 
     def __str__(self) -> str:
         name = "Podman" if self.kind == "podman" else "Docker"
@@ -164,6 +183,10 @@ class Snapshot:
         for image in self.images:
             if wanted in image.tags or ref_or_id in image.digests:
                 return image
+        if self.engine.full_names:
+            for image in self.images:
+                if any(familiar(t) == wanted for t in image.tags):
+                    return image
         hex_part = ref_or_id.removeprefix("sha256:")
         if len(hex_part) >= 4 and all(c in "0123456789abcdef" for c in hex_part):
             found = [i for i in self.images if i.id.removeprefix("sha256:").startswith(hex_part)]

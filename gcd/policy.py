@@ -21,7 +21,16 @@ from typing import Any
 import semver
 
 from gcd.config import Config, Protect, Rule
-from gcd.model import Decision, Image, Plan, Snapshot, StateView, short_id, split_ref
+from gcd.model import (
+    Decision,
+    Image,
+    Plan,
+    Snapshot,
+    StateView,
+    familiar,
+    short_id,
+    split_ref,
+)
 from gcd.units import format_duration
 
 # Reproducible builds stamp `created` with 1970 (SOURCE_DATE_EPOCH=0): not a signal of age.
@@ -148,7 +157,7 @@ def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -
     }
     repositories = _by_repository(verdicts)
     _protect(snapshot, config, verdicts)
-    _apply_rules(config, verdicts, repositories, now)
+    _apply_rules(config, verdicts, repositories, now, snapshot.engine.full_names)
     _mark_candidates(snapshot, config, state, now, verdicts)
     # Images whose parent is in the store: the legacy builder's, or none at all. The sweeps
     # visit only these, not every image's record again.
@@ -181,6 +190,7 @@ def _by_repository(verdicts: dict[str, _Verdict]) -> dict[str, list[_Tag]]:
 
 
 def _protect(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
+    full_names = snapshot.engine.full_names
     for container in snapshot.containers:
         if container.image_id not in verdicts:
             continue
@@ -203,16 +213,18 @@ def _protect(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) 
                 f"(age {format_duration(v.age)})",
             )
         for entry in config.protect:
-            hit = _protect_hit(entry, v.image)
+            hit = _protect_hit(entry, v.image, full_names)
             if hit:
                 v.protections += (f'protect[{entry.index}] {entry.kind} "{entry.value}" {hit}',)
 
 
-def _protect_hit(entry: Protect, image: Image) -> str | None:
+def _protect_hit(entry: Protect, image: Image, full_names: bool = False) -> str | None:
     """How `entry` matches `image` (for the reason), or None."""
     if entry.kind == "ref":
         for tag in image.tags:
-            if fnmatch.fnmatchcase(tag, entry.value):
+            if fnmatch.fnmatchcase(tag, entry.value) or (
+                full_names and fnmatch.fnmatchcase(familiar(tag), entry.value)
+            ):
                 return f"matches {tag}"
     elif entry.kind == "tag":
         assert entry.regex is not None
@@ -244,6 +256,7 @@ def _apply_rules(
     verdicts: dict[str, _Verdict],
     repositories: dict[str, list[_Tag]],
     now: datetime,
+    full_names: bool,
 ) -> None:
     """Rank each rule's groups, then settle each tag: kept if any rule keeps it, expired if
     a rule matched it and none kept it, else as `unmatched` says."""
@@ -252,7 +265,8 @@ def _apply_rules(
     # By name, so that reasons read the same whatever the order of the rules in the file, and
     # an image's (tag, rule) pairs come out sorted.
     for rule in sorted(config.rules, key=lambda r: r.name):
-        for label, entries in _groups(repositories, names, rule, keeps, now).items():
+        groups = _groups(repositories, names, rule, keeps, now, full_names)
+        for label, entries in groups.items():
             _rank_group(rule, label, entries, keeps)
     unmatched_keep = config.unmatched == "keep"
     for v in verdicts.values():
@@ -306,6 +320,7 @@ def _groups(
     rule: Rule,
     keeps: dict[str, list[str]],
     now: datetime,
+    full_names: bool,
 ) -> dict[str, list[_Entry]]:
     """group label -> one entry per image the rule matches in that group. A tag whose sort
     key cannot be parsed is kept here and ranks nowhere."""
@@ -321,7 +336,9 @@ def _groups(
     spans = "repository" not in rule.group_by
     placed: dict[tuple[str, str], int] = {}
     for repository, tags in repositories.items():
-        if not rule.repository.fullmatch(repository):
+        if not rule.repository.fullmatch(repository) and not (
+            full_names and rule.repository.fullmatch(familiar(repository))
+        ):
             continue
         by_values: dict[tuple[str | None, ...], tuple[str, list[_Entry]]] = {}
         for v, tag, name in tags:

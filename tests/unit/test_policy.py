@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 
 from gcd import policy
-from gcd.model import Container, Image, StateView
+from gcd.model import Container, EngineInfo, Image, Snapshot, StateView
 from tests.unit.snapshots import NOW, cfg, container, iid, image, snapshot, state
 
 D = timedelta(days=1)
@@ -710,3 +710,34 @@ def test_a_backtracking_pattern_costs_microseconds_not_hours() -> None:
     assert plan.decision(iid("victim")).decision == "remove"
     assert plan.decision(iid("newer")).decision == "keep"
     assert plan.decision(iid("other")).decision == "keep"
+
+
+def test_on_podman_a_policy_written_with_short_names_matches_full_ones() -> None:
+    images = [
+        image("old", ["localhost/app:1"]),
+        image("new", ["localhost/app:2"], age=D),
+        image("demo", ["docker.io/library/demo:1.0"]),
+        image("team", ["docker.io/team/tool:1"]),
+    ]
+    config = cfg(
+        "unmatched: keep\nprotect: [{ref: 'demo:*'}]\n"
+        "rules:\n  - {name: r, match: {repository: 'app|demo|team/tool'}, keep_last: 1}\n"
+    )
+    podman = Snapshot(
+        EngineInfo("unix:///podman.sock", "5.4.2", "1.41", "podman", "overlay"), tuple(images), ()
+    )
+    plan = policy.plan(podman, config, state(), NOW)
+    assert plan.decision(iid("old")).decision == "remove"
+    assert plan.decision(iid("old")).reasons == (
+        "r: rank 2 > keep_last 1 in group repository=localhost/app",
+    )
+    assert plan.decision(iid("demo")).reasons[0] == (
+        'protect[0] ref "demo:*" matches docker.io/library/demo:1.0'
+    )
+    assert podman.resolve("demo:1.0") is podman.image(iid("demo"))
+    assert podman.resolve("team/tool:1") is podman.image(iid("team"))
+    # On Docker, localhost/app is another registry's repository: no match.
+    docker = snapshot(images)
+    plan = policy.plan(docker, config, state(), NOW)
+    assert plan.decision(iid("old")).decision == "keep"
+    assert docker.resolve("demo:1.0") is None

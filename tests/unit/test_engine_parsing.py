@@ -1,0 +1,38 @@
+"""What the engine adapter makes of each engine's answers (no engine needed)."""
+
+from __future__ import annotations
+
+from gcd import engine
+
+
+def test_ids_without_sha256_get_it_as_docker_writes_them() -> None:
+    # Podman leaves it off ParentId, deleted IDs and event actors.
+    bare = "a" * 64
+    assert engine._full_id(bare) == f"sha256:{bare}"
+    assert engine._full_id(f"sha256:{bare}") == f"sha256:{bare}"
+    assert engine._full_id("") == ""
+    assert engine._full_id(None) == ""
+    assert engine._full_id("app:1") == "app:1"  # a name stays a name
+
+
+def test_the_engine_kind_comes_from_the_components_of_version() -> None:
+    podman = {"Version": "5.4.2", "Components": [{"Name": "Podman Engine", "Version": "5.4.2"}]}
+    docker = {"Version": "26.1.5", "Components": [{"Name": "Engine"}, {"Name": "containerd"}]}
+    assert engine._kind(podman) == "podman"
+    assert engine._kind(docker) == "docker"
+    assert engine._kind({"Version": "20.10.24"}) == "docker"
+    assert engine._kind({"Components": "garbage"}) == "docker"
+
+
+def test_the_store_comes_from_the_driver_of_info() -> None:
+    containerd = {
+        "Driver": "overlayfs",
+        "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]],
+    }
+    assert engine._store(containerd) == "containerd"
+    assert (
+        engine._store({"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "extfs"]]})
+        == "overlay2"
+    )
+    assert engine._store({"Driver": "overlay", "DriverStatus": None}) == "overlay"
+    assert engine._store({}) == "unknown"
