@@ -236,6 +236,8 @@ class DockerEngine:
         self, facts: Mapping[str, ImageFacts], stop: Callable[[], bool] = lambda: False
     ) -> tuple[Snapshot, dict[str, ImageFacts]]:
         version = self._get_json("/version", lambda: self.client.version())
+        # Before the inspects, which read sizes by engine and store.
+        self._kind, store = _kind(version), self._store()
         raw_images = self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
         raw_containers = self._get_json(
             "/containers/json?all=1", lambda: self.client.containers(all=True)
@@ -268,10 +270,9 @@ class DockerEngine:
             self.url,
             str(version.get("Version", "")),
             str(version.get("ApiVersion", "")),
-            _kind(version),
-            self._store(),
+            self._kind,
+            store,
         )
-        self._kind = info.kind
         return Snapshot(info, tuple(images), containers), learned
 
     def _store(self) -> str:
@@ -333,14 +334,22 @@ class DockerEngine:
             return ImageFacts(tags, known.layers, known.layer_sizes, last_tag_time, created)
         layers = _chain_ids(tuple((raw.get("RootFS") or {}).get("Layers") or ()))
         total = int(raw.get("Size") or 0)
-        sizes = _derived_sizes(layers, total, sized)
+        # Only on the classic store is an image's size the sum of its layers' (so one
+        # unknown layer is the difference); elsewhere the history says (_layer_sizes).
+        classic = self._store() == "overlay2"
+        sizes = _derived_sizes(layers, total, sized) if classic else None
         if sizes is None:
             history = self._get_json(
                 f"/images/{image_id}/history", lambda: self.client.history(image_id)
             )
-            sizes = _layer_sizes(len(layers), history, total)
+            sizes = _layer_sizes(len(layers), history, total, exact=classic)
             if sizes is None:
                 return ImageFacts(tags, (), (), last_tag_time, created)
+            own = total - sum(sizes)
+            if own > 0 and self._kind == "podman":
+                # Podman counts the image's own config and manifest in its size (and its
+                # /system/df): bytes no other image shares, freed with it.
+                layers, sizes = (*layers, f"{image_id}/own"), (*sizes, own)
         sized.update(zip(layers, sizes, strict=True))  # one item at a time: safe across threads
         return ImageFacts(tags, layers, sizes, last_tag_time, created)
 
@@ -605,14 +614,17 @@ def _derived_sizes(
 
 
 def _layer_sizes(
-    layers: int, history: list[Mapping[str, Any]], total: int
+    layers: int, history: list[Mapping[str, Any]], total: int, exact: bool = True
 ) -> tuple[int, ...] | None:
     """Each layer's size from the image history (newest entry first in the API).
 
     History entries of empty layers (ENV, CMD, ...) have size 0 and are not layers; a real
     layer may be empty too. Entries with a size are layers; a zero entry counts as a layer
     only when the remaining entries are needed to reach the layer count. Returns None when
-    the sizes do not add up to the image size, so bytes fall back to whole images.
+    the count is wrong or, `exact` (the classic store, where they must), the sizes do not add
+    up to the image size: bytes then fall back to whole images. On the containerd store the
+    history gives each layer's unpacked size on disk (block-rounded), which is what the
+    engine's own accounting counts, and the image size is another measure altogether.
     """
     entries = [int(e.get("Size") or 0) for e in reversed(history)]
     sizes: list[int] = []
@@ -621,6 +633,6 @@ def _layer_sizes(
             break
         if size > 0 or len(entries) - index <= layers - len(sizes):
             sizes.append(size)
-    if len(sizes) != layers or sum(sizes) != total:
+    if len(sizes) != layers or (exact and sum(sizes) != total):
         return None
     return tuple(sizes)
