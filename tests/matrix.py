@@ -1,0 +1,72 @@
+"""The engine matrix: for each engine, the integration suite and the demo, then one table
+with what passed and how long it took. Run it through tests/matrix."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+from tests import engines
+
+
+def run(kind: str, pytest_args: list[str]) -> tuple[str, str, float]:
+    env = {**os.environ, "GCD_TEST_ENGINE": kind}
+    start = time.monotonic()
+    suite = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/integration",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *pytest_args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    counts = re.findall(r"(\d+) (passed|failed|error)", suite.stdout)
+    summary = ", ".join(f"{n} {what}" for n, what in counts) or suite.stdout[-300:]
+    failed = [line for line in suite.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    for line in failed:
+        print(f"  {kind}: {line}", flush=True)
+    demo = subprocess.run(
+        [sys.executable, "-m", "tests.demo"], env=env, capture_output=True, text=True
+    )
+    demo_result = "ok" if demo.returncode == 0 else f"failed ({demo.returncode})"
+    if demo.returncode:
+        print(demo.stdout[-2000:], demo.stderr[-2000:], flush=True)
+    return summary, demo_result, time.monotonic() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("kinds", nargs="*", default=list(engines.KINDS), metavar="ENGINE")
+    parser.add_argument("--pytest", default="", help="more pytest arguments, e.g. '-k retention'")
+    args = parser.parse_args()
+    unknown = [k for k in args.kinds if k not in engines.KINDS]
+    if unknown:
+        parser.error(f"unknown engine {', '.join(unknown)}: expected {', '.join(engines.KINDS)}")
+    if any(engines.KINDS[k].in_root for k in args.kinds):
+        engines.ensure()
+        print(f"Debian 13 root {engines.ROOT}: {engines.versions()}", flush=True)
+    rows = []
+    for kind in args.kinds:
+        print(f"-- {kind}", flush=True)
+        rows.append((kind, *run(kind, args.pytest.split())))
+    print("\n| engine | integration suite | demo | time |\n|---|---|---|---:|")
+    for kind, summary, demo, took in rows:
+        print(f"| {kind} | {summary} | {demo} | {took:.0f} s |")
+    return (
+        0 if all("failed" not in s and "error" not in s and d == "ok" for _, s, d, _ in rows) else 1
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
