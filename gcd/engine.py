@@ -70,6 +70,10 @@ class Engine(Protocol):
     def target(self, ref: str) -> str | None:
         """The ID of the image a tag names now, or None if it names none."""
 
+    def children_now(self, image_id: str) -> tuple[str, ...]:
+        """The image's children now, read where the engine would delete a parent under its
+        children (the containerd store, Podman); () without a request where it refuses."""
+
     def delete(self, ref: str) -> Deletion:
         """Delete one reference or an image ID, never forced and never pruning parents
         (ConflictError on 409, NotFoundError on 404)."""
@@ -392,6 +396,16 @@ class DockerEngine:
                     todo.append(child)
         found = (_container(c) for c in raw_containers)
         return tuple(c for c in found if c.image_id in family)
+
+    def children_now(self, image_id: str) -> tuple[str, ...]:
+        if self._kind != "podman" and self._store_name != "containerd":
+            return ()  # dockerd on its classic store answers 409 itself
+        raw_images = self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
+        return tuple(
+            _full_id(raw.get("Id"))
+            for raw in raw_images
+            if _full_id(raw.get("ParentId")) == image_id
+        )
 
     # --- removing --------------------------------------------------------------------------
 

@@ -323,6 +323,15 @@ class _Action:
                     "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
                 )
         self.run.check()
+        children = engine.children_now(d.image_id)
+        if children:
+            # The containerd store and Podman delete a parent under its children.
+            return self._outcome(
+                "skipped",
+                f"it has a child image {short_id(children[0])} now",
+                "child_kept",
+            )
+        self.run.check()
         try:
             deletion = self._delete(d.image_id)
         except _Refused as e:

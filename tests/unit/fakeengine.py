@@ -39,7 +39,9 @@ class _Image:
 class FakeEngine:
     url = "unix:///fake.sock"
 
-    def __init__(self) -> None:
+    def __init__(self, guards_children: bool = True) -> None:
+        # False: deletes a parent under its children, as the containerd store and Podman do.
+        self.guards_children = guards_children
         self.calls = 0
         self.images: dict[str, _Image] = {}
         self.refs: dict[str, str] = {}  # tag or digest reference -> image ID
@@ -139,6 +141,13 @@ class FakeEngine:
                 if i in lineage
             )
 
+    def children_now(self, image_id: str) -> tuple[str, ...]:
+        if self.guards_children:
+            return ()
+        self._request("GET", f"children:{image_id}")
+        with self._lock:
+            return tuple(sorted(self._children(image_id)))
+
     def target(self, ref: str) -> str | None:
         self._request("GET", ref)
         with self._lock:
@@ -215,7 +224,7 @@ class FakeEngine:
                 f"conflict: unable to delete {short_id(image_id)} (must be forced) - image is "
                 f"being used by stopped container {user}"
             )
-        if self._children(image_id):
+        if self.guards_children and self._children(image_id):
             raise ConflictError(
                 f"conflict: unable to delete {short_id(image_id)} (cannot be forced) - image "
                 "has dependent child images"

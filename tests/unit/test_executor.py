@@ -188,6 +188,25 @@ def test_a_child_image_that_appeared_is_named_by_the_engines_refusal() -> None:
     )
 
 
+def test_where_the_engine_deletes_parents_under_children_gcd_checks_them_itself() -> None:
+    # The containerd store and Podman delete an image that has children: a legacy build
+    # FROM app:1 that started after the plan would lose its base.
+    engine = FakeEngine(guards_children=False)
+    engine.add(OLD, "app:1")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    engine.add(OTHER, parent=OLD)
+    report = execute(engine, plan)
+    outcome = report.outcome(OLD)
+    assert (outcome.outcome, outcome.code) == ("skipped", "child_kept")
+    assert outcome.reason == f"it has a child image {OTHER[7:19]} now"
+    assert OLD in engine.images and deletes(engine) == []
+    # Without children, the same engine deletes as before.
+    engine.delete(OTHER)
+    report = execute(engine, plan_of(engine))
+    assert report.outcome(OLD).outcome == "done"
+
+
 def test_an_engine_error_fails_that_image_only() -> None:
     engine = world("app:1", "app:2")
     engine.add(OTHER, "lib:1")
