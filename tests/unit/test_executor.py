@@ -207,6 +207,17 @@ def test_where_the_engine_deletes_parents_under_children_gcd_checks_them_itself(
     assert report.outcome(OLD).outcome == "done"
 
 
+def test_an_error_on_the_reread_fails_that_image_only() -> None:
+    # Podman 5.4.2 answered 500 "normalizing name" to an inspect of an image being pruned:
+    # that aborted the whole run.
+    engine = world("app:1")
+    engine.add(OTHER, "lib:1")
+    engine.fail[("GET", OLD)] = EngineError("the Docker engine answered: normalizing name")
+    report = execute(engine, plan_of(engine, POLICY + "unmatched: expire\n"))
+    assert report.outcome(OLD).outcome == "failed"
+    assert report.outcome(OTHER).outcome == "done"
+
+
 def test_an_engine_error_fails_that_image_only() -> None:
     engine = world("app:1", "app:2")
     engine.add(OTHER, "lib:1")
