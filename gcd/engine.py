@@ -49,6 +49,9 @@ _ISO_FRACTION = re.compile(r"(\.\d{1,6})\d*")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Concurrent inspects on a cold snapshot; below docker-py's connection pool (10).
 INSPECT_WORKERS = 8
+# A list the engine answered with 404 (see _list_images) is asked again this often.
+LIST_ATTEMPTS = 5
+LIST_RETRY_DELAY = 0.2
 
 
 class Engine(Protocol):
@@ -242,7 +245,7 @@ class DockerEngine:
         version = self._get_json("/version", lambda: self.client.version())
         # Before the inspects, which read sizes by engine and store.
         self._kind, store = _kind(version), self._store()
-        raw_images = self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
+        raw_images = self._list_images()
         raw_containers = self._get_json(
             "/containers/json?all=1", lambda: self.client.containers(all=True)
         )
@@ -278,6 +281,21 @@ class DockerEngine:
             store,
         )
         return Snapshot(info, tuple(images), containers), learned
+
+    def _list_images(self) -> Any:
+        """GET /images/json?all=1. The containerd store answers 404 ("failed to get rootfs
+        of image …") while one of its images is being deleted: the list is asked again a
+        few times before the cycle gives up with an engine error."""
+        for attempt in range(LIST_ATTEMPTS):
+            try:
+                return self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
+            except NotFoundError as e:
+                if attempt == LIST_ATTEMPTS - 1:
+                    raise EngineError(
+                        f"the Docker engine at {self.url} could not list its images: {e}"
+                    ) from None
+                time.sleep(LIST_RETRY_DELAY)
+        raise AssertionError("unreachable")
 
     def _store(self) -> str:
         """The image store, from /info: asked once per engine (and again after the engine
@@ -382,7 +400,7 @@ class DockerEngine:
         raw_containers = self._get_json(
             "/containers/json?all=1", lambda: self.client.containers(all=True)
         )
-        raw_images = self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
+        raw_images = self._list_images()
         children: dict[str, list[str]] = {}
         for raw in raw_images:
             parent = _full_id(raw.get("ParentId"))
@@ -400,7 +418,7 @@ class DockerEngine:
     def children_now(self, image_id: str) -> tuple[str, ...]:
         if self._kind != "podman" and self._store_name != "containerd":
             return ()  # dockerd on its classic store answers 409 itself
-        raw_images = self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
+        raw_images = self._list_images()
         return tuple(
             _full_id(raw.get("Id"))
             for raw in raw_images

@@ -208,6 +208,28 @@ def test_a_broken_answer_before_the_plan_removes_nothing(
     assert_kept_and_store_sound(engine, builds, tmp_path)
 
 
+def test_a_list_answered_404_while_an_image_goes_is_asked_again(
+    engine: PrivateEngine, proxy: FaultProxy, builds: dict[str, str], tmp_path: Path
+) -> None:
+    # The containerd store answers the image list with 404 while one of its images is
+    # being deleted (the race suite found it aborting the cycle with a traceback).
+    gone = Status(404, "failed to get rootfs of image app:9: content digest sha256:0: not found")
+    proxy.rule("GET", r"/images/json", gone, times=2)
+    run = gcd_run(config(tmp_path, proxy.url))
+    _out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert images_now(engine) == {builds["app:7"], builds["app:8"]}
+
+    proxy.rule("GET", r"/images/json", gone)  # for good: the cycle gives up, in one line
+    run = gcd_run(config(tmp_path, proxy.url))
+    out, err = run.communicate(timeout=60)
+    assert (run.returncode, out) == (1, "")
+    assert err == (
+        f"gcd: the Docker engine at {proxy.url} could not list its images: "
+        "failed to get rootfs of image app:9: content digest sha256:0: not found\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("action", "error"),
     [(Status(500, "boom"), "answered: boom"), (Truncate(5), "with malformed JSON")],
