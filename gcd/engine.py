@@ -348,6 +348,10 @@ class DockerEngine:
             f"/images/{image_id}/json", lambda: self.client.inspect_image(image_id)
         )
         last_tag_time = _parse_time((raw.get("Metadata") or {}).get("LastTagTime"))
+        if not tags and self._store_name == "containerd":
+            # There it is when the engine made the untagged image's record (a load, or the
+            # moment it lost its last tag): no tag time. gcd keeps its own dangling time.
+            last_tag_time = None
         # A missing or zero Created is the epoch: a time before 2000 is no signal of age.
         created = _parse_time(raw.get("Created")) or _EPOCH
         if known is not None:

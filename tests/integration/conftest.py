@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +101,23 @@ def gcd(dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path) -> Gcd
     return Gcd(dockerd.url, tmp_path)
 
 
+def listed(api: docker.APIClient) -> list[dict[str, Any]]:
+    """Every image. The containerd store answers 404 while an image is being deleted:
+    asked again, as gcd does."""
+    for _ in range(20):
+        try:
+            return api.images(all=True)  # type: ignore[no-any-return]
+        except docker.errors.NotFound:
+            time.sleep(0.2)
+    return api.images(all=True)  # type: ignore[no-any-return]
+
+
 def tags_now(api: docker.APIClient) -> dict[str, str]:
     """tag -> image ID, as the engine holds them now."""
     return {
-        t: i["Id"]
-        for i in api.images(all=True)
-        for t in i.get("RepoTags") or ()
-        if t != "<none>:<none>"
+        t: i["Id"] for i in listed(api) for t in i.get("RepoTags") or () if t != "<none>:<none>"
     }
 
 
 def ids_now(api: docker.APIClient) -> set[str]:
-    return {i["Id"] for i in api.images(all=True)}
+    return {i["Id"] for i in listed(api)}

@@ -72,7 +72,9 @@ def test_tag_moved_between_plan_and_execute_stays_on_its_new_image(
     # app:1 now names another image: gcd must not delete it. The old image lost its only
     # expired tag to the move and is removed by ID, as planned.
     assert tags_now(client)["app:1"] == moved_to
-    assert report.outcome(old).outcome == "done"
+    # The containerd store drops an image with its last name when the name moves.
+    gone = plan.snapshot.engine.store == "containerd"
+    assert report.outcome(old).outcome == ("skipped" if gone else "done"), report.outcome(old)
     assert old not in ids_now(client)
 
 
@@ -90,7 +92,8 @@ def test_image_that_gained_a_tag_is_skipped(
 def test_engine_conflict_is_a_skip_with_the_engines_reason(
     dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
 ) -> None:
-    # A dangling image that gets a child between plan and execute: the engine answers 409.
+    # A dangling image that gets a child between plan and execute: dockerd on overlay2
+    # answers 409; where the engine would delete it anyway, gcd reads the children itself.
     parent = legacy_build(client, [], {"f": "dangling parent"})
     plan, engine = prepare(dockerd, tmp_path)
     assert plan.decision(parent).decision == "remove"
@@ -98,10 +101,19 @@ def test_engine_conflict_is_a_skip_with_the_engines_reason(
     report = executor.execute(plan, engine, plan.now)
     outcome = report.outcome(parent)
     assert outcome.outcome == "skipped"
-    assert outcome.reason is not None and outcome.reason.startswith(
-        "engine refused: conflict: unable to delete"
-    )
-    assert "image has dependent child images" in outcome.reason
+    info = plan.snapshot.engine
+    if info.kind == "docker" and info.store != "containerd":
+        assert outcome.reason is not None and outcome.reason.startswith(
+            "engine refused: conflict: unable to delete"
+        )
+        assert "image has dependent child images" in outcome.reason
+    else:
+        # The child named is the build's first step, the image whose parent it is.
+        firsts = [i["Id"][7:19] for i in client.images(all=True) if i["ParentId"] == parent]
+        assert (outcome.code, outcome.reason) == (
+            "child_kept",
+            f"it has a child image {firsts[0]} now",
+        )
     assert report.count("failed") == 0
     assert {parent, child} <= ids_now(client)
 
@@ -122,8 +134,11 @@ def test_stop_between_removals_leaves_the_rest_untouched(
     ids = load(client, [Spec([f"app:{n}"], [Layer(f"app-{n}")], WHEN) for n in range(1, 7)])
     plan, engine = prepare(dockerd, tmp_path)
     assert len(plan.removals()) == 5
-    # The stop is polled before every request: a removal by ID is a re-read and a DELETE.
-    calls = iter([False] * 4)
+    # The stop is polled before every request: a removal by ID is a re-read and a DELETE
+    # (and a read of its children, where the engine would delete a parent under them).
+    engine_info = plan.snapshot.engine
+    requests = 2 if engine_info.kind == "docker" and engine_info.store != "containerd" else 3
+    calls = iter([False] * 2 * requests)
     report = executor.execute(plan, engine, plan.now, stop=lambda: next(calls, True), workers=1)
     done = [
         i

@@ -295,7 +295,7 @@ def test_order_by_created_ranks_two_builds_of_one_second_by_their_full_precision
         ],
     )
     policy = """
-    safety: {min_age: 1h, max_removal_fraction: 1.0, keep_one_per_repository: false}
+    safety: {min_age: 0s, max_removal_fraction: 1.0, keep_one_per_repository: false}
     rules:
       - {name: by-age, match: {repository: app}, order_by: created, keep_last: 1}
     """
