@@ -17,6 +17,7 @@ from typing import Any
 import docker
 import pytest
 
+from gcd.units import format_bytes
 from tests.dockerd import PrivateEngine
 
 pytestmark = pytest.mark.integration
@@ -110,6 +111,13 @@ def listed(api: docker.APIClient) -> list[dict[str, Any]]:
         except docker.errors.NotFound:
             time.sleep(0.2)
     return api.images(all=True)  # type: ignore[no-any-return]
+
+
+def size_cell(api: docker.APIClient, image_id: str) -> str:
+    """An image's SIZE as gcd and `docker images` show it: the list's size, which on the
+    containerd store counts the compressed content too (about twice the layers)."""
+    (size,) = [i["Size"] for i in listed(api) if i["Id"] == image_id]
+    return format_bytes(size)
 
 
 def tags_now(api: docker.APIClient) -> dict[str, str]:
