@@ -49,6 +49,10 @@ _ISO_FRACTION = re.compile(r"(\.\d{1,6})\d*")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Concurrent inspects on a cold snapshot; below docker-py's connection pool (10).
 INSPECT_WORKERS = 8
+# The newest API version the engine matrix tests (sid's Docker 28.5, docs/engines.md): a
+# newer engine is spoken to in this version, which it still serves, not in one gcd has
+# never seen answer.
+MAX_API_VERSION = "1.51"
 # A list the engine answered with 404 (see _list_images) is asked again this often.
 LIST_ATTEMPTS = 5
 LIST_RETRY_DELAY = 0.2
@@ -110,9 +114,15 @@ class DockerEngine:
             import docker
 
             self.calls += 1  # version negotiation is a request of its own
-            self._client = self._call(
+            client = self._call(
                 lambda: docker.APIClient(base_url=self.url, version="auto", timeout=self.timeout)
             )
+            if _capped(str(client.api_version)) != str(client.api_version):
+                client.close()
+                client = docker.APIClient(
+                    base_url=self.url, version=MAX_API_VERSION, timeout=self.timeout
+                )
+            self._client = client
         return self._client
 
     def api_version(self) -> str:
@@ -122,7 +132,7 @@ class DockerEngine:
                 self._api_version = str(self.client.api_version)
             else:
                 answer = self._local_request("GET", "/version", self._socket_path, versioned=False)
-                self._api_version = str(answer["ApiVersion"])
+                self._api_version = _capped(str(answer["ApiVersion"]))
         return self._api_version
 
     def close(self) -> None:
@@ -548,6 +558,18 @@ def _full_id(value: Any) -> str:
     event actors, and every comparison with a listed ID would miss."""
     text = str(value or "")
     return f"sha256:{text}" if _HEX_ID.fullmatch(text) else text
+
+
+def _capped(version: str) -> str:
+    """The engine's API version, or MAX_API_VERSION if that is older."""
+
+    def key(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) for part in text.split("."))
+        except ValueError:
+            return (0,)
+
+    return MAX_API_VERSION if key(version) > key(MAX_API_VERSION) else version
 
 
 def _kind(version: Any) -> str:

@@ -36,3 +36,12 @@ def test_the_store_comes_from_the_driver_of_info() -> None:
     )
     assert engine._store({"Driver": "overlay", "DriverStatus": None}) == "overlay"
     assert engine._store({}) == "unknown"
+
+
+def test_the_api_version_is_capped_at_the_newest_the_matrix_tests() -> None:
+    assert engine.MAX_API_VERSION == "1.51"
+    assert engine._capped("1.52") == "1.51"  # Docker 29
+    assert engine._capped("1.100") == "1.51"
+    assert engine._capped("1.51") == "1.51"
+    assert engine._capped("1.41") == "1.41"  # Docker 20.10, Podman
+    assert engine._capped("garbage") == "garbage"  # asked as the engine said
