@@ -188,10 +188,12 @@ def legacy_build(
             if stream.startswith("Successfully built "):
                 image = image or stream.split()[-1]
         assert image, "build produced no image"
-        full = client.inspect_image(image)["Id"]
+        full = str(client.inspect_image(image)["Id"])
+        if ":" not in full:
+            full = f"sha256:{full}"  # Podman's IDs come bare
         for tag in tags[1:]:
             repository, _, name = tag.rpartition(":")
             client.tag(full, repository, name)
-        return str(full)
+        return full
     finally:
         shutil.rmtree(context, ignore_errors=True)

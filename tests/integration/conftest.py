@@ -17,6 +17,7 @@ from typing import Any
 import docker
 import pytest
 
+from gcd.model import familiar
 from gcd.units import format_bytes
 from tests.dockerd import PrivateEngine
 
@@ -120,12 +121,31 @@ def size_cell(api: docker.APIClient, image_id: str) -> str:
     return format_bytes(size)
 
 
+_PODMAN: dict[str, bool] = {}
+
+
+def podman(api: docker.APIClient) -> bool:
+    if api.base_url not in _PODMAN:
+        components = api.version().get("Components") or ()
+        _PODMAN[api.base_url] = any("podman" in c.get("Name", "").lower() for c in components)
+    return _PODMAN[api.base_url]
+
+
 def tags_now(api: docker.APIClient) -> dict[str, str]:
-    """tag -> image ID, as the engine holds them now."""
+    """tag -> image ID, as the engine holds them now; Podman's `localhost/app:1` is
+    `app:1` here, as the tests write it."""
+    short = familiar if podman(api) else (lambda tag: tag)
     return {
-        t: i["Id"] for i in listed(api) for t in i.get("RepoTags") or () if t != "<none>:<none>"
+        short(t): _sha(i["Id"])
+        for i in listed(api)
+        for t in i.get("RepoTags") or ()
+        if t != "<none>:<none>"
     }
 
 
+def _sha(image_id: str) -> str:
+    return image_id if ":" in image_id else f"sha256:{image_id}"
+
+
 def ids_now(api: docker.APIClient) -> set[str]:
-    return {i["Id"] for i in listed(api)}
+    return {_sha(i["Id"]) for i in listed(api)}
