@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import docker
+import pytest
 
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
 from tests.integration.conftest import Gcd, ids_now, tags_now
@@ -188,6 +189,7 @@ rules:
     assert by_id[stopped_image]["reasons"][0] == "in use by container stopped (exited)"
     assert by_id[running_image]["reasons"][0] == "in use by container running (running)"
     parent = client.inspect_image(running_image)["Parent"]
+    parent = parent if parent.startswith("sha256:") else f"sha256:{parent}"  # Podman's is bare
     assert by_id[parent]["decision"] == "keep"
     assert (
         by_id[parent]["reasons"][0]
@@ -273,6 +275,8 @@ def test_siblings_sharing_an_intermediate_parent_both_go_and_the_parent_with_the
         legacy_build(client, [f"kid:{n}"], {"own": str(n)}, base="tmp:base") for n in range(6)
     ]
     client.remove_image("tmp:base")
+    if parent not in ids_now(client):
+        pytest.skip("this engine (Podman) deletes an image with its last name, children or not")
     run = gcd.json("run", "--config", str(gcd.config(NO_GUARDS + "unmatched: expire\n")))
     by_id = {d["image_id"]: d for d in run["decisions"]}
     assert [by_id[c]["outcome"] for c in children] == ["done"] * 6
