@@ -281,7 +281,7 @@ class DockerEngine:
         for raw in raw_images:
             known = learned.get(raw["Id"]) if raw["Id"] in unknown_set else facts[raw["Id"]]
             if known is not None:  # None: deleted between the list and the inspect
-                images.append(_image(raw, tags_of[raw["Id"]], known))
+                images.append(_image(raw, tags_of[raw["Id"]], known, store == "containerd"))
         containers = tuple(_container(c) for c in raw_containers)
         info = EngineInfo(
             self.url,
@@ -396,7 +396,8 @@ class DockerEngine:
             )
         except NotFoundError:
             return None
-        return _refs(raw.get("RepoTags"), _NO_TAG), _refs(raw.get("RepoDigests"), _NO_DIGEST)
+        containerd = self._store_name == "containerd"
+        return _refs(raw.get("RepoTags"), _NO_TAG), _digests(raw, containerd)
 
     def users(self, image_id: str) -> tuple[Container, ...]:
         if self._kind == "podman":
@@ -599,11 +600,24 @@ def _refs(values: Any, placeholder: str) -> tuple[str, ...]:
     return tuple(sorted(v for v in values or () if v != placeholder))
 
 
-def _image(raw: Mapping[str, Any], tags: tuple[str, ...], facts: ImageFacts) -> Image:
+def _digests(raw: Mapping[str, Any], containerd: bool) -> tuple[str, ...]:
+    """The image's digest references. The containerd store lists `repo@<image ID>` for each
+    of its names: the name again, not a reference of its own (deleting `p@<ID>` untags
+    `p:2`), so those are left out and the image's names are its tags alone."""
+    digests = _refs(raw.get("RepoDigests"), _NO_DIGEST)
+    if not containerd:
+        return digests
+    image_id = str(raw.get("Id") or "")
+    return tuple(d for d in digests if d.partition("@")[2] != image_id)
+
+
+def _image(
+    raw: Mapping[str, Any], tags: tuple[str, ...], facts: ImageFacts, containerd: bool = False
+) -> Image:
     return Image(
         id=raw["Id"],
         tags=tags,
-        digests=_refs(raw.get("RepoDigests"), _NO_DIGEST),
+        digests=_digests(raw, containerd),
         parent=_full_id(raw.get("ParentId")) or None,
         created=facts.created or datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),
         size=int(raw.get("Size") or 0),

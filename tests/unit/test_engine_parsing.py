@@ -45,3 +45,14 @@ def test_the_api_version_is_capped_at_the_newest_the_matrix_tests() -> None:
     assert engine._capped("1.51") == "1.51"
     assert engine._capped("1.41") == "1.41"  # Docker 20.10, Podman
     assert engine._capped("garbage") == "garbage"  # asked as the engine said
+
+
+def test_the_containerd_stores_name_at_id_digests_are_not_references() -> None:
+    image_id = "sha256:" + "d" * 64
+    raw = {
+        "Id": image_id,
+        "RepoDigests": [f"p@{image_id}", f"q@{image_id}", "r@sha256:" + "e" * 64],
+    }
+    assert engine._digests(raw, containerd=True) == ("r@sha256:" + "e" * 64,)
+    assert len(engine._digests(raw, containerd=False)) == 3
+    assert engine._digests({"Id": image_id, "RepoDigests": None}, containerd=True) == ()
