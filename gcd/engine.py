@@ -491,10 +491,22 @@ class DockerEngine:
                 )
             )
         else:
-            query = urllib.parse.urlencode({"since": since, "until": until, "filters": types})
-            body = self._local_raw("GET", f"/events?{query}", self._socket_path)
-            raw = _json_stream(body)
-        return tuple(e for e in map(_event, raw) if e is not None)
+            query = {"since": since, "until": until, "filters": types}
+            if self._kind == "podman":
+                # Podman takes whole seconds only ("s.ns" gives nothing) and its type filter
+                # drops untag events: the window is widened to whole seconds, and filtered here.
+                query = {"since": str(since_ns // 10**9), "until": str(-(-until_ns // 10**9))}
+            body = self._local_raw(
+                "GET", f"/events?{urllib.parse.urlencode(query)}", self._socket_path
+            )
+            raw = [
+                e
+                for e in _json_stream(body)
+                if not isinstance(e, dict) or e.get("Type", "image") == "image"
+            ]
+        return tuple(
+            e for e in map(_event, raw) if e is not None and since_ns <= e.time_ns <= until_ns
+        )
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -548,10 +560,13 @@ def _event(raw: Any) -> ImageEvent | None:
     if not isinstance(action, str) or not isinstance(image_id, str):
         return None
     when = raw.get("timeNano") or int(raw.get("time") or 0) * 1_000_000_000
+    action = _PODMAN_ACTIONS.get(action, action)
     return ImageEvent(int(when), action, _full_id(image_id), str(attributes.get("name") or ""))
 
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
+# Podman's names for Docker's image event actions.
+_PODMAN_ACTIONS = {"loadfromarchive": "load"}
 
 
 def _full_id(value: Any) -> str:

@@ -56,3 +56,23 @@ def test_the_containerd_stores_name_at_id_digests_are_not_references() -> None:
     assert engine._digests(raw, containerd=True) == ("r@sha256:" + "e" * 64,)
     assert len(engine._digests(raw, containerd=False)) == 3
     assert engine._digests({"Id": image_id, "RepoDigests": None}, containerd=True) == ()
+
+
+def test_podman_events_read_as_dockers() -> None:
+    bare = "a" * 64
+    raw = {
+        "status": "loadfromarchive",
+        "id": bare,
+        "Type": "image",
+        "Action": "loadfromarchive",
+        "Actor": {"ID": bare, "Attributes": {"name": "/var/tmp/api_load.tar1"}},
+        "time": 1796408964,
+        "timeNano": 1796408964985227169,
+    }
+    event = engine._event(raw)
+    assert event is not None
+    assert (event.action, event.image_id, event.time_ns) == (
+        "load",
+        f"sha256:{bare}",
+        1796408964985227169,
+    )
