@@ -45,11 +45,32 @@ def run(kind: str, pytest_args: list[str]) -> tuple[str, str, float]:
     return summary, demo_result, time.monotonic() - start
 
 
+def check_in_root() -> int:
+    """tests/check as a Debian 13 machine runs it: a clone of this checkout's HEAD inside
+    the root, set up and run there (its own virtualenv, its own private dockerd)."""
+    engines.ensure()
+    clone = engines.ROOT / "var/tmp/gcd-check"
+    subprocess.run(["rm", "-rf", str(clone)], check=True)
+    subprocess.run(["git", "clone", "-q", ".", str(clone)], check=True)
+    done = subprocess.run(
+        engines.chroot("bash", "-c", "cd /var/tmp/gcd-check && CI=true tests/check -q")
+    )
+    print(f"tests/check on Debian 13: exit {done.returncode}", flush=True)
+    return done.returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("kinds", nargs="*", default=list(engines.KINDS), metavar="ENGINE")
     parser.add_argument("--pytest", default="", help="more pytest arguments, e.g. '-k retention'")
+    parser.add_argument(
+        "--debian13-check",
+        action="store_true",
+        help="instead: run tests/check on a clone of HEAD inside the Debian 13 root",
+    )
     args = parser.parse_args()
+    if args.debian13_check:
+        return check_in_root()
     unknown = [k for k in args.kinds if k not in engines.KINDS]
     if unknown:
         parser.error(f"unknown engine {', '.join(unknown)}: expected {', '.join(engines.KINDS)}")
