@@ -243,7 +243,8 @@ def test_sigterm_mid_cycle_stops_between_removals_and_exits_cleanly(
         ),
     )
     daemons.append(d)
-    wait_for(lambda: "INFO removed " in d.logs(), what="the first removal")
+    # A cold cycle reads 300 images first: on the containerd store, two requests each.
+    wait_for(lambda: "INFO removed " in d.logs(), timeout=120, what="the first removal")
     d.process.send_signal(signal.SIGTERM)
     stopped_at = time.monotonic()
     assert d.stop() == 0
