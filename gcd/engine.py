@@ -396,7 +396,7 @@ class DockerEngine:
             )
         except NotFoundError:
             return None
-        containerd = self._store_name == "containerd"
+        containerd = self._store() == "containerd"
         return _refs(raw.get("RepoTags"), _NO_TAG), _digests(raw, containerd)
 
     def users(self, image_id: str) -> tuple[Container, ...]:
@@ -431,7 +431,7 @@ class DockerEngine:
         return tuple(c for c in found if c.image_id in family)
 
     def children_now(self, image_id: str) -> tuple[str, ...]:
-        if self._kind != "podman" and self._store_name != "containerd":
+        if self._kind != "podman" and self._store() != "containerd":
             return ()  # dockerd on its classic store answers 409 itself
         raw_images = self._list_images()
         return tuple(
