@@ -109,7 +109,12 @@ def test_engine_conflict_is_a_skip_with_the_engines_reason(
         assert "image has dependent child images" in outcome.reason
     else:
         # The child named is the build's first step, the image whose parent it is.
-        firsts = [i["Id"][7:19] for i in client.images(all=True) if i["ParentId"] == parent]
+        bare = parent.removeprefix("sha256:")  # Podman lists IDs without it
+        firsts = [
+            i["Id"].removeprefix("sha256:")[:12]
+            for i in client.images(all=True)
+            if i["ParentId"].removeprefix("sha256:") == bare
+        ]
         assert (outcome.code, outcome.reason) == (
             "child_kept",
             f"it has a child image {firsts[0]} now",
