@@ -10,10 +10,10 @@ import urllib.request
 import pytest
 from prometheus_client import generate_latest
 
+from gcd import __version__, policy
 from gcd import metrics as gcd_metrics
-from gcd import policy
 from gcd.metrics import MAX_CONNECTIONS, Metrics
-from gcd.model import Outcome, Report
+from gcd.model import EngineInfo, Outcome, Report, Snapshot
 from tests.unit.snapshots import NOW, cfg, iid, image, snapshot, state
 
 
@@ -165,3 +165,15 @@ def test_a_silent_connection_times_out_and_frees_its_place(
         for s in idle:
             s.close()
         server.close()
+
+
+def test_build_info_names_the_engine_kind_and_store_once_a_cycle_read_it() -> None:
+    metrics = Metrics()
+    assert sample(metrics, "gcd_build_info", version=__version__, kind="", store="") == 1
+    podman = Snapshot(EngineInfo("unix:///p.sock", "5.4.2", "1.41", "podman", "overlay"), (), ())
+    plan = policy.plan(podman, cfg(), state(), NOW)
+    metrics.record(Report(plan, True, NOW, {}, 0), duration=1, ended=1)
+    assert (
+        sample(metrics, "gcd_build_info", version=__version__, kind="podman", store="overlay") == 1
+    )
+    assert sample(metrics, "gcd_build_info", version=__version__, kind="", store="") is None
