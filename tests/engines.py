@@ -116,6 +116,7 @@ def ensure(root: Path = ROOT) -> None:
     """Make the root once (about 3 minutes; kept under /var/tmp for the next run)."""
     if (root / READY).exists():
         mount(root)
+        _trust_as_the_host(root)
         return
     if not (root / "usr/bin/apt-get").exists():
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,7 @@ def ensure(root: Path = ROOT) -> None:
             stdout=subprocess.DEVNULL,
         )
     mount(root)
+    _trust_as_the_host(root)
     # Packages install without starting anything.
     policy = root / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
@@ -185,6 +187,26 @@ def ensure(root: Path = ROOT) -> None:
         'events_logger = "file"\n'
     )
     (root / READY).write_text(json.dumps(versions(root)) + "\n")
+
+
+def _trust_as_the_host(root: Path) -> None:
+    """The host's own certificate authorities and pip settings, so that the root reaches
+    what the host reaches (a machine behind an inspecting proxy trusts the proxy's CA)."""
+    local = Path("/usr/local/share/ca-certificates")
+    if local.is_dir() and any(local.iterdir()):
+        target = root / "usr/local/share/ca-certificates"
+        target.mkdir(parents=True, exist_ok=True)
+        for cert in local.iterdir():
+            shutil.copy(cert, target / cert.name)
+        if (root / "usr/sbin/update-ca-certificates").exists():
+            _run(*chroot("update-ca-certificates", root=root), stdout=subprocess.DEVNULL)
+    confs = [Path("/etc/pip.conf")]
+    if Path("/etc/xdg/pip").is_dir():
+        confs += Path("/etc/xdg/pip").iterdir()  # pip.conf and the files it names
+    for conf in confs:
+        if conf.is_file():
+            (root / str(conf).lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(conf, root / str(conf).lstrip("/"))
 
 
 def _mirror() -> str:
