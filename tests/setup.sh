@@ -1,6 +1,7 @@
 # Sourced by tests/check and tests/demo: installs what is missing and leaves $VENV ready.
 # Debian/Ubuntu: docker.io (dockerd), busybox-static (a static /bin/busybox for runnable
-# fixture images) and python3-venv; then a virtualenv with gcd and its test tools.
+# fixture images), python3-venv and systemd (systemd-analyze); then a virtualenv with gcd
+# and its test tools.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -13,6 +14,8 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 # ldd fails on a static binary: that is the busybox a FROM-scratch image can run.
 if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
 python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+# systemd-analyze checks the units (a minimal image or container may lack systemd).
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
