@@ -281,7 +281,7 @@ class DockerEngine:
         for raw in raw_images:
             known = learned.get(raw["Id"]) if raw["Id"] in unknown_set else facts[raw["Id"]]
             if known is not None:  # None: deleted between the list and the inspect
-                images.append(_image(raw, tags_of[raw["Id"]], known, store == "containerd"))
+                images.append(_image(raw, tags_of[raw["Id"]], known, self._names_only()))
         containers = tuple(_container(c) for c in raw_containers)
         info = EngineInfo(
             self.url,
@@ -306,6 +306,10 @@ class DockerEngine:
                     ) from None
                 time.sleep(LIST_RETRY_DELAY)
         raise AssertionError("unreachable")
+
+    def _names_only(self) -> str:
+        """How far the engine's digest references are references (see _digests)."""
+        return "podman" if self._kind == "podman" else self._store()
 
     def _store(self) -> str:
         """The image store, from /info: asked once per engine (and again after the engine
@@ -396,8 +400,7 @@ class DockerEngine:
             )
         except NotFoundError:
             return None
-        containerd = self._store() == "containerd"
-        return _refs(raw.get("RepoTags"), _NO_TAG), _digests(raw, containerd)
+        return _refs(raw.get("RepoTags"), _NO_TAG), _digests(raw, self._names_only())
 
     def users(self, image_id: str) -> tuple[Container, ...]:
         if self._kind == "podman":
@@ -615,24 +618,27 @@ def _refs(values: Any, placeholder: str) -> tuple[str, ...]:
     return tuple(sorted(v for v in values or () if v != placeholder))
 
 
-def _digests(raw: Mapping[str, Any], containerd: bool) -> tuple[str, ...]:
+def _digests(raw: Mapping[str, Any], engine: str) -> tuple[str, ...]:
     """The image's digest references. The containerd store lists `repo@<image ID>` for each
     of its names: the name again, not a reference of its own (deleting `p@<ID>` untags
-    `p:2`), so those are left out and the image's names are its tags alone."""
+    `p:2`), so those are left out. Podman lists `repo@<manifest digest>` for each name, and
+    deletes none of them ("tag not known"): no references at all there."""
     digests = _refs(raw.get("RepoDigests"), _NO_DIGEST)
-    if not containerd:
+    if engine == "podman":
+        return ()
+    if engine != "containerd":
         return digests
     image_id = str(raw.get("Id") or "")
     return tuple(d for d in digests if d.partition("@")[2] != image_id)
 
 
 def _image(
-    raw: Mapping[str, Any], tags: tuple[str, ...], facts: ImageFacts, containerd: bool = False
+    raw: Mapping[str, Any], tags: tuple[str, ...], facts: ImageFacts, engine: str = "overlay2"
 ) -> Image:
     return Image(
         id=raw["Id"],
         tags=tags,
-        digests=_digests(raw, containerd),
+        digests=_digests(raw, engine),
         parent=_full_id(raw.get("ParentId")) or None,
         created=facts.created or datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),
         size=int(raw.get("Size") or 0),

@@ -53,9 +53,11 @@ def test_the_containerd_stores_name_at_id_digests_are_not_references() -> None:
         "Id": image_id,
         "RepoDigests": [f"p@{image_id}", f"q@{image_id}", "r@sha256:" + "e" * 64],
     }
-    assert engine._digests(raw, containerd=True) == ("r@sha256:" + "e" * 64,)
-    assert len(engine._digests(raw, containerd=False)) == 3
-    assert engine._digests({"Id": image_id, "RepoDigests": None}, containerd=True) == ()
+    assert engine._digests(raw, "containerd") == ("r@sha256:" + "e" * 64,)
+    assert len(engine._digests(raw, "overlay2")) == 3
+    assert engine._digests({"Id": image_id, "RepoDigests": None}, "containerd") == ()
+    # Podman deletes none of its digests by name ("tag not known"): not references there.
+    assert engine._digests(raw, "podman") == ()
 
 
 def test_podman_events_read_as_dockers() -> None:
