@@ -307,6 +307,11 @@ class DockerEngine:
                 time.sleep(LIST_RETRY_DELAY)
         raise AssertionError("unreachable")
 
+    def _classic(self) -> bool:
+        """dockerd on a classic graph driver (overlay2, btrfs, ...): an image's size is its
+        layers' sum, and the engine refuses to delete a parent under its children."""
+        return self._kind != "podman" and self._store() != "containerd"
+
     def _names_only(self) -> str:
         """How far the engine's digest references are references (see _digests)."""
         return "podman" if self._kind == "podman" else self._store()
@@ -376,7 +381,7 @@ class DockerEngine:
         total = int(raw.get("Size") or 0)
         # Only on the classic store is an image's size the sum of its layers' (so one
         # unknown layer is the difference); elsewhere the history says (_layer_sizes).
-        classic = self._store() == "overlay2"
+        classic = self._classic()
         sizes = _derived_sizes(layers, total, sized) if classic else None
         if sizes is None:
             history = self._get_json(
@@ -434,7 +439,7 @@ class DockerEngine:
         return tuple(c for c in found if c.image_id in family)
 
     def children_now(self, image_id: str) -> tuple[str, ...]:
-        if self._kind != "podman" and self._store() != "containerd":
+        if self._classic():
             return ()  # dockerd on its classic store answers 409 itself
         raw_images = self._list_images()
         return tuple(
