@@ -465,19 +465,39 @@ class DockerEngine:
         # never an untagged parent with it (one the plan kept may have lost its last user
         # meanwhile); gcd deletes the parents it planned itself, after their children.
         sent = time.time_ns()
-        if self._socket_path is None:
-            answer = self._get(lambda: self.client.remove_image(ref, force=False, noprune=True))
-        else:
-            path = f"/images/{urllib.parse.quote(ref, safe='/:@')}?force=0&noprune=1"
-            answer = self._local_request("DELETE", path, self._socket_path)
+        try:
+            if self._socket_path is None:
+                answer = self._get(lambda: self.client.remove_image(ref, force=False, noprune=True))
+            else:
+                path = f"/images/{urllib.parse.quote(ref, safe='/:@')}?force=0&noprune=1"
+                answer = self._local_request("DELETE", path, self._socket_path)
+        except (ConflictError, NotFoundError, EngineUnavailable):
+            raise
+        except EngineError as e:
+            # Podman answers 500, not 409, to an image deleted by ID while it has two names
+            # (one made after gcd's re-read): the image as it is now says which it was.
+            by_id = ref.startswith("sha256:")
+            now = self.current(ref) if self._kind == "podman" and by_id else None
+            if now is not None and len(now[0]) > 1:
+                raise ConflictError(str(e)) from None
+            raise
         answered = time.time_ns()
         items = answer if isinstance(answer, list) else ()
-        return Deletion(
-            tuple(_full_id(i["Deleted"]) for i in items if isinstance(i, dict) and "Deleted" in i),
-            tuple(str(i["Untagged"]) for i in items if isinstance(i, dict) and "Untagged" in i),
-            sent,
-            answered,
+        deleted = tuple(
+            _full_id(i["Deleted"]) for i in items if isinstance(i, dict) and "Deleted" in i
         )
+        untagged = tuple(
+            str(i["Untagged"]) for i in items if isinstance(i, dict) and "Untagged" in i
+        )
+        survived = None
+        if ref in deleted and self._store() == "containerd":
+            # The containerd store reads an image's names once, then deletes those: a tag
+            # made in between stays on the image, and the answer still says `Deleted`.
+            now = self.current(ref)
+            if now is not None:
+                survived = now[0] + now[1]
+                deleted = tuple(i for i in deleted if i != ref)
+        return Deletion(deleted, untagged, sent, answered, survived)
 
     def tag(self, image_id: str, ref: str) -> None:
         repository, tag = split_ref(ref)

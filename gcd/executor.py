@@ -340,6 +340,8 @@ class _Action:
         if deletion is None:
             return self._outcome("skipped", "already gone", "gone")
         self._note(deletion)
+        if deletion.survived is not None:
+            return self._survived(deletion.survived)
         # The one window of a removal by ID: after the re-read, the image's own tags moved
         # away and it was given a new one (the engine refuses two). Said, never silent.
         gained = sorted(t for t in deletion.untagged if "@" not in t and t not in d.tags)
@@ -350,6 +352,32 @@ class _Action:
                 "deleted it with that tag"
             )
         return self._outcome("done")
+
+    def _survived(self, refs: Sequence[str]) -> Outcome:
+        """The engine answered `Deleted`, yet the image is there (the containerd store)."""
+        # A tag made while the engine deleted (one gcd had untagged by name may be back).
+        tags = sorted(t for t in refs if "@" not in t)
+        if tags:
+            return self._outcome(
+                "skipped",
+                f"tagged {', '.join(tags)} during its removal; the engine answered that it "
+                "deleted the image but kept it with that tag",
+                "tag_changed",
+            )
+        self.run.check()
+        children = self.engine.children_now(self.d.image_id)
+        if children:
+            return self._outcome(
+                "skipped",
+                f"it has a child image {short_id(children[0])} now; the engine answered "
+                "that it deleted the image but kept it, untagged",
+                "child_kept",
+            )
+        return self._outcome(
+            "skipped",
+            "the engine answered that it deleted the image but kept it, untagged",
+            "conflict",
+        )
 
     def _untag(self) -> Outcome:
         d = self.d

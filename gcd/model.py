@@ -302,6 +302,10 @@ class Deletion:
     untagged: tuple[str, ...]  # references it removed, tags and digests
     sent_ns: int
     answered_ns: int
+    # An image deleted by ID that is still there although the engine answered `Deleted`
+    # (the containerd store keeps a tag made while it deletes): the references it still
+    # has, and its ID is not in `deleted`. None where the image went.
+    survived: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

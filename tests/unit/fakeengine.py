@@ -50,6 +50,10 @@ class FakeEngine:
         self.requests: list[tuple[str, str]] = []
         self.before: Callable[[str, str], None] = lambda method, target: None
         self.fail: dict[tuple[str, str], Exception] = {}
+        # Runs inside a DELETE by ID, after the engine read the image's names: the containerd
+        # store deletes those names only and keeps any made meanwhile, answering `Deleted`
+        # all the same (the adapter then reports the image as survived).
+        self.amid_delete: Callable[[str], None] | None = None
         self._lock = threading.RLock()
         self._last_ns = 0
 
@@ -184,8 +188,19 @@ class FakeEngine:
                         "image is referenced in multiple repositories"
                     )
                 self._check_delete(image_id)
-                for r in list(img.refs):
+                names = list(img.refs)
+                if self.amid_delete is not None:
+                    self.amid_delete(image_id)
+                for r in names:
                     self._untag(image_id, r, untagged)
+                # The containerd store keeps names made during the delete, and an image
+                # that had a tag and has a child (as an untagged record): it says
+                # `Deleted` all the same.
+                tagged = any("@" not in r for r in names)
+                if img.refs or (tagged and not self.guards_children and self._children(image_id)):
+                    self._event("delete", image_id)
+                    survived = tuple(sorted(img.refs))
+                    return Deletion((), tuple(untagged), sent, self._now(), survived)
             else:
                 image_id_or_none = self.refs.get(ref)
                 if image_id_or_none is None:

@@ -81,6 +81,52 @@ def test_a_rebuild_caught_between_the_reread_and_the_delete_is_untouched() -> No
     assert report.unplanned() == ()
 
 
+def test_an_image_tagged_while_the_containerd_store_deletes_it_is_reported_kept() -> None:
+    engine = world("app:1")
+    plan = plan_of(engine, POLICY + "protect: [{tag: stable}]\n")
+    engine.amid_delete = lambda image_id: engine.tag(image_id, "app:stable")
+    report = execute(engine, plan)
+    assert sorted(engine.images[OLD].refs) == ["app:stable"]
+    outcome = report.outcome(OLD)
+    assert (outcome.outcome, outcome.code) == ("skipped", "tag_changed")
+    assert outcome.reason == (
+        "tagged app:stable during its removal; the engine answered that it deleted the "
+        "image but kept it with that tag"
+    )
+    assert outcome.untagged == ("app:1",)
+    assert not report.removed() and report.unplanned() == ()
+
+
+def test_a_tag_gcd_took_by_name_and_made_again_mid_delete_is_reported_kept() -> None:
+    engine = world("app:1", "app:2")
+    plan = plan_of(engine)
+    engine.amid_delete = lambda image_id: engine.tag(image_id, "app:1")  # `docker tag` again
+    report = execute(engine, plan)
+    assert engine.images[OLD].refs == ["app:1"]
+    outcome = report.outcome(OLD)
+    assert (outcome.code, outcome.reason) == (
+        "tag_changed",
+        "tagged app:1 during its removal; the engine answered that it deleted the image but "
+        "kept it with that tag",
+    )
+
+
+def test_an_image_given_a_child_mid_delete_on_the_containerd_store_is_reported_kept() -> None:
+    engine = FakeEngine(guards_children=False)
+    engine.add(OLD, "app:1")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    engine.amid_delete = lambda image_id: engine.add(OTHER, parent=image_id)
+    report = execute(engine, plan)
+    assert engine.images[OLD].refs == []
+    outcome = report.outcome(OLD)
+    assert (outcome.code, outcome.reason) == (
+        "child_kept",
+        f"it has a child image {OTHER[7:19]} now; the engine answered that it deleted the "
+        "image but kept it, untagged",
+    )
+
+
 def test_a_tag_moved_mid_removal_onto_an_image_with_no_other_tag_is_an_unplanned_removal() -> None:
     engine = world("app:1", "app:2")
     plan = plan_of(engine)
