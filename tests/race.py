@@ -59,7 +59,10 @@ rules:
 unmatched: expire
 """
 STABLE = "app:stable"
-DOCKER_CLI = "/usr/bin/docker"  # Debian's docker.io client builds with BuildKit by itself
+DOCKER_CLI = "/usr/bin/docker"
+_UNPACK_RACE = (
+    "failed to unpack loaded image"  # Debian's docker.io client builds with BuildKit by itself
+)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Figures:
     failed: int = 0
     detected_unplanned: int = 0
     restored: int = 0
+    delete_events_kept: int = 0  # `delete` events of images still there after the cycle
     actions: Counter[str] = field(default_factory=Counter)
     wrong: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -82,7 +86,8 @@ class Figures:
             f"{self.rounds} interleavings; {self.removed} images removed, "
             f"{self.untagged_by_name} tags untagged by name; skipped: {skipped}; "
             f"failed {self.failed}; unplanned removals reported {self.detected_unplanned}; "
-            f"tags put back {self.restored}; wrong removals {len(self.wrong)}; actors: {acts}"
+            f"tags put back {self.restored}; delete events of images still there "
+            f"{self.delete_events_kept}; wrong removals {len(self.wrong)}; actors: {acts}"
         )
 
 
@@ -243,9 +248,10 @@ class Actors:
 class Oracle:
     """Judges each cycle by the engine's events; keeps who holds `app:stable`."""
 
-    def __init__(self, actors: Actors, proxy: FaultProxy) -> None:
+    def __init__(self, actors: Actors, proxy: FaultProxy, direct: DockerEngine) -> None:
         self.actors = actors
         self.proxy = proxy
+        self.direct = direct
         self.stable: str | None = None
 
     def _sent(self, at_ns: int) -> int:
@@ -287,6 +293,11 @@ class Oracle:
         self, e: ImageEvent, report: Report, unplanned: set[str], figures: Figures
     ) -> None:
         image = short_id(e.image_id)
+        if self.direct.current(e.image_id) is not None:
+            # The containerd store says `delete` for an image deleted by ID that a tag made
+            # meanwhile kept (it deletes only the names it read first): nothing was lost.
+            figures.delete_events_kept += 1
+            return
         if e.image_id in unplanned:
             figures.detected_unplanned += 1  # reported by gcd: an error, never silent
             return
@@ -334,7 +345,7 @@ def run(
     direct = DockerEngine(engine.url, 60)
     actors = Actors(engine.url, seed)
     with FaultProxy(engine.socket, work / "proxy.sock", seed=seed) as proxy:
-        oracle = Oracle(actors, proxy)
+        oracle = Oracle(actors, proxy, direct)
         gcd_engine = DockerEngine(proxy.url, 60)
         store = Store(str(work / "state"))
         actors.start()
@@ -395,7 +406,14 @@ def run(
         )
     ]
     figures.actions["legacy builds broken by min_age 0s"] += len(broken)
-    figures.wrong.extend(f"actor failed: {e}" for e in actors.errors if e not in broken)
+    # The containerd store fails a load now and then while any client deletes images (a
+    # delete's content collection takes what the load is unpacking): reproduced with plain
+    # deletes and no gcd, about 1 load in 370 (docs/engines.md). The engine's, not gcd's.
+    unpack = [e for e in actors.errors if e.startswith("loader: ") and _UNPACK_RACE in e]
+    figures.actions["loads failed by the containerd store's delete race"] += len(unpack)
+    figures.wrong.extend(
+        f"actor failed: {e}" for e in actors.errors if e not in broken and e not in unpack
+    )
     return figures
 
 
