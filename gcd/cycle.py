@@ -26,7 +26,9 @@ def utcnow() -> datetime:
 
 
 def connect(config: Config) -> DockerEngine:
-    return DockerEngine(config.engine_url(), config.engine.timeout.total_seconds())
+    return DockerEngine(
+        config.engine_url(), config.engine.timeout.total_seconds(), config.engine_tls()
+    )
 
 
 def prepare(

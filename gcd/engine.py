@@ -1,23 +1,17 @@
-"""The Docker Engine API, and the only module that imports docker.
+"""The Docker Engine API: each endpoint written once, in the engine's own terms.
 
-Raw JSON stops here: callers get model values, and docker/requests exceptions become gcd
-errors (EngineUnavailable, ConflictError, NotFoundError, EngineError).
-
-A local engine (a unix:// address, the usual case) is spoken to over kept-alive stdlib
-http.client connections on its socket, one per thread. Measured on the benchmark machine:
-0.47 ms per inspect against 1.30 ms through docker-py, whose time is nearly all client CPU
-(requests' machinery), not the engine's; and importing docker-py costs every `gcd` command
-a tenth of a second. docker-py, imported on first use, speaks to any other address (tcp://,
-ssh://), with the same API version negotiation.
+Raw JSON stops here: callers get model values and gcd errors (EngineUnavailable,
+ConflictError, NotFoundError, EngineError). Requests travel through gcd.transport (unix://,
+tcp:// with TLS, ssh://); this module adapts to the engine and store behind them (Docker's
+classic and containerd stores, Podman): IDs, names, byte model, the checks an engine does not
+make itself.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import re
-import socket
 import sys
 import threading
 import time
@@ -25,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import (
@@ -38,16 +32,13 @@ from gcd.model import (
     Snapshot,
     split_ref,
 )
+from gcd.transport import Tls, open_transport
 
-if TYPE_CHECKING:
-    import docker
-
-T = TypeVar("T")
 _NO_TAG = "<none>:<none>"
 _NO_DIGEST = "<none>@<none>"
 _ISO_FRACTION = re.compile(r"(\.\d{1,6})\d*")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Concurrent inspects on a cold snapshot; below docker-py's connection pool (10).
+# Concurrent inspects on a cold snapshot (a connection each).
 INSPECT_WORKERS = 8
 # The newest API version the engine matrix tests (sid's Docker 28.5, docs/engines.md): a
 # newer engine is spoken to in this version, which it still serves, not in one gcd has
@@ -95,110 +86,43 @@ class Engine(Protocol):
 class DockerEngine:
     """The engine at `url`: explicit timeout, API version negotiated on first use."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, tls: Tls | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.calls = 0
         self._count_lock = threading.Lock()
-        self._client: docker.APIClient | None = None
-        self._socket_path = url.removeprefix("unix://") if url.startswith("unix://") else None
-        self._local = threading.local()
+        self.transport = open_transport(url, timeout, tls)
         self._api_version: str | None = None
         self._store_name: str | None = None
         self._kind = "docker"  # from the last snapshot's /version
 
-    @property
-    def client(self) -> docker.APIClient:
-        """docker-py, for an address that is not a Unix socket."""
-        if self._client is None:
-            import docker
-
-            self.calls += 1  # version negotiation is a request of its own
-            client = self._call(
-                lambda: docker.APIClient(base_url=self.url, version="auto", timeout=self.timeout)
-            )
-            if _capped(str(client.api_version)) != str(client.api_version):
-                client.close()
-                client = docker.APIClient(
-                    base_url=self.url, version=MAX_API_VERSION, timeout=self.timeout
-                )
-            self._client = client
-        return self._client
-
     def api_version(self) -> str:
-        """The engine's API version, asked once (what docker-py's version="auto" does)."""
+        """The engine's API version, asked once, capped at MAX_API_VERSION."""
         if self._api_version is None:
-            if self._socket_path is None:
-                self._api_version = str(self.client.api_version)
-            else:
-                answer = self._local_request("GET", "/version", self._socket_path, versioned=False)
-                self._api_version = _capped(str(answer["ApiVersion"]))
+            answer = self._json("/version", versioned=False)
+            version = answer.get("ApiVersion") if isinstance(answer, dict) else None
+            if not isinstance(version, str):
+                raise EngineError(f"the Docker engine at {self.url} did not say its API version")
+            self._api_version = _capped(version)
         return self._api_version
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self.transport.close()
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        import docker.errors
-        import requests.exceptions
-
-        try:
-            return fn()
-        except docker.errors.NotFound as e:
-            raise NotFoundError(_explanation(e)) from None
-        except docker.errors.APIError as e:
-            if e.status_code == 409:
-                raise ConflictError(_explanation(e)) from None
-            raise EngineError(
-                f"the Docker engine at {self.url} answered: {_explanation(e)}"
-            ) from None
-        except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as e:
-            # A broken connection is worth a fresh one next time (engine restarted).
-            self._client = None
-            self._store_name = None
-            raise EngineUnavailable(
-                f"cannot reach the Docker engine at {self.url}: {self._why(e)}"
-            ) from None
-
-    def _why(self, e: BaseException) -> str:
-        text = str(e)
-        if (
-            isinstance(e, TimeoutError)
-            or "timed out" in text.lower()
-            or "Timeout" in type(e).__name__
-        ):
-            return f"no answer within {self.timeout:g}s (engine.timeout)"
-        if "Permission denied" in text:
-            return "permission denied on the socket (is this user in the docker group?)"
-        if "No such file" in text or "FileNotFoundError" in text:
-            return "no such socket (is dockerd running? set engine.url or $DOCKER_HOST)"
-        if "Connection refused" in text:
-            return "connection refused (is dockerd running?)"
-        return text
-
-    def _get(self, fn: Callable[[], T]) -> T:
+    def _raw(self, method: str, path: str, versioned: bool = True) -> bytes:
+        """One request of the negotiated API version; the answer's body."""
+        url = f"/v{self.api_version()}{path}" if versioned else path
         with self._count_lock:
             self.calls += 1
-        return self._call(fn)
+        try:
+            return self.transport.request(method, url)
+        except EngineUnavailable:
+            self._store_name = None  # it may come back with another store
+            raise
 
-    def _get_json(self, path: str, fallback: Callable[[], T]) -> T:
-        """GET `path` of the negotiated API version over this thread's own connection to a
-        local socket; `fallback` (docker-py) for any other kind of address."""
-        if self._socket_path is None:
-            return self._get(fallback)
-        return self._local_request("GET", path, self._socket_path)  # type: ignore[no-any-return]
-
-    def _local_request(
-        self, method: str, path: str, socket_path: str, versioned: bool = True
-    ) -> Any:
-        """One request on this thread's kept-alive connection; the JSON answer."""
-        body = self._local_raw(method, path, socket_path, versioned)
+    def _json(self, path: str, method: str = "GET", versioned: bool = True) -> Any:
+        """One request; its JSON answer (None for an empty body)."""
+        body = self._raw(method, path, versioned)
         try:
             return json.loads(body) if body.strip() else None
         except ValueError:
@@ -206,59 +130,16 @@ class DockerEngine:
                 f"the Docker engine at {self.url} answered {method} {path} with malformed JSON"
             ) from None
 
-    def _local_raw(self, method: str, path: str, socket_path: str, versioned: bool = True) -> bytes:
-        """One request on this thread's kept-alive connection; the answer's body. A GET that
-        meets a connection the engine closed meanwhile is sent once more on a new one. A
-        DELETE never is: the first may have been carried out, and by the second the name
-        could be another image's. (It follows the re-read on the same connection, so the
-        connection is known to be alive.)"""
-        url = f"/v{self.api_version()}{path}" if versioned else path
-        with self._count_lock:
-            self.calls += 1
-        for attempt in (1, 2):
-            conn: _UnixConnection | None = getattr(self._local, "conn", None)
-            reused = conn is not None
-            if conn is None:
-                conn = self._local.conn = _UnixConnection(socket_path, self.timeout)
-            try:
-                conn.request(method, url)
-                response = conn.getresponse()
-                body = response.read()
-                break
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                self._local.conn = None
-                self._store_name = None
-                # A kept-alive connection the engine closed meanwhile: once more on a new one.
-                if method == "GET" and reused and attempt == 1 and not isinstance(e, TimeoutError):
-                    continue
-                raise EngineUnavailable(
-                    f"cannot reach the Docker engine at {self.url}: {self._why(e)}"
-                ) from None
-        if response.status >= 400:
-            try:
-                message = str(json.loads(body).get("message", "")).strip()
-            except ValueError:
-                message = body.decode(errors="replace").strip()
-            if response.status == 404:
-                raise NotFoundError(message)
-            if response.status == 409:
-                raise ConflictError(message)
-            raise EngineError(f"the Docker engine at {self.url} answered: {message}")
-        return body
-
     # --- reading ---------------------------------------------------------------------------
 
     def snapshot(
         self, facts: Mapping[str, ImageFacts], stop: Callable[[], bool] = lambda: False
     ) -> tuple[Snapshot, dict[str, ImageFacts]]:
-        version = self._get_json("/version", lambda: self.client.version())
+        version = self._json("/version")
         # Before the inspects, which read sizes by engine and store.
         self._kind, store = _kind(version), self._store()
         raw_images = self._list_images()
-        raw_containers = self._get_json(
-            "/containers/json?all=1", lambda: self.client.containers(all=True)
-        )
+        raw_containers = self._json("/containers/json?all=1")
         tags_of = {
             raw["Id"]: tuple(sorted(t for t in raw.get("RepoTags") or () if t != _NO_TAG))
             for raw in raw_images
@@ -294,17 +175,23 @@ class DockerEngine:
 
     def _list_images(self) -> Any:
         """GET /images/json?all=1. The containerd store answers 404 ("failed to get rootfs
-        of image …") while one of its images is being deleted: the list is asked again a
-        few times before the cycle gives up with an engine error."""
+        of image …") or 500 ("failed to calculate size of image …: content digest …: not
+        found") while one of its images is being deleted: the list (a read) is asked again
+        a few times before the cycle gives up with an engine error."""
         for attempt in range(LIST_ATTEMPTS):
             try:
-                return self._get_json("/images/json?all=1", lambda: self.client.images(all=True))
-            except NotFoundError as e:
-                if attempt == LIST_ATTEMPTS - 1:
+                return self._json("/images/json?all=1")
+            except EngineUnavailable:
+                raise
+            except EngineError as e:  # NotFoundError included
+                if attempt < LIST_ATTEMPTS - 1:
+                    time.sleep(LIST_RETRY_DELAY)
+                elif isinstance(e, NotFoundError):
                     raise EngineError(
                         f"the Docker engine at {self.url} could not list its images: {e}"
                     ) from None
-                time.sleep(LIST_RETRY_DELAY)
+                else:
+                    raise
         raise AssertionError("unreachable")
 
     def _classic(self) -> bool:
@@ -320,7 +207,7 @@ class DockerEngine:
         """The image store, from /info: asked once per engine (and again after the engine
         was lost, since it may come back with another store)."""
         if self._store_name is None:
-            info = self._get_json("/info", lambda: self.client.info())
+            info = self._json("/info")
             self._store_name = _store(info if isinstance(info, dict) else {})
         return self._store_name
 
@@ -363,9 +250,7 @@ class DockerEngine:
         known: ImageFacts | None,
         sized: dict[str, int],
     ) -> ImageFacts:
-        raw = self._get_json(
-            f"/images/{image_id}/json", lambda: self.client.inspect_image(image_id)
-        )
+        raw = self._json(f"/images/{image_id}/json")
         last_tag_time = _parse_time((raw.get("Metadata") or {}).get("LastTagTime"))
         if not tags and self._store_name == "containerd":
             # There it is when the engine made the untagged image's record (a load, or the
@@ -384,9 +269,7 @@ class DockerEngine:
         classic = self._classic()
         sizes = _derived_sizes(layers, total, sized) if classic else None
         if sizes is None:
-            history = self._get_json(
-                f"/images/{image_id}/history", lambda: self.client.history(image_id)
-            )
+            history = self._json(f"/images/{image_id}/history")
             sizes = _layer_sizes(len(layers), history, total, exact=classic)
             if sizes is None:
                 return ImageFacts(tags, (), (), last_tag_time, created)
@@ -400,9 +283,7 @@ class DockerEngine:
 
     def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         try:
-            raw = self._get_json(
-                f"/images/{image_id}/json", lambda: self.client.inspect_image(image_id)
-            )
+            raw = self._json(f"/images/{image_id}/json")
         except NotFoundError:
             return None
         return _refs(raw.get("RepoTags"), _NO_TAG), _digests(raw, self._names_only())
@@ -411,18 +292,13 @@ class DockerEngine:
         if self._kind == "podman":
             return self._users_by_graph(image_id)
         ancestor = urllib.parse.quote(json.dumps({"ancestor": [image_id]}))
-        raw = self._get_json(
-            f"/containers/json?all=1&filters={ancestor}",
-            lambda: self.client.containers(all=True, filters={"ancestor": image_id}),
-        )
+        raw = self._json(f"/containers/json?all=1&filters={ancestor}")
         return tuple(_container(c) for c in raw)
 
     def _users_by_graph(self, image_id: str) -> tuple[Container, ...]:
         """Podman's ancestor filter ignores `sha256:<id>`: read every container and the
         image graph, and find the users of the image and of its descendants here."""
-        raw_containers = self._get_json(
-            "/containers/json?all=1", lambda: self.client.containers(all=True)
-        )
+        raw_containers = self._json("/containers/json?all=1")
         raw_images = self._list_images()
         children: dict[str, list[str]] = {}
         for raw in raw_images:
@@ -452,10 +328,7 @@ class DockerEngine:
 
     def target(self, ref: str) -> str | None:
         try:
-            raw = self._get_json(
-                f"/images/{urllib.parse.quote(ref, safe='/:@')}/json",
-                lambda: self.client.inspect_image(ref),
-            )
+            raw = self._json(f"/images/{_quoted(ref)}/json")
         except NotFoundError:
             return None
         return str(raw["Id"])
@@ -466,11 +339,7 @@ class DockerEngine:
         # meanwhile); gcd deletes the parents it planned itself, after their children.
         sent = time.time_ns()
         try:
-            if self._socket_path is None:
-                answer = self._get(lambda: self.client.remove_image(ref, force=False, noprune=True))
-            else:
-                path = f"/images/{urllib.parse.quote(ref, safe='/:@')}?force=0&noprune=1"
-                answer = self._local_request("DELETE", path, self._socket_path)
+            answer = self._json(f"/images/{_quoted(ref)}?force=0&noprune=1", "DELETE")
         except (ConflictError, NotFoundError, EngineUnavailable):
             raise
         except EngineError as e:
@@ -501,54 +370,33 @@ class DockerEngine:
 
     def tag(self, image_id: str, ref: str) -> None:
         repository, tag = split_ref(ref)
-        if self._socket_path is None:
-            self._get(lambda: self.client.tag(image_id, repository, tag))
-            return
         query = urllib.parse.urlencode({"repo": repository, "tag": tag})
-        self._local_raw("POST", f"/images/{image_id}/tag?{query}", self._socket_path)
+        self._raw("POST", f"/images/{image_id}/tag?{query}")
 
     def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
-        since, until = _api_time(since_ns), _api_time(until_ns)
-        types = json.dumps({"type": ["image"]})
-        if self._socket_path is None:
-            raw: list[Any] = self._get(
-                lambda: list(
-                    self.client.events(
-                        since=since, until=until, filters={"type": "image"}, decode=True
-                    )
-                )
-            )
-        else:
-            query = {"since": since, "until": until, "filters": types}
-            if self._kind == "podman":
-                # Podman takes whole seconds only ("s.ns" gives nothing) and its type filter
-                # drops untag events: the window is widened to whole seconds, and filtered here.
-                query = {"since": str(since_ns // 10**9), "until": str(-(-until_ns // 10**9))}
-            body = self._local_raw(
-                "GET", f"/events?{urllib.parse.urlencode(query)}", self._socket_path
-            )
-            raw = [
-                e
-                for e in _json_stream(body)
-                if not isinstance(e, dict) or e.get("Type", "image") == "image"
-            ]
+        query = {
+            "since": _api_time(since_ns),
+            "until": _api_time(until_ns),
+            "filters": json.dumps({"type": ["image"]}),
+        }
+        if self._kind == "podman":
+            # Podman takes whole seconds only ("s.ns" gives nothing) and its type filter
+            # drops untag events: the window is widened to whole seconds, and filtered here.
+            query = {"since": str(since_ns // 10**9), "until": str(-(-until_ns // 10**9))}
+        body = self._raw("GET", f"/events?{urllib.parse.urlencode(query)}")
+        raw = [
+            e
+            for e in _json_stream(body)
+            if not isinstance(e, dict) or e.get("Type", "image") == "image"
+        ]
         return tuple(
             e for e in map(_event, raw) if e is not None and since_ns <= e.time_ns <= until_ns
         )
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a Unix socket (keep-alive, chunked bodies: http.client does those)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
+def _quoted(ref: str) -> str:
+    """A reference or ID in a request path."""
+    return urllib.parse.quote(ref, safe="/:@")
 
 
 def _api_time(ns: int) -> str:
@@ -633,10 +481,6 @@ def _store(info: Mapping[str, Any]) -> str:
         if isinstance(pair, list) and len(pair) == 2 and "containerd.snapshotter" in str(pair[1]):
             return "containerd"
     return str(info.get("Driver") or "unknown")
-
-
-def _explanation(e: docker.errors.APIError) -> str:
-    return str(e.explanation or e).strip()
 
 
 def _refs(values: Any, placeholder: str) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,9 @@ from tests import engines
 class PrivateEngine:
     """The engine GCD_TEST_ENGINE names (tests/engines.py; the host's dockerd by default)."""
 
-    def __init__(self, root: str | None = None, kind: engines.Kind | None = None) -> None:
+    def __init__(
+        self, root: str | None = None, kind: engines.Kind | None = None, tls: bool = False
+    ) -> None:
         self.kind = kind or engines.chosen()
         if self.kind.in_root:
             engines.ensure()
@@ -41,6 +44,14 @@ class PrivateEngine:
         self.url = f"unix://{self.socket}"
         self.log_path = os.path.join(self.root, "dockerd.log")
         self.process: subprocess.Popen[bytes] | None = None
+        # tls: dockerd also listens on loopback TCP with --tlsverify, certificates made here
+        # (ca.pem, cert.pem, key.pem for clients in tls_dir, as DOCKER_CERT_PATH wants).
+        self.tls_dir: str | None = None
+        self.tcp_url: str | None = None
+        if tls and self.kind.engine == "docker":
+            self.tls_dir = os.path.join(self.root, "tls")
+            make_certificates(self.tls_dir)
+            self.tcp_url = f"tcp://127.0.0.1:{_free_port()}"
 
     def _command(self) -> list[str]:
         inner, url = self.inner, f"unix://{self.inner}/docker.sock"
@@ -76,6 +87,15 @@ class PrivateEngine:
                 f"--containerd-namespace={namespace}",
                 f"--containerd-plugins-namespace={namespace}-plugins",
             ]
+            if self.tcp_url is not None:
+                tls = f"{inner}/tls"
+                command += [
+                    f"--host={self.tcp_url}",
+                    "--tlsverify",
+                    f"--tlscacert={tls}/ca.pem",
+                    f"--tlscert={tls}/server-cert.pem",
+                    f"--tlskey={tls}/server-key.pem",
+                ]
         if self.kind.in_root:
             return engines.chroot(*command, path=self.kind.path)
         return command
@@ -177,6 +197,38 @@ class PrivateEngine:
         tb: TracebackType | None,
     ) -> None:
         self.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_certificates(folder: str, names: str = "IP:127.0.0.1,DNS:localhost") -> None:
+    """A CA of its own, a server certificate for `names` and a client certificate, as
+    `dockerd --tlsverify` and DOCKER_CERT_PATH want them (openssl; EC keys: quick)."""
+    os.makedirs(folder, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *key, "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "3",
+            "-subj", "/CN=gcd test CA")  # fmt: skip
+    for name, subject, extensions in (
+        ("server", "/CN=localhost", f"subjectAltName={names}\nextendedKeyUsage=serverAuth"),
+        ("client", "/CN=gcd", "extendedKeyUsage=clientAuth"),
+    ):
+        with open(os.path.join(folder, f"{name}.ext"), "w") as f:
+            # Key identifiers: Python 3.13's strict verification wants them.
+            f.write(f"{extensions}\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+        openssl("req", *key, "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", subject)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+                "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "3",
+                "-extfile", f"{name}.ext")  # fmt: skip
+    shutil.copy(os.path.join(folder, "client-cert.pem"), os.path.join(folder, "cert.pem"))
+    shutil.copy(os.path.join(folder, "client-key.pem"), os.path.join(folder, "key.pem"))
 
 
 if __name__ == "__main__":  # manual use: python -m tests.dockerd, Ctrl-C stops it

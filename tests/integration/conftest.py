@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 def dockerd() -> Iterator[PrivateEngine]:
     if os.geteuid() != 0:
         pytest.fail("integration tests start a private dockerd and need root")
-    engine = PrivateEngine()
+    engine = PrivateEngine(tls=True)  # Docker: also tcp:// with TLS (engine.tcp_url)
     engine.start()
     try:
         yield engine

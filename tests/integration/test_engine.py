@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
+from pathlib import Path
 
 import docker
 import pytest
 
 from gcd.engine import DockerEngine
-from gcd.errors import ConflictError, EngineUnavailable, NotFoundError
+from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
 from gcd.model import ImageFacts
-from tests.dockerd import PrivateEngine
+from gcd.transport import Tls
+from tests.dockerd import PrivateEngine, make_certificates
 from tests.images import Layer, Spec, busybox_layer, load
 
 
@@ -76,11 +79,13 @@ def test_layer_sizes_come_from_history_only_where_they_cannot_be_derived(
         assert layer_sizes(learned[image_id]) == history
 
 
-def test_docker_py_and_the_socket_connections_read_and_remove_alike(
+def test_the_unix_socket_and_tcp_with_tls_read_and_remove_alike(
     dockerd: PrivateEngine, client: docker.APIClient
 ) -> None:
-    """A unix:// address goes over gcd's own connections; any other through docker-py
-    (http+unix:// reaches the same engine that way). Both must see and do the same."""
+    """The same engine through its socket and through tcp:// with --tlsverify (certificates
+    as DOCKER_CERT_PATH holds them): both must see and do the same."""
+    if dockerd.tcp_url is None or dockerd.tls_dir is None:
+        pytest.skip("Podman's API service listens on a socket here, without TLS")
     ids = load(
         client,
         [
@@ -92,7 +97,7 @@ def test_docker_py_and_the_socket_connections_read_and_remove_alike(
     none = client.create_host_config(network_mode="none")
     client.create_container(ids[0], ["/bin/busybox", "true"], name="user", host_config=none)
     own = DockerEngine(dockerd.url, 30)
-    py = DockerEngine(dockerd.url.replace("unix://", "http+unix://"), 30)
+    py = DockerEngine(dockerd.tcp_url, 30, Tls.from_cert_path(dockerd.tls_dir, verify=True))
     (a, learned_a), (b, learned_b) = own.snapshot({}), py.snapshot({})
     # The engine lists images of equal age in any order.
     assert sorted(a.images, key=lambda i: i.id) == sorted(b.images, key=lambda i: i.id)
@@ -121,7 +126,7 @@ def test_docker_py_and_the_socket_connections_read_and_remove_alike(
     assert py.current(ids[2]) is None
     with pytest.raises(NotFoundError):
         py.delete("p:3")
-    # The event log, in both formats' common fields, the same through both transports.
+    # The event log the same through both transports.
     since, until = untag.sent_ns - 10**9, by_id.answered_ns
     events = own.events(since, until)
     assert events == py.events(since, until)
@@ -133,6 +138,68 @@ def test_docker_py_and_the_socket_connections_read_and_remove_alike(
         ("untag", ids[2], ids[2]),
         ("delete", ids[2], ids[2]),
     ]
+    own.close()
+    py.close()
+
+
+def test_tls_failures_say_which_side_refused(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
+    if dockerd.tcp_url is None or dockerd.tls_dir is None:
+        pytest.skip("Podman's API service listens on a socket here, without TLS")
+    make_certificates(str(tmp_path / "other"))  # another CA: the engine's is not it
+    stranger = DockerEngine(dockerd.tcp_url, 10, Tls.from_cert_path(str(tmp_path / "other"), True))
+    with pytest.raises(EngineUnavailable) as caught:
+        stranger.snapshot({})
+    assert str(caught.value) == (
+        f"cannot reach the Docker engine at {dockerd.tcp_url}: the engine's TLS certificate "
+        "is not trusted (unable to get local issuer certificate)"
+    )
+    # Without a client certificate, dockerd --tlsverify ends the handshake.
+    anonymous = DockerEngine(dockerd.tcp_url, 10, Tls(ca=f"{dockerd.tls_dir}/ca.pem"))
+    with pytest.raises(EngineUnavailable) as caught:
+        anonymous.snapshot({})
+    assert str(caught.value).startswith(f"cannot reach the Docker engine at {dockerd.tcp_url}: ")
+    assert str(caught.value).endswith(
+        "): cert.pem and key.pem must be signed by the CA the engine trusts"
+    )
+    # Plain HTTP to a TLS port.
+    plain = DockerEngine(dockerd.tcp_url, 10)
+    with pytest.raises(EngineError) as failed:
+        plain.snapshot({})
+    assert str(failed.value) == (
+        f"the Docker engine at {dockerd.tcp_url} answered: Client sent an HTTP request to an "
+        "HTTPS server."
+    )
+    missing = DockerEngine(dockerd.tcp_url, 10, Tls.from_cert_path(str(tmp_path / "none"), True))
+    with pytest.raises(EngineUnavailable) as caught:
+        missing.snapshot({})
+    assert str(caught.value) == (
+        f"cannot reach the Docker engine at {dockerd.tcp_url}: cannot read "
+        f"{tmp_path}/none/ca.pem: No such file or directory"
+    )
+
+
+def _sockets() -> int:
+    """This process's open sockets."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed meanwhile
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def test_the_inspect_workers_connections_are_closed_when_they_end(
+    dockerd: PrivateEngine, client: docker.APIClient
+) -> None:
+    ids = load(client, [Spec([f"w:{n}"], [Layer(f"w{n}")]) for n in range(24)])
+    before = _sockets()
+    engine = DockerEngine(dockerd.url, 30)
+    engine.snapshot({})  # cold: 8 workers inspect, each on its own connection
+    engine.current(ids[0])
+    assert _sockets() - before == 1  # the calling thread's, kept alive
+    engine.close()
+    assert _sockets() == before
 
 
 def test_a_kept_alive_connection_survives_an_engine_restart() -> None:

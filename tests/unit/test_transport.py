@@ -1,0 +1,81 @@
+"""The transport's error classification: by exception type, errno, TLS alert and status."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import socket
+import ssl
+
+import pytest
+
+from gcd.engine import DockerEngine
+from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
+from gcd.transport import SSH_HELP, answer, reason
+
+
+class _Wrapper(Exception):
+    """As requests and urllib3 wrap the OSError that ended a connection."""
+
+
+def _wrapped(inner: BaseException) -> BaseException:
+    try:
+        try:
+            raise inner
+        except BaseException as e:
+            raise _Wrapper("Connection aborted.", e) from None
+    except _Wrapper as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (FileNotFoundError(errno.ENOENT, "x"), "no such socket (is dockerd running? set engine.url or $DOCKER_HOST)"),
+        (PermissionError(errno.EACCES, "x"), "permission denied on the socket (is this user in the docker group?)"),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "x"), "connection refused (is dockerd running?)"),
+        (ConnectionResetError(errno.ECONNRESET, "x"), "the engine closed the connection"),
+        (TimeoutError("timed out"), "no answer within 7s (engine.timeout)"),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "cannot resolve the engine's host name (Name or service not known)"),
+        (OSError(errno.EMFILE, "Too many open files"), "Too many open files"),
+    ],
+    ids=["enoent", "eacces", "refused", "reset", "timeout", "dns", "other-errno"],
+)  # fmt: skip
+def test_a_connection_failure_is_named_by_its_errno(error: OSError, said: str) -> None:
+    assert reason(error, 7) == said
+    assert reason(_wrapped(error), 7) == said  # however deep a client library wrapped it
+
+
+def test_the_engines_tls_alert_about_gcds_certificate_is_named() -> None:
+    alert = ssl.SSLError(1, "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate")
+    alert.reason = "SSLV3_ALERT_BAD_CERTIFICATE"
+    assert reason(alert, 7) == (
+        "the engine refused gcd's client certificate (SSLV3_ALERT_BAD_CERTIFICATE): cert.pem "
+        "and key.pem must be signed by the CA the engine trusts"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (404, b'{"message": "No such image: a:1"}', NotFoundError("No such image: a:1")),
+        (409, b'{"message": "conflict"}', ConflictError("conflict")),
+        (500, b"not json", EngineError("the Docker engine at u answered: not json")),
+        (500, b"[1, 2]", EngineError("the Docker engine at u answered: [1, 2]")),
+        (503, b"", EngineError("the Docker engine at u answered: HTTP 503")),
+    ],
+)
+def test_a_status_is_the_error_it_means(status: int, body: bytes, error: Exception) -> None:
+    with pytest.raises(type(error)) as caught:
+        answer("u", status, body)
+    assert str(caught.value) == str(error)
+    assert answer("u", 200, b"{}") == b"{}"
+
+
+def test_an_ssh_address_without_paramiko_says_what_to_do() -> None:
+    if importlib.util.find_spec("paramiko") is not None:
+        pytest.skip("paramiko is installed here")
+    engine = DockerEngine("ssh://ci@build-host", 5)
+    with pytest.raises(EngineUnavailable) as caught:
+        engine.snapshot({})
+    assert str(caught.value) == f"cannot reach the Docker engine at ssh://ci@build-host: {SSH_HELP}"
