@@ -14,6 +14,7 @@ import yaml
 
 from gcd.errors import ConfigError
 from gcd.patterns import ANY, Pattern, PatternError
+from gcd.transport import SSH_HELP, Tls
 from gcd.units import format_duration, parse_duration
 
 DEFAULT_PATH = "/etc/gcd/config.yaml"
@@ -40,9 +41,19 @@ _IMAGE_ID = re.compile(r"(?:sha256:)?[0-9a-f]{4,64}")
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """`engine.tls`: for tcp://, in the docker CLI's terms (DOCKER_CERT_PATH and
+    DOCKER_TLS_VERIFY, which apply when it is not set)."""
+
+    cert_path: str | None = None  # ca.pem, cert.pem and key.pem; else $DOCKER_CERT_PATH
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     url: str | None = None
     timeout: timedelta = timedelta(seconds=60)
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +132,14 @@ class Config:
     def engine_url(self, environ: Mapping[str, str] = os.environ) -> str:
         """`engine.url`, else `$DOCKER_HOST`, else the default socket."""
         return self.engine.url or environ.get("DOCKER_HOST") or DEFAULT_SOCKET
+
+    def engine_tls(self, environ: Mapping[str, str] = os.environ) -> Tls | None:
+        """TLS for a tcp:// engine: `engine.tls`, else DOCKER_TLS_VERIFY/DOCKER_CERT_PATH."""
+        tls = self.engine.tls
+        if tls is None:
+            return Tls.from_environment(environ)
+        path = tls.cert_path or environ.get("DOCKER_CERT_PATH") or os.path.expanduser("~/.docker")
+        return Tls.from_cert_path(path, tls.verify)
 
 
 def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -240,6 +259,13 @@ def _cut(text: str, most: int = 60) -> str:
     return text if len(text) <= most else f"{text[: most - 1]}… ({len(text):,} characters)"
 
 
+def _ssh_installed() -> bool:
+    """Whether docker-py's ssh extra (paramiko) is there, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("paramiko") is not None
+
+
 def _given(value: Any, default: Any) -> Any:
     """The validated value, or the default where there was none (0s and [] are values)."""
     return default if value is None else value
@@ -273,7 +299,10 @@ class _Checker:
             return None
         found: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
-            key = str(key_node.value)
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.problem(key_node, path, f"a key must be a name, got {self.describe(key_node)}")
+                continue
+            key = _cut(str(key_node.value))
             where = f"{path}.{key}" if path else key
             if key in found:
                 self.problem(key_node, where, "duplicate key")
@@ -306,8 +335,8 @@ class _Checker:
         if isinstance(node, yaml.ScalarNode) and node.tag.startswith(_STANDARD) and kind in kinds:
             try:
                 return self.scalar(node)
-            except (ValueError, OverflowError, yaml.YAMLError):
-                pass  # `!!int abc`, `!!float xyz`, an integer of 5,000 digits
+            except (ValueError, OverflowError, KeyError, TypeError, yaml.YAMLError):
+                pass  # `!!int abc`, `!!float xyz`, `!!bool maybe`, an integer of 5,000 digits
         self.problem(node, path, f"expected {expected}, got {self.describe(node)}")
         return None
 
@@ -427,7 +456,9 @@ class _Checker:
             value = self.boolean(top["untag_expired"], "untag_expired")
             untag = untag if value is None else value
         return Config(
-            engine=self.section(top, "engine", ("url", "timeout"), self.engine, defaults.engine),
+            engine=self.section(
+                top, "engine", ("url", "timeout", "tls"), self.engine, defaults.engine
+            ),
             schedule=self.section(
                 top, "schedule", ("every", "cron"), self.schedule, defaults.schedule
             ),
@@ -464,12 +495,29 @@ class _Checker:
                 "engine.url",
                 f"expected unix://, tcp:// or ssh:// address, got {json.dumps(url)}",
             )
+        if url is not None and url.startswith("ssh://") and not _ssh_installed():
+            self.problem(found["url"], "engine.url", SSH_HELP)
         timeout = EngineConfig().timeout
         if "timeout" in found:
             timeout = _given(
                 self.duration(found["timeout"], "engine.timeout", positive=True), timeout
             )
-        return EngineConfig(url=url, timeout=timeout)
+        tls = None
+        if "tls" in found and found["tls"].tag != f"{_STANDARD}null":
+            tls = self.tls(found["tls"])
+        return EngineConfig(url=url, timeout=timeout, tls=tls)
+
+    def tls(self, node: yaml.Node) -> TlsConfig | None:
+        found = self.mapping(node, "engine.tls", ("cert_path", "verify"))
+        if found is None:
+            return None
+        path = None
+        if "cert_path" in found:
+            path = self.string(found["cert_path"], "engine.tls.cert_path", nullable=True)
+        verify = True
+        if "verify" in found:
+            verify = _given(self.boolean(found["verify"], "engine.tls.verify"), True)
+        return TlsConfig(cert_path=path, verify=verify)
 
     def schedule(self, found: dict[str, yaml.Node]) -> ScheduleConfig:
         if "every" in found and "cron" in found:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from gcd import config
 from gcd.config import Config
 from gcd.errors import ConfigError
+from gcd.transport import Tls
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +57,9 @@ def test_example_config_loads_and_documents_every_option() -> None:
         "engine",
         "url",
         "timeout",
+        "tls",
+        "cert_path",
+        "verify",
         "schedule",
         "every",
         "cron",
@@ -95,6 +100,43 @@ def test_example_config_loads_and_documents_every_option() -> None:
         assert at is not None, f"config.example.yaml does not show {key}"
         commented = "#" in lines[at] or lines[at - 1].lstrip().startswith("#")
         assert commented or key in sections, f"{key} has no comment in config.example.yaml"
+
+
+def test_engine_tls_is_read_as_the_docker_cli_reads_it() -> None:
+    plain = config.parse("version: 1\nengine: {url: 'tcp://h:2376'}\n", "c.yaml")
+    assert plain.engine_tls({}) is None
+    assert plain.engine_tls({"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": "/certs"}) == Tls(
+        "/certs/ca.pem", "/certs/cert.pem", "/certs/key.pem", True
+    )
+    # DOCKER_CERT_PATH alone: encrypted, gcd's certificate sent, the engine's not checked.
+    assert plain.engine_tls({"DOCKER_CERT_PATH": "/certs"}) == Tls(
+        None, "/certs/cert.pem", "/certs/key.pem", False
+    )
+    given = config.parse(
+        "version: 1\nengine:\n  url: tcp://h:2376\n  tls: {cert_path: /etc/gcd/tls}\n", "c.yaml"
+    )
+    assert given.engine_tls({"DOCKER_CERT_PATH": "/elsewhere"}) == Tls(
+        "/etc/gcd/tls/ca.pem", "/etc/gcd/tls/cert.pem", "/etc/gcd/tls/key.pem", True
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.parse("version: 1\nengine:\n  tls: {verify: maybe, path: x}\n", "c.yaml")
+    assert caught.value.problems == (
+        "c.yaml:3: engine.tls.path: unknown key (expected one of: cert_path, verify)",
+        'c.yaml:3: engine.tls.verify: expected true or false, got "maybe"',
+    )
+
+
+def test_an_ssh_address_without_paramiko_is_refused_with_what_to_do() -> None:
+    if importlib.util.find_spec("paramiko") is not None:
+        pytest.skip("paramiko is installed here: ssh:// is accepted")
+    with pytest.raises(ConfigError) as caught:
+        config.parse("version: 1\nengine: {url: 'ssh://ci@build-host'}\n", "c.yaml")
+    assert caught.value.problems == (
+        "c.yaml:2: engine.url: ssh:// needs paramiko, docker-py's ssh extra (pip install "
+        "'docker[ssh]'); or forward the engine's socket (ssh -nNT -L "
+        "/run/gcd/docker.sock:/var/run/docker.sock HOST) and set engine.url: "
+        "unix:///run/gcd/docker.sock",
+    )
 
 
 def test_full_grammar_is_read() -> None:
@@ -167,7 +209,7 @@ protect:
   - id: zz
 """
     assert problems(text) == [
-        "config.yaml:3: engine.urll: unknown key (expected one of: url, timeout)",
+        "config.yaml:3: engine.urll: unknown key (expected one of: url, timeout, tls)",
         "config.yaml:4: engine.timeout: expected a duration greater than 0s",
         'config.yaml:6: safety.min_age: expected a duration such as 90s, 15m, 2h, 7d, 2w, got "soon"',
         "config.yaml:7: safety.max_removal_fraction: expected a number in (0, 1], got 1.5",
@@ -370,6 +412,14 @@ def _alias_bomb(levels: int) -> str:
             "c.yaml:2: unmatched: expected one of keep | expire, got maybe",
         ),
         (
+            b"version: 1\n? {min_age: 1h}\n: 1\n",
+            "c.yaml:2: a key must be a name, got a mapping",
+        ),
+        (
+            b"version: 1\nsafety: {keep_one_per_repository: !!bool maybe}\n",
+            "c.yaml:2: safety.keep_one_per_repository: expected true or false, got maybe",
+        ),
+        (
             b"version: 1\nsafety: {max_removal_fraction: !!float xyz}\n",
             "c.yaml:2: safety.max_removal_fraction: expected a number in (0, 1], got xyz",
         ),
@@ -404,6 +454,8 @@ def _alias_bomb(levels: int) -> str:
         "not-utf8",
         "int-tag",
         "bool-tag",
+        "mapping-as-key",
+        "bool-tag-not-a-bool",
         "float-tag",
         "local-tag",
         "5000-digits",
