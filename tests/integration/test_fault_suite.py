@@ -21,6 +21,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from gcd.engine import LIST_ATTEMPTS
 from gcd.state import Store
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
@@ -189,6 +190,7 @@ def test_a_frozen_engine_is_exit_3_within_the_timeout(
 @pytest.mark.parametrize(
     ("method", "path", "action", "code", "message"),
     [
+        # The list is a read asked LIST_ATTEMPTS times (see the next test): every one fails.
         ("GET", r"/images/json", Status(500, "boom"), 1, "answered: boom"),
         ("GET", r"/images/json", Truncate(12), 1, "with malformed JSON"),
         ("GET", r"/containers/json", Truncate(1), 1, "with malformed JSON"),
@@ -207,7 +209,8 @@ def test_a_broken_answer_before_the_plan_removes_nothing(
     code: int,
     message: str,
 ) -> None:
-    proxy.rule(method, path, action, times=1)  # type: ignore[arg-type]
+    times = LIST_ATTEMPTS if path == r"/images/json" else 1
+    proxy.rule(method, path, action, times=times)  # type: ignore[arg-type]
     run = gcd_run(config(tmp_path, proxy.url, timeout="2s"))
     out, err = run.communicate(timeout=60)
     assert (run.returncode, out) == (code, ""), err
@@ -227,6 +230,12 @@ def test_a_list_answered_404_while_an_image_goes_is_asked_again(
     _out, err = run.communicate(timeout=60)
     assert run.returncode == 0, err
     assert images_now(engine) == {builds["app:7"], builds["app:8"]}
+
+    # A 500 for a while: asked again as well (the same race, another answer).
+    proxy.rule("GET", r"/images/json", Status(500, "failed to calculate size"), times=2)
+    run = gcd_run(config(tmp_path, proxy.url))
+    _out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
 
     proxy.rule("GET", r"/images/json", gone)  # for good: the cycle gives up, in one line
     run = gcd_run(config(tmp_path, proxy.url))
@@ -269,7 +278,8 @@ def test_a_broken_answer_mid_run_fails_that_image_only(
 def test_the_daemon_rides_out_faults_and_recovers_by_itself(
     engine: PrivateEngine, proxy: FaultProxy, builds: dict[str, str], tmp_path: Path
 ) -> None:
-    proxy.rule("GET", r"/images/json", Status(500, "boom"), times=2)
+    # Two cycles fail on the list (each asks it LIST_ATTEMPTS times), one on the containers.
+    proxy.rule("GET", r"/images/json", Status(500, "boom"), times=2 * LIST_ATTEMPTS)
     proxy.rule("GET", r"/containers/json", Truncate(1), times=1)
     d = Daemon(tmp_path, proxy.url, POLICY, every="1s", engine_timeout="2s")
     try:
