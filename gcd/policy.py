@@ -333,7 +333,10 @@ def _groups(
     image_key = None if rule.order_by.kind in _NAME_KEYS else _image_key_function(rule, now)
     # Where each image's entry is, in groups that span repositories: an image's names in
     # other repositories come later, after other images' entries.
-    spans = "repository" not in rule.group_by
+    # Podman names one repository two ways (`localhost/app` from a load, `docker.io/library/
+    # app` from a tag through its Docker API): one taxonomy, ranked as one group by the
+    # short name, an image with both names once.
+    spans = "repository" not in rule.group_by or full_names
     placed: dict[tuple[str, str], int] = {}
     for repository, tags in repositories.items():
         if not rule.repository.fullmatch(repository) and not (
@@ -354,7 +357,8 @@ def _groups(
             group = by_values.get(values)
             if group is None:
                 # A group left out of the match and an empty one share a label, and a list.
-                label = _label(rule, repository, dict(zip(named, values, strict=True)))
+                shown = familiar(repository) if full_names else repository
+                label = _label(rule, shown, dict(zip(named, values, strict=True)))
                 group = by_values[values] = label, groups.setdefault(label, [])
             label, entries = group
             if entries and entries[-1][3] is v:

@@ -728,14 +728,29 @@ def test_on_podman_a_policy_written_with_short_names_matches_full_ones() -> None
     )
     plan = policy.plan(podman, config, state(), NOW)
     assert plan.decision(iid("old")).decision == "remove"
-    assert plan.decision(iid("old")).reasons == (
-        "r: rank 2 > keep_last 1 in group repository=localhost/app",
-    )
+    assert plan.decision(iid("old")).reasons == ("r: rank 2 > keep_last 1 in group repository=app",)
     assert plan.decision(iid("demo")).reasons[0] == (
         'protect[0] ref "demo:*" matches docker.io/library/demo:1.0'
     )
     assert podman.resolve("demo:1.0") is podman.image(iid("demo"))
     assert podman.resolve("team/tool:1") is podman.image(iid("team"))
+    # `docker tag` through Podman's API names the same repository docker.io/library/app:
+    # one group with the loaded localhost/app, an image with both names counted once.
+    tagged = [
+        *images,
+        image("tagged", ["docker.io/library/app:3", "localhost/app:3"], age=D // 2),
+    ]
+    podman = Snapshot(podman.engine, tuple(tagged), ())
+    plan = policy.plan(podman, config, state(), NOW)
+    assert [plan.decision(iid(i)).decision for i in ("tagged", "new", "old")] == [
+        "keep",
+        "remove",
+        "remove",
+    ]
+    assert plan.decision(iid("tagged")).reasons == (
+        "r: rank 1 <= keep_last 1 in group repository=app",
+    )
+    assert plan.decision(iid("new")).reasons == ("r: rank 2 > keep_last 1 in group repository=app",)
     # On Docker, localhost/app is another registry's repository: no match.
     docker = snapshot(images)
     plan = policy.plan(docker, config, state(), NOW)
