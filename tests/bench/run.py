@@ -393,6 +393,11 @@ def main() -> int:
         "--planner-only", action="store_true", help="only the planner alone: no engine, 2 minutes"
     )
     parser.add_argument(
+        "--removal-only",
+        action="store_true",
+        help="only the removal rows (gcd run against raw parallel deletes), on GCD_TEST_ENGINE",
+    )
+    parser.add_argument(
         "--instructions",
         action="store_true",
         help="only the planner's instruction count, under valgrind: no engine, 6 minutes",
@@ -424,6 +429,9 @@ def main() -> int:
                 f"machine: {machine()}; engine {server['Version']} (API {server['ApiVersion']}), storage {bench.client.info()['Driver']}"
             )
             loaded = 0
+            if args.removal_only:
+                bench.removal()
+                sizes = []
             for n in sizes:
                 start = time.monotonic()
                 populate(
@@ -437,18 +445,20 @@ def main() -> int:
                 bench.planning(n)
                 if n == sizes[0]:
                     bench.removal()
-            bench.daemon(sizes[-1])
-        # The planner alone, in a fresh interpreter with the engine stopped: in this process,
-        # after the engine phases, its heap is scattered and the same plans take 1.5x longer.
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            child = [sys.executable, "-m", "tests.bench.run", "--planner-only"]
-            subprocess.run(
-                [*child, "--runs", str(args.runs), "--rows-json", out.name],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            for row in json.loads(Path(out.name).read_text()):
-                rows.row(*row)
+            if sizes:
+                bench.daemon(sizes[-1])
+        if not args.removal_only:
+            # The planner alone, in a fresh interpreter with the engine stopped: in this process,
+            # after the engine phases, its heap is scattered and the same plans take 1.5x longer.
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                child = [sys.executable, "-m", "tests.bench.run", "--planner-only"]
+                subprocess.run(
+                    [*child, "--runs", str(args.runs), "--rows-json", out.name],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
+                for row in json.loads(Path(out.name).read_text()):
+                    rows.row(*row)
     if args.out:
         lines = ["| measurement | value | note |", "|---|---:|---|"]
         cell = lambda text: text.replace("|", "\\|")  # noqa: E731 - a pipe in a command
