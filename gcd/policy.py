@@ -563,6 +563,19 @@ def _name_kept_children(verdicts: dict[str, _Verdict], children: list[_Verdict])
             parent.parent_of = v.image.id
 
 
+def _merged_by_familiar_name(
+    by_repository: list[tuple[str, list[_Verdict]]],
+) -> list[tuple[str, list[_Verdict]]]:
+    """Podman's `localhost/app` and `docker.io/library/app` as the one repository `app` the
+    rules rank them in (an image with both names once)."""
+    merged: dict[str, dict[str, _Verdict]] = {}
+    for repository, members in by_repository:
+        into = merged.setdefault(familiar(repository), {})
+        for v in members:
+            into.setdefault(v.image.id, v)
+    return sorted((name, list(members.values())) for name, members in merged.items())
+
+
 def _guard(
     snapshot: Snapshot,
     config: Config,
@@ -581,6 +594,8 @@ def _guard(
             if not members or members[-1] is not v:  # an image's tags come one after another
                 members.append(v)
         by_repository.append((repository, members))
+    if snapshot.engine.full_names:
+        by_repository = _merged_by_familiar_name(by_repository)
     refusals: list[tuple[_Verdict, str]] = []
     for repository, members in by_repository:
         removing = [v for v in members if v.remove]

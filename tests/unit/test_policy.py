@@ -751,6 +751,23 @@ def test_on_podman_a_policy_written_with_short_names_matches_full_ones() -> None
         "r: rank 1 <= keep_last 1 in group repository=app",
     )
     assert plan.decision(iid("new")).reasons == ("r: rank 2 > keep_last 1 in group repository=app",)
+    # The repository guards see one repository too: the last build named the other way is
+    # not the last of its repository.
+    config = cfg(
+        "safety: {keep_one_per_repository: true, max_removal_fraction: 1.0}\n"
+        "rules:\n  - {name: r, match: {repository: app}, keep_last: 1}\n"
+    )
+    guarded = Snapshot(
+        podman.engine,
+        (
+            image("old", ["docker.io/library/app:1"]),
+            image("new", ["localhost/app:2"], age=D // 2),
+        ),
+        (),
+    )
+    plan = policy.plan(guarded, config, state(), NOW)
+    assert plan.decision(iid("old")).decision == "remove"
+    assert plan.decision(iid("new")).decision == "keep"
     # On Docker, localhost/app is another registry's repository: no match.
     docker = snapshot(images)
     plan = policy.plan(docker, config, state(), NOW)
