@@ -65,6 +65,7 @@ class Gcd:
 
     url: str
     tmp: Path
+    full_names: bool = False  # Podman: its names are made short in what gcd prints
 
     def config(self, body: str = "") -> Path:
         text = f"version: 1\nengine:\n  url: {self.url}\nstate_dir: {self.tmp / 'state'}\n"
@@ -75,13 +76,17 @@ class Gcd:
     def __call__(
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        result = subprocess.run(
             [sys.executable, "-m", "gcd", *args],
             capture_output=True,
             text=True,
             timeout=120,
             env={**os.environ, **(env or {})},
         )
+        if self.full_names and "--output" not in args:
+            result.stdout = short_names(result.stdout)
+            result.stderr = _FULL_NAME.sub("", result.stderr)
+        return result
 
     def json(self, *args: str) -> dict[str, Any]:
         """The JSON report. On Podman its names are made short, as the tests write them
@@ -93,6 +98,36 @@ class Gcd:
         if document["engine"]["kind"] == "podman":
             document = json.loads(_FULL_NAME.sub("", result.stdout))
         return document
+
+
+def report_of(out: str) -> dict[str, Any]:
+    """A JSON report gcd printed, with Podman's names made short (as Gcd.json does)."""
+    document: dict[str, Any] = json.loads(_FULL_NAME.sub("", out))
+    return document
+
+
+def short_names(text: str) -> str:
+    """gcd's text output with Podman's `localhost/app:1` written `app:1`, as the tests write
+    it, and its tables aligned again as gcd aligns them (two spaces between columns; the
+    last one unpadded). The alignment itself is checked word for word on Docker."""
+    out: list[str] = []
+    table: list[list[str]] = []
+    for line in _FULL_NAME.sub("", text).split("\n"):
+        if line.startswith("IMAGE ") and not table:
+            table.append(re.split(r" {2,}", line))
+            continue
+        if table and line:
+            table.append(re.split(r" {2,}", line, maxsplit=len(table[0]) - 1))
+            continue
+        if table:
+            last = len(table[0]) - 1
+            widths = [max(len(r[i]) for r in table if len(r) > i) for i in range(last)]
+            for row in table:
+                cells = [c.ljust(w) for c, w in zip(row[:last], widths, strict=False)]
+                out.append("  ".join([*cells, *row[last:]]).rstrip())
+            table = []
+        out.append(line)
+    return "\n".join(out)
 
 
 def engine_line(api: docker.APIClient, url: str) -> str:
@@ -107,7 +142,7 @@ def engine_line(api: docker.APIClient, url: str) -> str:
 
 @pytest.fixture
 def gcd(dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path) -> Gcd:
-    return Gcd(dockerd.url, tmp_path)
+    return Gcd(dockerd.url, tmp_path, full_names=podman(client))
 
 
 def listed(api: docker.APIClient) -> list[dict[str, Any]]:
