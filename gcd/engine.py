@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import (
@@ -34,6 +34,7 @@ from gcd.model import (
 )
 from gcd.transport import Tls, open_transport
 
+T = TypeVar("T")
 _NO_TAG = "<none>:<none>"
 _NO_DIGEST = "<none>@<none>"
 _ISO_FRACTION = re.compile(r"(\.\d{1,6})\d*")
@@ -95,6 +96,9 @@ class DockerEngine:
         self._api_version: str | None = None
         self._store_name: str | None = None
         self._kind = "docker"  # from the last snapshot's /version
+        # The image list read right before a removal (children, Podman's users): one read
+        # at a time, shared by the removal workers that asked while none was under way.
+        self._fresh_list = Fresh(self._list_images)
 
     def api_version(self) -> str:
         """The engine's API version, asked once, capped at MAX_API_VERSION."""
@@ -299,7 +303,7 @@ class DockerEngine:
         """Podman's ancestor filter ignores `sha256:<id>`: read every container and the
         image graph, and find the users of the image and of its descendants here."""
         raw_containers = self._json("/containers/json?all=1")
-        raw_images = self._list_images()
+        raw_images = self._fresh_list.get()
         children: dict[str, list[str]] = {}
         for raw in raw_images:
             parent = _full_id(raw.get("ParentId"))
@@ -317,7 +321,7 @@ class DockerEngine:
     def children_now(self, image_id: str) -> tuple[str, ...]:
         if self._classic():
             return ()  # dockerd on its classic store answers 409 itself
-        raw_images = self._list_images()
+        raw_images = self._fresh_list.get()
         return tuple(
             _full_id(raw.get("Id"))
             for raw in raw_images
@@ -392,6 +396,54 @@ class DockerEngine:
         return tuple(
             e for e in map(_event, raw) if e is not None and since_ns <= e.time_ns <= until_ns
         )
+
+
+class Fresh(Generic[T]):
+    """A read shared by the threads that need it at the same time, and never older than the
+    moment each asked: a caller gets the answer of a request that began after its call did
+    (joining the next one when one is already under way). So eight removal workers that each
+    need the whole image list right now make one or two lists, not eight at once: on the
+    containerd store a list of a few hundred images takes seconds, and concurrent ones slow
+    each other down."""
+
+    def __init__(self, read: Callable[[], T]) -> None:
+        self._read = read
+        self._changed = threading.Condition()
+        self._started = 0  # reads begun
+        self._running = False
+        self._finished = 0  # the number of the last read that ended
+        self._outcome: tuple[T | None, BaseException | None] = (None, None)
+
+    def get(self) -> T:
+        with self._changed:
+            needed = self._started + 1  # the first read to begin after this call
+            while self._finished < needed:
+                if not self._running:
+                    self._running = True
+                    self._started += 1
+                    mine = self._started
+                    break
+                self._changed.wait()
+            else:
+                return self._result()
+        value: T | None = None
+        error: BaseException | None = None
+        try:
+            value = self._read()
+        except BaseException as e:  # handed to every caller that shared this read
+            error = e
+        with self._changed:
+            self._running = False
+            self._finished = mine
+            self._outcome = (value, error)
+            self._changed.notify_all()
+            return self._result()
+
+    def _result(self) -> T:
+        value, error = self._outcome
+        if error is not None:
+            raise error
+        return value  # type: ignore[return-value]
 
 
 def _quoted(ref: str) -> str:

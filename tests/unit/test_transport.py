@@ -6,10 +6,12 @@ import errno
 import importlib.util
 import socket
 import ssl
+import threading
+import time
 
 import pytest
 
-from gcd.engine import DockerEngine
+from gcd.engine import DockerEngine, Fresh
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
 from gcd.transport import SSH_HELP, answer, reason
 
@@ -79,3 +81,49 @@ def test_an_ssh_address_without_paramiko_says_what_to_do() -> None:
     with pytest.raises(EngineUnavailable) as caught:
         engine.snapshot({})
     assert str(caught.value) == f"cannot reach the Docker engine at ssh://ci@build-host: {SSH_HELP}"
+
+
+def test_a_shared_read_is_never_older_than_its_caller() -> None:
+    """Three workers need the image list; the second and third ask while the first's read
+    is under way: they share the next read, never the one that began before they asked."""
+    gate = [threading.Event(), threading.Event()]
+    started: list[int] = []
+
+    def read() -> int:
+        started.append(len(started) + 1)
+        gate[len(started) - 1].wait(5)
+        return len(started)
+
+    fresh = Fresh(read)
+    results: dict[str, int] = {}
+
+    def ask(name: str) -> None:
+        results[name] = fresh.get()
+
+    first = threading.Thread(target=ask, args=("first",))
+    first.start()
+    while not started:
+        time.sleep(0.001)
+    late = [threading.Thread(target=ask, args=(n,)) for n in ("second", "third")]
+    for thread in late:
+        thread.start()
+    time.sleep(0.05)  # both wait: read 1 began before they asked
+    assert started == [1] and results == {}
+    gate[0].set()
+    first.join(5)
+    while len(started) < 2:
+        time.sleep(0.001)
+    gate[1].set()
+    for thread in late:
+        thread.join(5)
+    assert results == {"first": 1, "second": 2, "third": 2}
+    assert started == [1, 2]  # three callers, two reads
+
+
+def test_a_shared_read_that_failed_fails_every_caller_that_shared_it() -> None:
+    def read() -> int:
+        raise EngineError("the list failed")
+
+    fresh = Fresh(read)
+    with pytest.raises(EngineError, match="the list failed"):
+        fresh.get()
