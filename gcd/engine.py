@@ -95,7 +95,7 @@ class DockerEngine:
         self.transport = open_transport(url, timeout, tls)
         self._api_version: str | None = None
         self._store_name: str | None = None
-        self._kind = "docker"  # from the last snapshot's /version
+        self._kind = "docker"  # from /version: at negotiation, then each snapshot's
         # The image list read right before a removal (children, Podman's users): one read
         # at a time, shared by the removal workers that asked while none was under way.
         self._fresh_list = Fresh(self._list_images)
@@ -108,6 +108,7 @@ class DockerEngine:
             if not isinstance(version, str):
                 raise EngineError(f"the Docker engine at {self.url} did not say its API version")
             self._api_version = _capped(version)
+            self._kind = _kind(answer)  # known before any other request (snapshots renew it)
         return self._api_version
 
     def close(self) -> None:

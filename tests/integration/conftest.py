@@ -100,6 +100,19 @@ class Gcd:
         return document
 
 
+def short(text: str) -> str:
+    """A name, or a text of names, with Podman's prefixes off (`localhost/app:1` is
+    `app:1`); Docker's names are short already."""
+    return _FULL_NAME.sub("", text)
+
+
+def short_refs(refs: tuple[tuple[str, ...], tuple[str, ...]] | None) -> object:
+    """DockerEngine.current()'s answer with short, sorted names."""
+    if refs is None:
+        return None
+    return tuple(sorted(map(short, refs[0]))), tuple(sorted(map(short, refs[1])))
+
+
 def report_of(out: str) -> dict[str, Any]:
     """A JSON report gcd printed, with Podman's names made short (as Gcd.json does)."""
     document: dict[str, Any] = json.loads(_FULL_NAME.sub("", out))
@@ -179,16 +192,17 @@ def tags_now(api: docker.APIClient) -> dict[str, str]:
     `app:1` here, as the tests write it."""
     short = familiar if podman(api) else (lambda tag: tag)
     return {
-        short(t): _sha(i["Id"])
+        short(t): full_id(i["Id"])
         for i in listed(api)
         for t in i.get("RepoTags") or ()
         if t != "<none>:<none>"
     }
 
 
-def _sha(image_id: str) -> str:
-    return image_id if ":" in image_id else f"sha256:{image_id}"
+def full_id(image_id: str) -> str:
+    """An ID as Docker writes it (Podman leaves `sha256:` off); "" stays ""."""
+    return image_id if ":" in image_id or not image_id else f"sha256:{image_id}"
 
 
 def ids_now(api: docker.APIClient) -> set[str]:
-    return {_sha(i["Id"]) for i in listed(api)}
+    return {full_id(i["Id"]) for i in listed(api)}

@@ -14,7 +14,7 @@ from gcd.model import Plan
 from gcd.state import Store
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
-from tests.integration.conftest import ids_now, tags_now
+from tests.integration.conftest import ids_now, short, tags_now
 
 POLICY = r"""
 version: 1
@@ -89,7 +89,7 @@ def test_image_that_gained_a_tag_is_skipped(
     plan, engine = prepare(dockerd, tmp_path)
     client.tag(old, "app", "hotfix")
     report = executor.execute(plan, engine, plan.now)
-    assert report.outcome(old).reason == "gained tag app:hotfix since the plan"
+    assert short(report.outcome(old).reason or "") == "gained tag app:hotfix since the plan"
     assert tags_now(client)["app:1"] == old
 
 
@@ -164,7 +164,7 @@ def test_container_created_on_a_multi_tag_image_leaves_every_tag_in_place(
     old, _ = two_builds(client)
     client.tag(old, "app", "0")  # two expired tags: untagging one by one would lose the first
     plan, engine = prepare(dockerd, tmp_path)
-    assert plan.decision(old).tags == ("app:0", "app:1")
+    assert tuple(sorted(map(short, plan.decision(old).tags))) == ("app:0", "app:1")
     late_container(client, old)
     report = executor.execute(plan, engine, plan.now)
     assert (report.outcome(old).outcome, report.outcome(old).reason) == (

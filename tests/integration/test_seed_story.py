@@ -5,7 +5,7 @@ from __future__ import annotations
 import docker
 
 from tests.images import legacy_build
-from tests.integration.conftest import Gcd, ids_now, tags_now
+from tests.integration.conftest import Gcd, full_id, ids_now, tags_now
 
 POLICY = r"""
 safety: {min_age: 0s, max_removal_fraction: 1.0}
@@ -26,7 +26,8 @@ def test_seed_story_end_to_end(gcd: Gcd, client: docker.APIClient) -> None:
     # rebuild with -t demo:1.1 -t demo:latest: the first 1.1 dangles, latest moves
     v3 = legacy_build(client, ["demo:1.1", "demo:latest"], {"Rakefile": "v3"})
     assert tags_now(client) == {"demo:1.1": v3, "demo:latest": v3, "demo:1.0": v1, "demo:1": v1}
-    chain = {i["Id"]: i["ParentId"] for i in client.images(all=True)}
+    # Podman lists IDs without `sha256:`.
+    chain = {full_id(i["Id"]): full_id(i["ParentId"]) for i in client.images(all=True)}
     copy_busybox = chain[chain[v1]]  # FROM scratch, COPY busybox: shared by every build
     assert chain[chain[v2]] == copy_busybox == chain[chain[v3]]
     own_parent = {v: chain[v] for v in (v1, v2, v3)}  # COPY Rakefile: one per build
