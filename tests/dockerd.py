@@ -98,10 +98,18 @@ class PrivateEngine:
                 ]
         if self.kind.in_root:
             return engines.chroot(*command, path=self.kind.path)
+        if self.kind.engine == "podman":
+            # The host's Podman, with the settings the root's has, from a file of its own.
+            conf = os.path.join(self.root, "containers.conf")
+            with open(conf, "w") as f:
+                f.write(engines.PODMAN_CONF)
+            return ["env", f"CONTAINERS_CONF={conf}", *command]
         return command
 
     def start(self, timeout: float = 60) -> None:
-        if not self.kind.in_root and shutil.which("dockerd") is None:
+        if self.kind.name == "podman4":
+            engines.ensure_host_podman()
+        elif not self.kind.in_root and shutil.which("dockerd") is None:
             raise RuntimeError("dockerd not found: apt-get install docker.io busybox-static")
         command = self._command()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
@@ -140,12 +148,20 @@ class PrivateEngine:
             return
         if self.kind.engine == "podman" and self.process.poll() is None:
             # Podman's containers outlive its API service: remove them first.
-            podman = ["podman", f"--root={self.inner}/storage", f"--runroot={self.inner}/run"]
-            subprocess.run(
-                engines.chroot(*podman, "rm", "--all", "--force", "--time=0"),
-                capture_output=True,
-                check=False,
-            )
+            podman = [
+                "podman",
+                f"--root={self.inner}/storage",
+                f"--runroot={self.inner}/run",
+                "rm",
+                "--all",
+                "--force",
+                "--time=0",
+            ]
+            if self.kind.in_root:
+                podman = engines.chroot(*podman)
+            else:
+                podman = ["env", f"CONTAINERS_CONF={self.root}/containers.conf", *podman]
+            subprocess.run(podman, capture_output=True, check=False)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

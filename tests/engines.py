@@ -60,8 +60,27 @@ KINDS = {
         Kind("docker26-containerd", "docker", containerd_store=True),
         Kind("docker28-containerd", "docker", containerd_store=True, sid=True),
         Kind("podman", "podman"),
+        # Debian 12's Podman 4.3, on the host itself (tests/matrix installs it there).
+        Kind("podman4", "podman", in_root=False),
     )
 }
+# Podman on a machine without CAP_SYS_RESOURCE (the default ulimits cannot be raised), with
+# runc where crun refuses hybrid cgroups, and no systemd to manage cgroups or keep a journal.
+PODMAN_CONF = (
+    "[containers]\n"
+    'default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n'
+    "[engine]\n"
+    'runtime = "runc"\n'
+    'cgroup_manager = "cgroupfs"\n'
+    'events_logger = "file"\n'
+)
+
+
+def ensure_host_podman() -> None:
+    """Debian 12's Podman 4.3 on the host, for the `podman4` row."""
+    if shutil.which("podman") is None:
+        _run("apt-get", "install", "-y", "-qq", "--no-install-recommends", "podman", "runc",
+             stdout=subprocess.DEVNULL)  # fmt: skip
 
 
 def chosen() -> Kind:
@@ -174,18 +193,9 @@ def ensure(root: Path = ROOT) -> None:
     )
     for deb in debs.glob("*.deb"):
         _run("dpkg-deb", "-x", str(deb), str(root / SID_DIR.lstrip("/")))
-    # Podman without CAP_SYS_RESOURCE (the default ulimits cannot be raised here), runc
-    # where crun refuses hybrid cgroups, no systemd to manage cgroups or keep a journal.
     conf = root / "etc/containers/containers.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text(
-        "[containers]\n"
-        'default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n'
-        "[engine]\n"
-        'runtime = "runc"\n'
-        'cgroup_manager = "cgroupfs"\n'
-        'events_logger = "file"\n'
-    )
+    conf.write_text(PODMAN_CONF)
     (root / READY).write_text(json.dumps(versions(root)) + "\n")
 
 
