@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def main() -> int:
     rows = []
     for kind in args.kinds:
         print(f"-- {kind}", flush=True)
-        rows.append((kind, *run(kind, args.pytest.split())))
+        rows.append((kind, *run(kind, shlex.split(args.pytest))))
     print("\n| engine | integration suite | demo | time |\n|---|---|---|---:|")
     for kind, summary, demo, took in rows:
         print(f"| {kind} | {summary} | {demo} | {took:.0f} s |")
