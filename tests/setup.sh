@@ -1,6 +1,6 @@
 # Sourced by tests/check and tests/demo: installs what is missing and leaves $VENV ready.
 # Debian/Ubuntu: docker.io (dockerd), busybox-static (a static /bin/busybox for runnable
-# fixture images), python3-venv and systemd (systemd-analyze); then a virtualenv with gcd
+# fixture images), python3-venv, systemd (systemd-analyze) and openssl; then a virtualenv with gcd
 # and its test tools.
 set -euo pipefail
 
@@ -16,6 +16,8 @@ if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(bus
 python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
 # systemd-analyze checks the units (a minimal image or container may lack systemd).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# openssl makes the certificates of the test engine's TLS listener (tcp:// with --tlsverify).
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
