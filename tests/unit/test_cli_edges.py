@@ -45,6 +45,9 @@ def test_ctrl_c_during_a_plan_is_exit_130_in_one_line(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
             env={k: v for k, v in os.environ.items() if k != "GCD_CONFIG"},
+            # As from a terminal: a shell's background job (a CI runner's) starts with
+            # Ctrl-C ignored, and gcd rightly keeps ignoring it then.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         time.sleep(1.0)
         process.send_signal(signal.SIGINT)
@@ -85,11 +88,16 @@ def test_held_signals_reach_the_command_that_takes_them_in_order() -> None:
 
 
 def test_sigint_held_then_released_is_ctrl_c() -> None:
-    held = Held()
-    os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        held.release()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # As in a terminal (a shell's background job starts with Ctrl-C ignored).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        held = Held()
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            held.release()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_sigterm_while_gcd_run_starts_removes_nothing(
