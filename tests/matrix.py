@@ -37,6 +37,12 @@ def run(kind: str, pytest_args: list[str]) -> tuple[str, str, float]:
     failed = [line for line in suite.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     for line in failed:
         print(f"  {kind}: {line}", flush=True)
+    # The whole output, for the failures' details (a race suite's seed and findings).
+    log = engines.ROOT.parent / "logs" / f"{kind}.pytest.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(suite.stdout + suite.stderr)
+    if failed:
+        print(f"  {kind}: details in {log}", flush=True)
     demo = subprocess.run(
         [sys.executable, "-m", "tests.demo"], env=env, capture_output=True, text=True
     )
