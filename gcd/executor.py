@@ -428,8 +428,10 @@ class _Action:
             # With noprune, nothing but the image itself should go: anything else is said.
             if deleted in victims:
                 self.unplanned[deleted] = " (a tag moved to it during the removal)"
-            elif deleted in snapshot:
+            elif deleted in snapshot and self.run.plan.decision(deleted).decision != "remove":
                 self.unplanned[deleted] = ""
+            # A parent the plan removes anyway, pruned with its child by an engine that
+            # ignores noprune (Podman 4.3): its own action finds it gone.
 
     def _untag_verified(self, tags: Sequence[str]) -> None:
         """Delete tags of this image by name, then find in the engine's event log which

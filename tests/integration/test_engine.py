@@ -239,6 +239,7 @@ def test_the_engine_kind_and_store_are_detected_and_reported(
         "docker26-containerd": "containerd",
         "docker28-containerd": "containerd",
         "podman": "overlay",
+        "podman4": "overlay",
     }[dockerd.kind.name]
     assert (info.kind, info.store) == (dockerd.kind.engine, expected_store)
     assert info.server_version == version["Version"]

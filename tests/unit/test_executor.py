@@ -13,7 +13,7 @@ import pytest
 from gcd import executor, policy
 from gcd.errors import EngineError, EngineUnavailable, NotFoundError
 from gcd.metrics import Metrics
-from gcd.model import Plan, Report
+from gcd.model import Deletion, Plan, Report
 from tests.unit.fakeengine import FakeEngine
 from tests.unit.snapshots import NOW, cfg, iid, state
 
@@ -357,6 +357,32 @@ def test_an_implied_parent_kept_by_the_engine_says_why_only_when_true() -> None:
         f"its child image {OLD[7:19]} was not removed, so it stays"
     )
     assert iid("base") in engine.images
+
+
+def test_a_planned_parent_pruned_with_its_child_is_no_unplanned_removal() -> None:
+    # Podman 4.3 ignores noprune: the parent goes with the child. The plan removed it anyway.
+    engine = FakeEngine()
+    engine.add(OLD, "app:1", parent=OTHER)
+    engine.images[OTHER] = type(engine.images[OLD])(None)
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    assert plan.decision(OTHER).decision == "remove"
+    original = engine.delete
+
+    def pruning(ref: str) -> Deletion:
+        answer = original(ref)
+        if ref == OLD and OTHER in engine.images:
+            del engine.images[OTHER]
+            return Deletion(
+                (*answer.deleted, OTHER), answer.untagged, answer.sent_ns, answer.answered_ns
+            )
+        return answer
+
+    engine.delete = pruning  # type: ignore[method-assign]
+    report = execute(engine, plan)
+    assert report.unplanned() == ()
+    assert report.outcome(OLD).error is None
+    assert (report.outcome(OTHER).outcome, report.outcome(OTHER).code) == ("skipped", "gone")
 
 
 def test_a_parent_the_plan_kept_is_never_pruned_with_a_child() -> None:
