@@ -35,7 +35,6 @@ SSH_HELP = (
     "engine's socket (ssh -nNT -L /run/gcd/docker.sock:/var/run/docker.sock HOST) and set "
     "engine.url: unix:///run/gcd/docker.sock"
 )
-SCHEMES = ("unix", "tcp", "http", "https", "ssh")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +88,6 @@ class Transport(Protocol):
 
     def request(self, method: str, path: str) -> bytes:
         """One request; the answer's body. `path` starts at the API root (`/v1.45/...`)."""
-
-    def forget(self) -> None:
-        """Drop every connection: the engine may have restarted."""
 
     def close(self) -> None:
         """Close every connection (the calling thread's and the workers')."""
@@ -182,10 +178,6 @@ class HttpTransport:
         if conn is not None:
             conn.close()
 
-    def open_connections(self) -> int:
-        with self._lock:
-            return len(self._connections)
-
     def request(self, method: str, path: str) -> bytes:
         """A GET that meets a kept-alive connection the engine closed meanwhile is sent once
         more on a new one. A DELETE or POST never is: the first may have been carried out,
@@ -205,9 +197,6 @@ class HttpTransport:
                     f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}"
                 ) from None
         return answer(self.url, response.status, body)
-
-    def forget(self) -> None:
-        self._drop()
 
     def close(self) -> None:
         with self._lock:
