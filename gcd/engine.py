@@ -73,6 +73,15 @@ class Engine(Protocol):
         """The image's children now, read where the engine would delete a parent under its
         children (the containerd store, Podman); () without a request where it refuses."""
 
+    def family_now(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """In one read: the image's children now (as children_now), and the untagged
+        parents the engine would delete along with it although gcd asks it not to (Podman
+        before 5); ((), ()) without a request on dockerd's classic store."""
+
+    def concurrent_untags(self) -> bool:
+        """Whether tags of one image may be deleted at once. Podman before 5 answers
+        `Untagged` to each of several, and keeps some of them."""
+
     def delete(self, ref: str) -> Deletion:
         """Delete one reference or an image ID, never forced and never pruning parents
         (ConflictError on 409, NotFoundError on 404)."""
@@ -96,6 +105,8 @@ class DockerEngine:
         self._api_version: str | None = None
         self._store_name: str | None = None
         self._kind = "docker"  # from /version: at negotiation, then each snapshot's
+        # Podman before 5: deletes untagged parents despite noprune, loses concurrent untags.
+        self._podman4 = False
         # The image list read right before a removal (children, Podman's users): one read
         # at a time, shared by the removal workers that asked while none was under way.
         self._fresh_list = Fresh(self._list_images)
@@ -108,7 +119,8 @@ class DockerEngine:
             if not isinstance(version, str):
                 raise EngineError(f"the Docker engine at {self.url} did not say its API version")
             self._api_version = _capped(version)
-            self._kind = _kind(answer)  # known before any other request (snapshots renew it)
+            # Known before any other request (snapshots renew them).
+            self._kind, self._podman4 = _kind(answer), _podman_before_5(answer)
         return self._api_version
 
     def close(self) -> None:
@@ -143,6 +155,7 @@ class DockerEngine:
         version = self._json("/version")
         # Before the inspects, which read sizes by engine and store.
         self._kind, store = _kind(version), self._store()
+        self._podman4 = _podman_before_5(version)
         raw_images = self._list_images()
         raw_containers = self._json("/containers/json?all=1")
         tags_of = {
@@ -320,14 +333,33 @@ class DockerEngine:
         return tuple(c for c in found if c.image_id in family)
 
     def children_now(self, image_id: str) -> tuple[str, ...]:
+        return self.family_now(image_id)[0]
+
+    def concurrent_untags(self) -> bool:
+        return not self._podman4
+
+    def family_now(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if self._classic():
-            return ()  # dockerd on its classic store answers 409 itself
+            return (), ()  # dockerd on its classic store answers 409 itself, never prunes
         raw_images = self._fresh_list.get()
-        return tuple(
-            _full_id(raw.get("Id"))
-            for raw in raw_images
-            if _full_id(raw.get("ParentId")) == image_id
-        )
+        parent_of = {_full_id(r.get("Id")): _full_id(r.get("ParentId")) for r in raw_images}
+        children: dict[str, set[str]] = {}
+        for child, of in parent_of.items():
+            if of:
+                children.setdefault(of, set()).add(child)
+        pruned: list[str] = []
+        if self._podman4:
+            tagged = {
+                _full_id(r.get("Id")) for r in raw_images if _refs(r.get("RepoTags"), _NO_TAG)
+            }
+            below, parent = image_id, parent_of.get(image_id, "")
+            # Podman deletes a parent left dangling (no tag, no other child), then its parent.
+            while parent and parent in parent_of and parent not in tagged:
+                if children.get(parent, set()) - {below}:
+                    break
+                pruned.append(parent)
+                below, parent = parent, parent_of[parent]
+        return tuple(sorted(children.get(image_id, ()))), tuple(pruned)
 
     # --- removing --------------------------------------------------------------------------
 
@@ -524,6 +556,16 @@ def _kind(version: Any) -> str:
         if isinstance(component, dict) and "podman" in str(component.get("Name", "")).lower():
             return "podman"
     return "docker"
+
+
+def _podman_before_5(version: Any) -> bool:
+    """Podman before 5 ignores noprune (deleting an image deletes its dangling parents too)
+    and loses untags of one image made at once (measured on 4.3.1; 5.4.2 does neither)."""
+    if _kind(version) != "podman":
+        return False
+    number = str(version.get("Version", "")) if isinstance(version, dict) else ""
+    major = re.match(r"v?(\d+)\.", number)
+    return major is None or int(major.group(1)) < 5
 
 
 def _store(info: Mapping[str, Any]) -> str:

@@ -83,7 +83,8 @@ class _Run:
         self.engine = engine
         self._stop = stop
         self.lock = threading.Lock()
-        self.deleted: set[str] = set()  # every ID the engine said it deleted
+        # Every ID the engine said it deleted -> the image whose removal deleted it.
+        self.deleted: dict[str, str] = {}
         self.halted: str | None = None  # "stopped" or "engine_down"
         removing = {d.image_id for d in plan.decisions if d.decision == "remove"}
         # Images gcd itself changes in this run: their untag events are gcd's own.
@@ -294,7 +295,7 @@ class _Action:
         self.run.check()
         now = engine.current(d.image_id)
         if now is None:
-            return self._outcome("skipped", "already gone", "gone")
+            return self._gone()
         tags, digests = now
         gained = sorted(set(tags) - set(d.tags))
         if gained:
@@ -317,19 +318,41 @@ class _Action:
             now = engine.current(d.image_id)
             if now is None:
                 return self._outcome("skipped", "already gone", "gone")
+            still = set(self.untagged) & set(now[0])
+            if still:
+                # Answered `Untagged`, yet on the image (made again meanwhile, or an untag
+                # the engine lost): the report names only the tags that went.
+                log.warning(
+                    "%s: the engine answered that it untagged %s, which the image still has",
+                    short_id(d.image_id),
+                    _names(sorted(still)),
+                )
+                self.untagged = [t for t in self.untagged if t not in still]
             gained = sorted(set(now[0]) - set(d.tags))
             if gained:
                 return self._outcome(
                     "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
                 )
         self.run.check()
-        children = engine.children_now(d.image_id)
+        children, pruned = engine.family_now(d.image_id)
         if children:
             # The containerd store and Podman delete a parent under its children.
             return self._outcome(
                 "skipped",
                 f"it has a child image {short_id(children[0])} now",
                 "child_kept",
+            )
+        plan = self.run.plan
+        kept = [
+            p for p in pruned if p not in plan.snapshot or plan.decision(p).decision != "remove"
+        ]
+        if kept:
+            # Podman before 5 deletes a parent left dangling with its child, noprune or not.
+            return self._outcome(
+                "skipped",
+                f"the engine would delete its untagged parent {short_id(kept[0])} with it, "
+                "which the plan keeps",
+                "parent_kept",
             )
         self.run.check()
         try:
@@ -338,7 +361,7 @@ class _Action:
             in_use = self._users()
             return self._outcome("skipped", in_use or e.reason, "in_use" if in_use else "conflict")
         if deletion is None:
-            return self._outcome("skipped", "already gone", "gone")
+            return self._gone()
         self._note(deletion)
         if deletion.survived is not None:
             return self._survived(deletion.survived)
@@ -352,6 +375,15 @@ class _Action:
                 "deleted it with that tag"
             )
         return self._outcome("done")
+
+    def _gone(self) -> Outcome:
+        """The image is not there: deleted with a child gcd removed (an engine that prunes
+        parents, Podman before 5), or by someone else."""
+        with self.run.lock:
+            by = self.run.deleted.get(self.d.image_id)
+        if by is not None and by != self.d.image_id:
+            return self._outcome("done", f"the engine deleted it with its child {short_id(by)}")
+        return self._outcome("skipped", "already gone", "gone")
 
     def _survived(self, refs: Sequence[str]) -> Outcome:
         """The engine answered `Deleted`, yet the image is there (the containerd store)."""
@@ -412,7 +444,8 @@ class _Action:
         except ConflictError as e:
             raise _Refused(f"engine refused: {e}") from None
         with self.run.lock:
-            self.run.deleted.update(deletion.deleted)
+            for deleted in deletion.deleted:
+                self.run.deleted.setdefault(deleted, self.d.image_id)
         return deletion
 
     def _note(self, deletion: Deletion | None, victims: frozenset[str] = frozenset()) -> None:
@@ -431,7 +464,7 @@ class _Action:
             elif deleted in snapshot and self.run.plan.decision(deleted).decision != "remove":
                 self.unplanned[deleted] = ""
             # A parent the plan removes anyway, pruned with its child by an engine that
-            # ignores noprune (Podman 4.3): its own action finds it gone.
+            # ignores noprune (Podman before 5): its own action finds it gone, and done.
 
     def _untag_verified(self, tags: Sequence[str]) -> None:
         """Delete tags of this image by name, then find in the engine's event log which
@@ -456,7 +489,8 @@ class _Action:
                 except Exception as e:
                     failure = e
             else:
-                with ThreadPoolExecutor(max_workers=TAG_WORKERS) as pool:
+                workers = TAG_WORKERS if self.engine.concurrent_untags() else 1
+                with ThreadPoolExecutor(max_workers=workers) as pool:
                     for future in [pool.submit(one, t) for t in chunk]:
                         try:
                             found = future.result()

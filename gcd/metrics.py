@@ -34,6 +34,7 @@ SKIP_REASONS = (
     "tag_changed",
     "conflict",
     "child_kept",
+    "parent_kept",
     "no_tag_left",
     "stopped",
     "engine_down",

@@ -253,7 +253,7 @@ class Outcome:
     error: str | None = None
     untagged: tuple[str, ...] = ()
     # Why it was skipped, as a metric label: gone, in_use, tag_changed, conflict,
-    # child_kept, no_tag_left, stopped, engine_down; or "unplanned" on a failed keep.
+    # child_kept, parent_kept, no_tag_left, stopped, engine_down; or "unplanned" on a failed keep.
     code: str | None = None
     # Images the engine deleted while carrying this action out that the plan did not remove.
     unplanned: tuple[str, ...] = ()

@@ -176,6 +176,21 @@ def size_cell(api: docker.APIClient, image_id: str) -> str:
     return format_bytes(size)
 
 
+def store_bytes(engine: PrivateEngine, api: docker.APIClient) -> int:
+    """The engine's own count of its image store's bytes: `/system/df`'s LayersSize on
+    Docker; on Podman, what its store records (each layer's diff size, each image's config,
+    manifests and signatures), which Podman 5 reports as LayersSize and Podman 4 does not
+    (it answers 0)."""
+    if not podman(api):
+        return int(api.df()["LayersSize"])
+    storage = Path(engine.root, "storage")
+    layers = json.loads((storage / "overlay-layers/layers.json").read_text() or "[]")
+    images = json.loads((storage / "overlay-images/images.json").read_text() or "[]")
+    return sum(int(layer.get("diff-size") or 0) for layer in layers) + sum(
+        sum((image.get("big-data-sizes") or {}).values()) for image in images
+    )
+
+
 _PODMAN: dict[str, bool] = {}
 _FULL_NAME = re.compile(r"(?<![\w./-])(?:localhost/|docker\.io/library/|docker\.io/)")
 

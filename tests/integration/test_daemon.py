@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
-from tests.integration.conftest import ids_now, tags_now
+from tests.integration.conftest import ids_now, store_bytes, tags_now
 
 WHEN = datetime(2026, 3, 1, tzinfo=UTC)
 RULES = r"""
@@ -156,7 +156,7 @@ def test_notify_protocol_schedule_and_scraped_metrics(
             for n in range(1, 6)
         ],
     )
-    layers_before = client.df()["LayersSize"]
+    layers_before = store_bytes(dockerd, client)
     d = Daemon(
         tmp_path, dockerd.url, RULES.replace("KEEP", "2"), every="2s", watchdog_usec=1_000_000
     )
@@ -178,12 +178,12 @@ def test_notify_protocol_schedule_and_scraped_metrics(
     assert set(tags_now(client)) == {"app:4", "app:5"}
     assert d.value("gcd_images_removed_total", reason="expired") == 3
     assert d.value("gcd_tags_removed_total", rule="ci") == 3
-    assert d.value("gcd_bytes_reclaimed_total") == layers_before - client.df()["LayersSize"]
+    assert d.value("gcd_bytes_reclaimed_total") == layers_before - store_bytes(dockerd, client)
     assert d.value("gcd_engine_up") == 1
     assert d.value("gcd_images", state="keep") == 2
     assert d.value("gcd_images", state="remove") == 0
     assert d.value("gcd_reclaimable_bytes") == 0
-    assert d.value("gcd_image_store_bytes") == client.df()["LayersSize"]
+    assert d.value("gcd_image_store_bytes") == store_bytes(dockerd, client)
     assert d.value("gcd_last_success_timestamp_seconds") > time.time() - 10
     assert d.value("gcd_cycle_duration_seconds_count") >= 3
     assert d.value("gcd_build_info", version=__import__("gcd").__version__) == 1

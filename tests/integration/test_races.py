@@ -127,6 +127,40 @@ def test_engine_conflict_is_a_skip_with_the_engines_reason(
     assert {parent, child} <= ids_now(client)
 
 
+def test_a_parent_kept_for_a_container_gone_since_the_plan_outlives_its_child(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
+) -> None:
+    # The build step under app:1 (its parent, untagged, with no other child) is kept
+    # because a container uses it; the container goes before app:1 is removed. gcd asks
+    # every engine not to prune parents; Podman before 5 prunes them anyway, so there gcd
+    # leaves app:1 in place instead.
+    old = legacy_build(client, ["app:1"], {"f": "old"})
+    legacy_build(client, ["app:2"], {"f": "new"})
+    parent = str(client.inspect_image(old)["Parent"])
+    parent = parent if parent.startswith("sha256:") else f"sha256:{parent}"
+    none = client.create_host_config(network_mode="none")
+    job = client.create_container(parent, ["/bin/busybox", "true"], name="job", host_config=none)
+    plan, engine = prepare(dockerd, tmp_path)
+    assert plan.decision(old).decision == "remove"
+    assert plan.decision(parent).decision == "keep"
+    client.remove_container(job)
+    report = executor.execute(plan, engine, plan.now)
+    outcome = report.outcome(old)
+    info = plan.snapshot.engine
+    if info.kind == "podman" and int(info.server_version.split(".")[0]) < 5:
+        assert (outcome.outcome, outcome.code, outcome.reason) == (
+            "skipped",
+            "parent_kept",
+            f"the engine would delete its untagged parent {parent[7:19]} with it, which the "
+            "plan keeps",
+        )
+        assert old in ids_now(client)
+    else:
+        assert outcome.outcome == "done", outcome
+    assert parent in ids_now(client)
+    assert report.unplanned() == () and report.count("failed") == 0
+
+
 def test_image_removed_by_someone_else_is_already_gone(
     dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path
 ) -> None:

@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 import docker
 import pytest
 
+from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
-from tests.integration.conftest import Gcd, ids_now, tags_now
+from tests.integration.conftest import Gcd, ids_now, store_bytes, tags_now
 
 SAME_TIME = datetime(2026, 3, 1, tzinfo=UTC)
 NO_GUARDS = """
@@ -217,7 +218,7 @@ def test_dangling_images_wait_for_their_grace_then_go(gcd: Gcd, client: docker.A
 
 
 def test_shared_layers_are_counted_once_in_reclaimed_bytes(
-    gcd: Gcd, client: docker.APIClient
+    gcd: Gcd, client: docker.APIClient, dockerd: PrivateEngine
 ) -> None:
     shared = Layer("shared-base", 400_000)
     load(
@@ -233,7 +234,7 @@ def test_shared_layers_are_counted_once_in_reclaimed_bytes(
         ],
     )
     load(client, [Spec(["keeper:1"], [busybox_layer(), Layer("keeper", 1000)], SAME_TIME)])
-    before = client.df()["LayersSize"]
+    before = store_bytes(dockerd, client)
     config = gcd.config(
         NO_GUARDS
         + """
@@ -246,7 +247,7 @@ unmatched: expire
     run = gcd.json("run", "--config", str(config))
     removed = [d for d in run["decisions"] if d["decision"] == "remove"]
     assert len(removed) == 2
-    after = client.df()["LayersSize"]
+    after = store_bytes(dockerd, client)
     # Each removed image held its own 10 kB layer; the shared base stays with big:3.
     assert (
         run["summary"]["reclaimable_bytes"] == run["summary"]["reclaimed_bytes"] == before - after

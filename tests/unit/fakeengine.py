@@ -39,9 +39,18 @@ class _Image:
 class FakeEngine:
     url = "unix:///fake.sock"
 
-    def __init__(self, guards_children: bool = True) -> None:
+    def __init__(
+        self,
+        guards_children: bool = True,
+        prunes_parents: bool = False,
+        concurrent_untags: bool = True,
+    ) -> None:
         # False: deletes a parent under its children, as the containerd store and Podman do.
         self.guards_children = guards_children
+        # True: deletes an image's dangling parents with it, noprune or not (Podman before 5).
+        self.prunes_parents = prunes_parents
+        # False: says so, as Podman before 5 does (it loses untags of one image made at once).
+        self._concurrent_untags = concurrent_untags
         self.calls = 0
         self.images: dict[str, _Image] = {}
         self.refs: dict[str, str] = {}  # tag or digest reference -> image ID
@@ -146,11 +155,18 @@ class FakeEngine:
             )
 
     def children_now(self, image_id: str) -> tuple[str, ...]:
+        return self.family_now(image_id)[0]
+
+    def concurrent_untags(self) -> bool:
+        return self._concurrent_untags
+
+    def family_now(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if self.guards_children:
-            return ()
+            return (), ()
         self._request("GET", f"children:{image_id}")
         with self._lock:
-            return tuple(sorted(self._children(image_id)))
+            pruned = self._dangling_parents(image_id) if self.prunes_parents else []
+            return tuple(sorted(self._children(image_id))), tuple(pruned)
 
     def target(self, ref: str) -> str | None:
         self._request("GET", ref)
@@ -251,7 +267,22 @@ class FakeEngine:
         untagged.append(ref)
         self._event("untag", image_id)
 
+    def _dangling_parents(self, image_id: str) -> list[str]:
+        """The parents an engine that prunes deletes with this image: each untagged, unused
+        and with no other child, up to the first that is not."""
+        out, below = [], image_id
+        while (parent := self.images[below].parent) in self.images:
+            assert parent is not None
+            img = self.images[parent]
+            if img.refs or self._user(parent) or set(self._children(parent)) - {below}:
+                break
+            out.append(parent)
+            below = parent
+        return out
+
     def _delete_with_parents(self, image_id: str, deleted: list[str]) -> None:
-        del self.images[image_id]
-        deleted.append(image_id)
-        self._event("delete", image_id)
+        pruned = self._dangling_parents(image_id) if self.prunes_parents else []
+        for gone in (image_id, *pruned):
+            del self.images[gone]
+            deleted.append(gone)
+            self._event("delete", gone)

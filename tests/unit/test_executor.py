@@ -6,6 +6,8 @@ here each one is forced deterministically, including the windows a real engine r
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -64,6 +66,55 @@ def test_a_multi_tag_image_loses_all_but_one_tag_by_name_then_goes_by_id() -> No
     assert deletes(engine) == ["app:1", "app:2", OLD]
     assert report.outcome(OLD).outcome == "done"
     assert sorted(report.outcome(OLD).untagged) == ["app:1", "app:2", "app:3"]
+
+
+def test_an_untag_the_engine_answered_but_did_not_make_is_not_reported() -> None:
+    # Podman 4.3 answers `Untagged` to concurrent untags of one image and keeps some tags.
+    engine = world("app:1", "app:2", "app:3")
+    plan = plan_of(engine)
+    original = engine.delete
+
+    def losing(ref: str) -> Deletion:
+        answer = original(ref)
+        if ref == "app:1":
+            engine.tag(OLD, "app:1")
+        return answer
+
+    engine.delete = losing  # type: ignore[method-assign]
+    report = execute(engine, plan)
+    outcome = report.outcome(OLD)
+    assert outcome.untagged == ("app:2",)
+    assert (outcome.outcome, outcome.code) == ("skipped", "conflict")  # two tags: refused
+    assert sorted(engine.images[OLD].refs) == ["app:1", "app:3"]
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_an_engine_that_loses_concurrent_untags_is_untagged_one_at_a_time(
+    concurrent: bool,
+) -> None:
+    engine = FakeEngine(concurrent_untags=concurrent)
+    engine.add(OLD, *(f"app:{n}" for n in range(1, 21)))
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+    original = engine.delete
+
+    def counted(ref: str) -> Deletion:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.005)
+        try:
+            return original(ref)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    engine.delete = counted  # type: ignore[method-assign]
+    report = executor.execute(plan, engine, NOW, workers=1)
+    assert report.outcome(OLD).outcome == "done"
+    assert most[0] == (executor.TAG_WORKERS if concurrent else 1)
 
 
 def test_a_rebuild_caught_between_the_reread_and_the_delete_is_untouched() -> None:
@@ -359,30 +410,35 @@ def test_an_implied_parent_kept_by_the_engine_says_why_only_when_true() -> None:
     assert iid("base") in engine.images
 
 
-def test_a_planned_parent_pruned_with_its_child_is_no_unplanned_removal() -> None:
-    # Podman 4.3 ignores noprune: the parent goes with the child. The plan removed it anyway.
-    engine = FakeEngine()
-    engine.add(OLD, "app:1", parent=OTHER)
-    engine.images[OTHER] = type(engine.images[OLD])(None)
+def test_a_planned_parent_pruned_with_its_child_is_removed_and_said_so() -> None:
+    # Podman before 5 ignores noprune: the parent goes with the child. The plan removed it
+    # anyway: its own action finds it gone, and it counts as removed, with the cause.
+    engine = FakeEngine(guards_children=False, prunes_parents=True)
+    engine.add(iid("base"))
+    engine.add(OLD, "app:1", parent=iid("base"))
     engine.add(NEW, "app:99999")
     plan = plan_of(engine)
-    assert plan.decision(OTHER).decision == "remove"
-    original = engine.delete
-
-    def pruning(ref: str) -> Deletion:
-        answer = original(ref)
-        if ref == OLD and OTHER in engine.images:
-            del engine.images[OTHER]
-            return Deletion(
-                (*answer.deleted, OTHER), answer.untagged, answer.sent_ns, answer.answered_ns
-            )
-        return answer
-
-    engine.delete = pruning  # type: ignore[method-assign]
+    assert plan.decision(iid("base")).decision == "remove"
     report = execute(engine, plan)
+    assert deletes(engine) == [OLD]
     assert report.unplanned() == ()
     assert report.outcome(OLD).error is None
-    assert (report.outcome(OTHER).outcome, report.outcome(OTHER).code) == ("skipped", "gone")
+    base = report.outcome(iid("base"))
+    assert (base.outcome, base.reason) == (
+        "done",
+        f"the engine deleted it with its child {OLD[7:19]}",
+    )
+    assert sorted(report.removed()) == sorted([OLD, iid("base")])
+
+
+def test_an_image_gone_without_gcd_is_still_skipped_as_gone_where_parents_are_pruned() -> None:
+    engine = FakeEngine(guards_children=False, prunes_parents=True)
+    engine.add(OLD, "app:1")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    engine.delete(OLD)  # someone else
+    report = execute(engine, plan)
+    assert (report.outcome(OLD).outcome, report.outcome(OLD).code) == ("skipped", "gone")
 
 
 def test_a_parent_the_plan_kept_is_never_pruned_with_a_child() -> None:
@@ -400,6 +456,42 @@ def test_a_parent_the_plan_kept_is_never_pruned_with_a_child() -> None:
     assert report.outcome(OLD).outcome == "done"
     assert iid("base") in engine.images
     assert report.unplanned() == ()
+
+
+def test_a_child_whose_removal_would_prune_a_kept_parent_stays() -> None:
+    # The same, on an engine that prunes dangling parents whatever gcd asks (Podman before
+    # 5): removing the child would take the kept parent with it, so the child stays.
+    engine = FakeEngine(guards_children=False, prunes_parents=True)
+    engine.add(iid("base"))
+    engine.add(OLD, "app:1", parent=iid("base"))
+    engine.add(NEW, "app:99999")
+    engine.run("job", iid("base"))
+    plan = plan_of(engine)
+    assert plan.decision(iid("base")).decision == "keep"
+    del engine.containers["job"]
+    report = execute(engine, plan)
+    outcome = report.outcome(OLD)
+    assert (outcome.outcome, outcome.code, outcome.reason) == (
+        "skipped",
+        "parent_kept",
+        f"the engine would delete its untagged parent {iid('base')[7:19]} with it, which the "
+        "plan keeps",
+    )
+    assert deletes(engine) == []
+    assert iid("base") in engine.images and OLD in engine.images
+    assert report.unplanned() == ()
+
+
+def test_a_kept_parent_with_another_child_does_not_stop_a_removal() -> None:
+    engine = FakeEngine(guards_children=False, prunes_parents=True)
+    engine.add(iid("base"))
+    engine.add(OLD, "app:1", parent=iid("base"))
+    engine.add(NEW, "app:99999", parent=iid("base"))
+    plan = plan_of(engine)
+    assert plan.decision(iid("base")).decision == "keep"
+    report = execute(engine, plan)
+    assert report.outcome(OLD).outcome == "done"
+    assert iid("base") in engine.images
 
 
 def test_an_image_tagged_anew_while_its_own_tag_moved_away_is_reported_if_deleted() -> None:
