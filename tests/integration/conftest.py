@@ -182,13 +182,43 @@ def store_bytes(engine: PrivateEngine, api: docker.APIClient) -> int:
     manifests and signatures), which Podman 5 reports as LayersSize and Podman 4 does not
     (it answers 0)."""
     if not podman(api):
-        return int(api.df()["LayersSize"])
+        layers = int(api.df()["LayersSize"])
+        version = tuple(int(n) for n in re.findall(r"\d+", api.version()["Version"])[:2])
+        if version >= (28, 2):
+            # Docker 28.2 on: the containerd store's LayersSize counts the content store's
+            # blobs too, which the API gives no per-layer size of and gcd does not count
+            # (docs/engines.md): the unpacked layers are what is compared.
+            layers -= _content_bytes(engine, api)
+        return layers
     storage = Path(engine.root, "storage")
     layers = json.loads((storage / "overlay-layers/layers.json").read_text() or "[]")
     images = json.loads((storage / "overlay-images/images.json").read_text() or "[]")
     return sum(int(layer.get("diff-size") or 0) for layer in layers) + sum(
         sum((image.get("big-data-sizes") or {}).values()) for image in images
     )
+
+
+def _content_bytes(engine: PrivateEngine, api: docker.APIClient) -> int:
+    """What Docker 28.2's LayersSize adds for the content store: every blob an image's
+    manifest (or index) names, counted once, read from the store's files."""
+    (blobs,) = Path(engine.root).glob("**/io.containerd.content.v1.content/blobs/sha256")
+    seen: dict[str, int] = {}
+    todo = [{"digest": image["Id"]} for image in listed(api)]
+    while todo:
+        descriptor = todo.pop()
+        digest = descriptor["digest"]
+        path = blobs / digest.removeprefix("sha256:")
+        if digest in seen or not path.exists():
+            continue
+        seen[digest] = path.stat().st_size
+        kind = descriptor.get("mediaType", "manifest")  # an image ID: a manifest or index
+        if "manifest" not in kind and "index" not in kind:
+            continue  # a config or a layer
+        document = json.loads(path.read_bytes())
+        todo.extend(document.get("manifests", []))
+        todo.extend([document["config"]] if "config" in document else [])
+        todo.extend(document.get("layers", []))
+    return sum(seen.values())
 
 
 _PODMAN: dict[str, bool] = {}
