@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -65,6 +66,7 @@ DOCKER_CLI = "/usr/bin/docker"  # Debian's docker.io client builds with BuildKit
 # load is unpacking (reproduced with plain deletes, no gcd); two loads naming one tag at
 # once (the two loaders: `image "docker.io/library/app:3": already exists`).
 _ENGINE_LOAD_RACES = ("failed to unpack loaded image", '": already exists')
+_ID = re.compile(r"(sha256:)?[0-9a-f]{64}")
 
 
 @dataclass
@@ -77,6 +79,9 @@ class Figures:
     detected_unplanned: int = 0
     restored: int = 0
     delete_events_kept: int = 0  # `delete` events of images still there after the cycle
+    untag_deletes: int = 0  # Podman's `delete` events that name a tag: an untag's echo
+    # Podman: images deleted while a container's removal was under way (see Oracle._deleted).
+    users_leaving: int = 0
     actions: Counter[str] = field(default_factory=Counter)
     wrong: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -89,7 +94,9 @@ class Figures:
             f"{self.untagged_by_name} tags untagged by name; skipped: {skipped}; "
             f"failed {self.failed}; unplanned removals reported {self.detected_unplanned}; "
             f"tags put back {self.restored}; delete events of images still there "
-            f"{self.delete_events_kept}; wrong removals {len(self.wrong)}; actors: {acts}"
+            f"{self.delete_events_kept}; Podman's delete events of untags {self.untag_deletes}; "
+            f"deleted while their last container was being removed {self.users_leaving}; "
+            f"wrong removals {len(self.wrong)}; actors: {acts}"
         )
 
 
@@ -279,8 +286,12 @@ class Oracle:
         for e in sorted(events, key=lambda e: e.time_ns):
             if e.action == "tag" and e.name in (STABLE, f"docker.io/library/{STABLE}"):
                 self.stable = e.image_id
-            elif e.action == "delete":
+            elif e.action == "delete" and _ID.fullmatch(e.name or e.image_id):
                 self._deleted(e, report, unplanned, figures)
+            elif e.action == "delete":
+                # Podman says `delete`, naming the tag, with each untag by name: the image
+                # stays (its deletion's own event names its ID).
+                figures.untag_deletes += 1
             elif (
                 e.action == "untag"
                 and e.image_id not in acting
@@ -313,13 +324,29 @@ class Oracle:
             figures.wrong.append(f"{image} was deleted while it carried {STABLE}")
         sent = self._sent(e.time_ns)
         user = self.actors.user(e.image_id, sent)
+        # Podman looks for containers once it holds its store's lock, which may be well
+        # after the DELETE arrived: a container whose removal began before the image's
+        # deletion was logged may have been gone by then. One still there then was not.
+        if (
+            user is not None
+            and report.plan.snapshot.engine.kind == "podman"
+            and user.removed_ns is not None
+            and user.removed_ns < e.time_ns
+        ):
+            figures.users_leaving += 1
+            user = None
         if user is not None:
             outcome = report.outcomes.get(e.image_id)
+            left = (
+                f"its removal began {(user.removed_ns - sent) / 1e6:.1f} ms after"
+                if user.removed_ns is not None
+                else "never removed"
+            )
             figures.wrong.append(
                 f"{image} was deleted while a container used it (container {user.container} "
                 f"made {(sent - user.created_ns) / 1e6:.1f} ms before the DELETE reached the "
-                f"proxy, deleted {(e.time_ns - sent) / 1e6:.1f} ms after; gcd's outcome: "
-                f"{outcome})"
+                f"proxy, {left}; the image deleted {(e.time_ns - sent) / 1e6:.1f} ms after; "
+                f"gcd's outcome: {outcome})"
             )
 
 
@@ -419,6 +446,11 @@ def run(
                 "unable to find image",
                 "failed to get digest",
                 "No such image",
+                # The containerd store: the previous step's snapshot went with its image.
+                "parent snapshot",
+                # Podman: the previous step's image, or an image its cache lookup was reading.
+                "image not known",
+                "layer not known",
             )
         )
     ]
