@@ -528,6 +528,10 @@ class _Action:
                 and u.checked_ns - EVENT_SLACK_NS <= e.time_ns <= answered + EVENT_SLACK_NS
             }
             victims = (lost & gained) - self.run.acting
+            if not victims and image_id not in lost:
+                # This image did not lose the tag, so another did, though no event shows it
+                # arriving there (the containerd store logs a tag when the tagging ends).
+                victims = lost - self.run.acting
             if not victims:
                 if image_id not in lost:
                     log.warning(

@@ -222,6 +222,26 @@ def test_a_tag_taken_from_another_image_mid_removal_is_put_back() -> None:
     assert metrics.registry.get_sample_value("gcd_tags_restored_total") == 1
 
 
+def test_a_tag_taken_from_another_image_is_put_back_when_its_tag_event_comes_late() -> None:
+    # The containerd store logs a `tag` event when the tagging ends, which may be after
+    # gcd's DELETE was answered: the image that lost the tag is then the one whose untag
+    # the log shows, since gcd's image shows none.
+    engine = world("app:1", "app:2")
+    engine.add(OTHER, "keep:1")
+    plan = plan_of(engine, POLICY + "protect: [{ref: 'keep:*'}]\n")
+
+    def retag(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", "app:1"):
+            engine.tag(OTHER, "app:1")
+            engine.log.pop()  # its event comes after the window gcd reads
+
+    engine.before = retag
+    report = execute(engine, plan)
+    assert sorted(engine.images[OTHER].refs) == ["app:1", "keep:1"]
+    assert report.restored() == (f"app:1 on {OTHER[7:19]}",)
+    assert "app:1" not in report.outcome(OLD).untagged
+
+
 def test_a_container_created_after_the_plan_skips_a_single_tag_image() -> None:
     engine = world("app:1")
     plan = plan_of(engine)
