@@ -43,9 +43,6 @@ from gcd.model import (
 
 log = logging.getLogger(__name__)
 
-# Removals in flight at once. The engine deletes concurrently; more threads than this only
-# queue in it (measured: 8 parallel deletes run at twice the sequential rate, 4 at 1.8x).
-REMOVE_WORKERS = 8
 # Untags of one image's tags in flight at once (an image can carry thousands of tags).
 TAG_WORKERS = 4
 # Tags untagged between two reads of the event log: the engine replays only its last 256
@@ -108,12 +105,12 @@ def execute(
     engine: Engine,
     started_at: datetime,
     stop: Callable[[], bool] = _never,
-    workers: int = REMOVE_WORKERS,
+    workers: int | None = None,
 ) -> Report:
     """Carry out a plan; `stop` is polled before every request (SIGTERM).
 
-    Independent removals run on `workers` threads (the engine deletes concurrently and is
-    the limit). Removals whose images share a planned-removal ancestor form one group, done
+    Independent removals run on `workers` threads (by default as many as suit the engine:
+    it deletes concurrently and is the limit). Removals whose images share a planned-removal ancestor form one group, done
     in one thread children first: the engine prunes a parent along with its last child, and
     two siblings deleted at once could each leave that work to the other.
     """
@@ -128,6 +125,8 @@ def execute(
                 outcomes[d.image_id] = outcome
 
     groups = _groups(plan)
+    if workers is None:
+        workers = engine.removal_workers()
     if len(groups) <= 1 or workers <= 1:
         for group in groups:
             run_group(group)

@@ -172,8 +172,8 @@ class Bench:
         )
         tags = [s.tags[0] for s in specs]
 
-        def raw() -> None:
-            with ThreadPoolExecutor(8) as pool:
+        def raw(workers: int = 8) -> None:
+            with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(lambda t: self.client.remove_image(t), tags))
 
         def seed() -> None:
@@ -204,10 +204,27 @@ class Bench:
         )
         self.client.remove_image("bench/expire:b9999")
         raw_time = timed(raw, self.runs, before=lambda: load(self.client, specs))
+        # gcd's own concurrency on this engine (engine.REMOVE_WORKERS_LISTING off the
+        # classic store): the engine's delete rate at that many, for comparison.
+        engine = DockerEngine(self.engine.url, 600)
+        engine.snapshot({})
+        workers = engine.removal_workers()
+        engine.close()
+        wide_time = None
+        if workers != 8:
+            wide_time = timed(
+                lambda: raw(workers), self.runs, before=lambda: load(self.client, specs)
+            )
         seed_time = timed(seed, self.runs, before=lambda: load(self.client, specs))
         self.row(
             f"remove {count} expired images: raw parallel API deletes (8)", f"{raw_time:.2f} s"
         )
+        if wide_time is not None:
+            self.row(
+                f"remove {count} expired images: raw parallel API deletes ({workers})",
+                f"{wide_time:.2f} s",
+                "gcd's removals at once on this engine",
+            )
         self.row(
             f"remove {count} expired images: docker images -q | xargs docker rmi",
             f"{seed_time:.2f} s",
@@ -215,12 +232,12 @@ class Bench:
         self.row(
             f"remove {count} expired images: gcd run (whole process)",
             f"{gcd_time:.2f} s",
-            f"{raw_time / gcd_time:.2f}x the raw rate (target >= 0.8x)",
+            f"{raw_time / gcd_time:.2f}x the raw rate (8)",
         )
         self.row(
             f"remove {count} expired images: gcd run, images never seen before",
             f"{cold_time:.2f} s",
-            f"{raw_time / cold_time:.2f}x the raw rate",
+            f"{raw_time / cold_time:.2f}x the raw rate (8; target >= 0.9x)",
         )
 
     # --- 5: the idle daemon ------------------------------------------------------------------

@@ -157,6 +157,9 @@ class FakeEngine:
     def children_now(self, image_id: str) -> tuple[str, ...]:
         return self.family_now(image_id)[0]
 
+    def removal_workers(self) -> int:
+        return 8
+
     def concurrent_untags(self) -> bool:
         return self._concurrent_untags
 
