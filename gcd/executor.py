@@ -110,9 +110,10 @@ def execute(
     """Carry out a plan; `stop` is polled before every request (SIGTERM).
 
     Independent removals run on `workers` threads (by default as many as suit the engine:
-    it deletes concurrently and is the limit). Removals whose images share a planned-removal ancestor form one group, done
-    in one thread children first: the engine prunes a parent along with its last child, and
-    two siblings deleted at once could each leave that work to the other.
+    it deletes concurrently and is the limit). Removals whose images share a
+    planned-removal ancestor form one group, done in one thread children first: the engine
+    prunes a parent along with its last child, and two siblings deleted at once could each
+    leave that work to the other.
     """
     run = _Run(plan, engine, stop)
     outcomes: dict[str, Outcome] = {}
