@@ -1,7 +1,7 @@
 # Sourced by tests/check and tests/demo: installs what is missing and leaves $VENV ready.
 # Debian/Ubuntu: docker.io (dockerd), busybox-static (a static /bin/busybox for runnable
-# fixture images), python3-venv, systemd (systemd-analyze) and openssl; then a virtualenv with gcd
-# and its test tools.
+# fixture images), python3-venv, systemd (systemd-analyze), openssl and iproute2 (ss); then a
+# virtualenv with gcd and its test tools.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -18,6 +18,8 @@ python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 # openssl makes the certificates of the test engine's TLS listener (tcp:// with --tlsverify).
 command -v openssl >/dev/null || missing+=(openssl)
+# ss counts the test process's connections to the engine (sock_diag shows each one's peer).
+command -v ss >/dev/null || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -188,26 +190,38 @@ def test_tls_failures_say_which_side_refused(
     )
 
 
-def _sockets() -> int:
-    """This process's open sockets."""
-    count = 0
+def _connections(engine: PrivateEngine) -> int:
+    """This process's open connections to the engine's unix socket.
+
+    Only those: other sockets of the process (a previous test's, closed by the collector
+    mid-test) would make the count drift. The engine's end of each connection carries the
+    path it bound, and its peer is our socket's inode.
+    """
+    gc.collect()  # a previous test's unreferenced connections close now, not mid-count
+    ours = set()
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(FileNotFoundError):  # the listing's own, closed meanwhile
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return count
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                ours.add(link[len("socket:[") : -1])
+    bound = os.path.join(engine.inner, "docker.sock")
+    listing = subprocess.run(["ss", "-xHn"], capture_output=True, text=True, check=True).stdout
+    # Netid State Recv-Q Send-Q Local-Address Port Peer-Address Port
+    peers = [row.split() for row in listing.splitlines()]
+    return sum(1 for cols in peers if len(cols) == 8 and cols[4] == bound and cols[7] in ours)
 
 
 def test_the_inspect_workers_connections_are_closed_when_they_end(
     dockerd: PrivateEngine, client: docker.APIClient
 ) -> None:
     ids = load(client, [Spec([f"w:{n}"], [Layer(f"w{n}")]) for n in range(24)])
-    before = _sockets()
+    before = _connections(dockerd)
     engine = DockerEngine(dockerd.url, 30)
     engine.snapshot({})  # cold: 8 workers inspect, each on its own connection
     engine.current(ids[0])
-    assert _sockets() - before == 1  # the calling thread's, kept alive
+    assert _connections(dockerd) - before == 1  # the calling thread's, kept alive
     engine.close()
-    assert _sockets() == before
+    assert _connections(dockerd) == before
 
 
 def test_a_kept_alive_connection_survives_an_engine_restart() -> None:
