@@ -26,6 +26,7 @@ from gcd.model import (
     Container,
     Deletion,
     EngineInfo,
+    Family,
     Image,
     ImageEvent,
     ImageFacts,
@@ -81,10 +82,10 @@ class Engine(Protocol):
         """The image's children now, read where the engine would delete a parent under its
         children (the containerd store, Podman); () without a request where it refuses."""
 
-    def family_now(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """In one read: the image's children now (as children_now), and the untagged
-        parents the engine would delete along with it although gcd asks it not to (Podman
-        before 5); ((), ()) without a request on dockerd's classic store."""
+    def family_now(self, image_id: str) -> Family:
+        """In one read: the image's children now (as children_now), the untagged parents
+        the engine would delete along with it although gcd asks it not to (Podman before
+        5), and its tags then; Family(()) without a request on dockerd's classic store."""
 
     def removal_workers(self) -> int:
         """How many removals suit this engine at once (docs/performance.md)."""
@@ -344,7 +345,7 @@ class DockerEngine:
         return tuple(c for c in found if c.image_id in family)
 
     def children_now(self, image_id: str) -> tuple[str, ...]:
-        return self.family_now(image_id)[0]
+        return self.family_now(image_id).children
 
     def removal_workers(self) -> int:
         return REMOVE_WORKERS if self._classic() else REMOVE_WORKERS_LISTING
@@ -352,11 +353,19 @@ class DockerEngine:
     def concurrent_untags(self) -> bool:
         return not self._podman4
 
-    def family_now(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def family_now(self, image_id: str) -> Family:
         if self._classic():
-            return (), ()  # dockerd on its classic store answers 409 itself, never prunes
+            return Family(())  # dockerd on its classic store answers 409 itself, never prunes
         raw_images = self._fresh_list.get()
         parent_of = {_full_id(r.get("Id")): _full_id(r.get("ParentId")) for r in raw_images}
+        tags = next(
+            (
+                _refs(r.get("RepoTags"), _NO_TAG)
+                for r in raw_images
+                if _full_id(r.get("Id")) == image_id
+            ),
+            None,
+        )
         children: dict[str, set[str]] = {}
         for child, of in parent_of.items():
             if of:
@@ -373,7 +382,7 @@ class DockerEngine:
                     break
                 pruned.append(parent)
                 below, parent = parent, parent_of[parent]
-        return tuple(sorted(children.get(image_id, ()))), tuple(pruned)
+        return Family(tuple(sorted(children.get(image_id, ()))), tuple(pruned), tags)
 
     # --- removing --------------------------------------------------------------------------
 

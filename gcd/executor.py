@@ -334,7 +334,15 @@ class _Action:
                     "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
                 )
         self.run.check()
-        children, pruned = engine.family_now(d.image_id)
+        children, pruned, tags_then = engine.family_now(d.image_id)
+        # That read began after the re-read and, where it is made, a removal waits for it:
+        # a tag the image gained meanwhile shows there, and the engine, which reads names
+        # once, would delete the image with it.
+        gained = sorted(set(tags_then or ()) - set(d.tags))
+        if gained:
+            return self._outcome(
+                "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
+            )
         if children:
             # The containerd store and Podman delete a parent under its children.
             return self._outcome(

@@ -293,6 +293,17 @@ class Report:
         }
 
 
+class Family(NamedTuple):
+    """An image's family in one read of the engine, right before its removal."""
+
+    children: tuple[str, ...]
+    # Untagged parents the engine would delete along with it although asked not to.
+    pruned: tuple[str, ...] = ()
+    # The image's own tags in that read; None when no read was made (dockerd's classic
+    # store guards children itself). Newer than the re-read: a tag gained since shows.
+    tags: tuple[str, ...] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Deletion:
     """The engine's answer to one `DELETE /images/{ref}`, with when it was sent and answered

@@ -270,9 +270,17 @@ class Oracle:
         does not lock image removal against a `docker create` already under way; a
         container made after that moment is the engine's own race, not a removal gcd
         could have seen."""
+        return min((s for s, _ in self._in_flight(at_ns)), default=at_ns)
+
+    def _answered(self, at_ns: int) -> int:
+        """When the DELETEs in flight at `at_ns` were answered: by then the image was gone."""
+        return max((a for _, a in self._in_flight(at_ns)), default=at_ns)
+
+    def _in_flight(self, at_ns: int) -> list[tuple[int, int]]:
         with self.proxy._lock:
-            flight = [s for m, _, s, a in self.proxy.forwarded if m == "DELETE" and s <= at_ns <= a]
-        return min(flight, default=at_ns)
+            return [
+                (s, a) for m, _, s, a in self.proxy.forwarded if m == "DELETE" and s <= at_ns <= a
+            ]
 
     def judge(self, report: Report, events: tuple[ImageEvent, ...], figures: Figures) -> None:
         plan = report.plan
@@ -325,13 +333,15 @@ class Oracle:
         sent = self._sent(e.time_ns)
         user = self.actors.user(e.image_id, sent)
         # Podman looks for containers once it holds its store's lock, which may be well
-        # after the DELETE arrived: a container whose removal began before the image's
-        # deletion was logged may have been gone by then. One still there then was not.
+        # after the DELETE arrived, and it stamps the `delete` event when the removal
+        # begins, before that look (libimage's removeRecursive defers the event with
+        # time.Now() taken on entry): a container whose removal began before the DELETE
+        # was answered may have been gone when Podman looked. One still there then was not.
         if (
             user is not None
             and report.plan.snapshot.engine.kind == "podman"
             and user.removed_ns is not None
-            and user.removed_ns < e.time_ns
+            and user.removed_ns < self._answered(e.time_ns)
         ):
             figures.users_leaving += 1
             user = None
@@ -348,6 +358,33 @@ class Oracle:
                 f"proxy, {left}; the image deleted {(e.time_ns - sent) / 1e6:.1f} ms after; "
                 f"gcd's outcome: {outcome})"
             )
+
+    def forensics(self, report: Report, events: tuple[ImageEvent, ...], since_ns: int) -> list[str]:
+        """What a wrong finding is judged from, for the log: the images gcd acted on, its
+        requests and the engine's events of the cycle, in order, in ms since the window's
+        start."""
+        lines = []
+        snapshot = report.plan.snapshot
+        for d in report.plan.decisions:
+            o = report.outcomes.get(d.image_id)
+            parent = snapshot.image(d.image_id).parent if d.image_id in snapshot else None
+            lines.append(
+                f"plan {short_id(d.image_id)} {d.decision} untag={list(d.untag)} "
+                f"tags={list(snapshot.image(d.image_id).tags) if d.image_id in snapshot else '?'} "
+                f"parent={short_id(parent) if parent else '-'}: "
+                f"{o.outcome if o else '-'} {o.code or '' if o else ''} {o.untagged if o else ''}"
+            )
+        with self.proxy._lock:
+            requests = [
+                (s, f"{m} {p} (answered +{(a - s) / 1e6:.1f} ms)")
+                for m, p, s, a in self.proxy.forwarded
+                if s > since_ns
+            ]
+        timeline = requests + [
+            (e.time_ns, f"event {e.action} {short_id(e.image_id)} {e.name}") for e in events
+        ]
+        lines += [f"{(t - since_ns) / 1e6:9.1f} {what}" for t, what in sorted(timeline)]
+        return lines
 
 
 def _widen(proxy: FaultProxy, rng: random.Random, most: float) -> None:
@@ -403,9 +440,13 @@ def run(
                 # later, or one stamped just before `until` could be missed for good.
                 time.sleep(0.05)
                 known = len(figures.wrong)
-                oracle.judge(report, direct.events(judged + 1, until), figures)
+                events = direct.events(judged + 1, until)
+                oracle.judge(report, events, figures)
                 for wrong in figures.wrong[known:]:
                     out(f"interleaving {n + 1}: WRONG: {wrong}")
+                if len(figures.wrong) > known or report.unplanned():
+                    for line in oracle.forensics(report, events, judged):
+                        out(f"  {line}")
                 judged = until
                 time.sleep(rng.uniform(0.0, 0.2))  # the actors change the world meanwhile
                 figures.rounds += 1

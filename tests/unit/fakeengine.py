@@ -20,6 +20,7 @@ from gcd.model import (
     Container,
     Deletion,
     EngineInfo,
+    Family,
     Image,
     ImageEvent,
     ImageFacts,
@@ -155,7 +156,7 @@ class FakeEngine:
             )
 
     def children_now(self, image_id: str) -> tuple[str, ...]:
-        return self.family_now(image_id)[0]
+        return self.family_now(image_id).children
 
     def removal_workers(self) -> int:
         return 8
@@ -163,13 +164,15 @@ class FakeEngine:
     def concurrent_untags(self) -> bool:
         return self._concurrent_untags
 
-    def family_now(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def family_now(self, image_id: str) -> Family:
         if self.guards_children:
-            return (), ()
+            return Family(())
         self._request("GET", f"children:{image_id}")
         with self._lock:
             pruned = self._dangling_parents(image_id) if self.prunes_parents else []
-            return tuple(sorted(self._children(image_id))), tuple(pruned)
+            img = self.images.get(image_id)
+            tags = None if img is None else tuple(sorted(r for r in img.refs if "@" not in r))
+            return Family(tuple(sorted(self._children(image_id))), tuple(pruned), tags)
 
     def target(self, ref: str) -> str | None:
         self._request("GET", ref)

@@ -324,6 +324,28 @@ def test_where_the_engine_deletes_parents_under_children_gcd_checks_them_itself(
     assert report.outcome(OLD).outcome == "done"
 
 
+def test_a_tag_gained_while_a_removal_waits_for_the_image_list_skips_it() -> None:
+    # Podman 4.3, race suite: app:6 re-read alone on its image; while the removal waited
+    # for a fresh image list, alias:6 came onto the image and app:6 moved on. The engine
+    # reads names once when a DELETE by ID arrives: it deleted the image, alias:6 with it.
+    engine = FakeEngine(guards_children=False)
+    engine.add(OLD, "app:1")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+
+    def retag(method: str, target: str) -> None:
+        if (method, target) == ("GET", f"children:{OLD}"):
+            engine.tag(OLD, "alias:1")
+            engine.tag(NEW, "app:1")
+
+    engine.before = retag
+    report = execute(engine, plan)
+    outcome = report.outcome(OLD)
+    assert (outcome.outcome, outcome.code) == ("skipped", "tag_changed")
+    assert outcome.reason == "gained tag alias:1 since the plan"
+    assert engine.images[OLD].refs == ["alias:1"] and deletes(engine) == []
+
+
 def test_an_error_on_the_reread_fails_that_image_only() -> None:
     # Podman 5.4.2 answered 500 "normalizing name" to an inspect of an image being pruned:
     # that aborted the whole run.
