@@ -297,11 +297,9 @@ class _Action:
         if now is None:
             return self._gone()
         tags, digests = now
-        gained = sorted(set(tags) - set(d.tags))
-        if gained:
-            return self._outcome(
-                "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
-            )
+        changed = self._tag_changed(tags)
+        if changed is not None:
+            return changed
         # Tags that moved away since the plan are not in `tags` any more: they are left alone.
         by_name_tags, by_name_digests = _by_name(tags, digests)
         if by_name_tags or by_name_digests:
@@ -328,21 +326,17 @@ class _Action:
                     _names(sorted(still)),
                 )
                 self.untagged = [t for t in self.untagged if t not in still]
-            gained = sorted(set(now[0]) - set(d.tags))
-            if gained:
-                return self._outcome(
-                    "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
-                )
+            changed = self._tag_changed(now[0])
+            if changed is not None:
+                return changed
         self.run.check()
         children, pruned, tags_then = engine.family_now(d.image_id)
         # That read began after the re-read and, where it is made, a removal waits for it:
         # a tag the image gained meanwhile shows there, and the engine, which reads names
         # once, would delete the image with it.
-        gained = sorted(set(tags_then or ()) - set(d.tags))
-        if gained:
-            return self._outcome(
-                "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
-            )
+        changed = self._tag_changed(tags_then or ())
+        if changed is not None:
+            return changed
         if children:
             # The containerd store and Podman delete a parent under its children.
             return self._outcome(
@@ -383,6 +377,15 @@ class _Action:
                 "deleted it with that tag"
             )
         return self._outcome("done")
+
+    def _tag_changed(self, tags: Sequence[str]) -> Outcome | None:
+        """Skipped if the image carries a tag the plan did not see on it; else None."""
+        gained = sorted(set(tags) - set(self.d.tags))
+        if not gained:
+            return None
+        return self._outcome(
+            "skipped", f"gained tag {', '.join(gained)} since the plan", "tag_changed"
+        )
 
     def _gone(self) -> Outcome:
         """The image is not there: deleted with a child gcd removed (an engine that prunes
