@@ -1,4 +1,5 @@
-# Sourced by tests/check and tests/demo: installs what is missing and leaves $VENV ready.
+# Sourced by tests/check, tests/demo, tests/matrix and tests/bench/run: installs what is
+# missing and leaves $VENV ready.
 # Debian/Ubuntu: docker.io (dockerd), busybox-static (a static /bin/busybox for runnable
 # fixture images), python3-venv, systemd (systemd-analyze), openssl and iproute2 (ss); then a
 # virtualenv with gcd and its test tools.
@@ -32,5 +33,19 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+# promtool (lints /metrics and the example alert rules): taken out of Debian's package
+# without installing it, so no Prometheus server is ever started on this machine. Debian 13
+# ships it as a package of its own; Debian 12 inside prometheus.
+if [ ! -x "$VENV/bin/promtool" ]; then
+    deb_dir=$(mktemp -d)
+    fetch() { (cd "$deb_dir" && apt-get download -qq "$1" >/dev/null 2>&1); }
+    fetch promtool || fetch prometheus || {
+        apt-get update -qq
+        fetch promtool || fetch prometheus
+    }
+    dpkg-deb -x "$deb_dir"/*.deb "$deb_dir/x"
+    install -m 0755 "$deb_dir/x/usr/bin/promtool" "$VENV/bin/promtool"
+    rm -rf "$deb_dir"
+fi
 
 export VENV
