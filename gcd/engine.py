@@ -26,10 +26,10 @@ from gcd.model import (
     Container,
     Deletion,
     EngineInfo,
-    Family,
     Image,
     ImageEvent,
     ImageFacts,
+    Recheck,
     Snapshot,
     split_ref,
 )
@@ -78,14 +78,9 @@ class Engine(Protocol):
     def target(self, ref: str) -> str | None:
         """The ID of the image a tag names now, or None if it names none."""
 
-    def children_now(self, image_id: str) -> tuple[str, ...]:
-        """The image's children now, read where the engine would delete a parent under its
-        children (the containerd store, Podman); () without a request where it refuses."""
-
-    def family_now(self, image_id: str) -> Family:
-        """In one read: the image's children now (as children_now), the untagged parents
-        the engine would delete along with it although gcd asks it not to (Podman before
-        5), and its tags then; Family(()) without a request on dockerd's classic store."""
+    def recheck(self, image_id: str) -> Recheck | None:
+        """The image as a read begun after this call shows it (see Recheck), or None if it
+        is gone: an inspect on dockerd's classic store, an image list elsewhere."""
 
     def removal_workers(self) -> int:
         """How many removals suit this engine at once (docs/performance.md)."""
@@ -329,12 +324,7 @@ class DockerEngine:
         """Podman's ancestor filter ignores `sha256:<id>`: read every container and the
         image graph, and find the users of the image and of its descendants here."""
         raw_containers = self._json("/containers/json?all=1")
-        raw_images = self._fresh_list.get()
-        children: dict[str, list[str]] = {}
-        for raw in raw_images:
-            parent = _full_id(raw.get("ParentId"))
-            if parent:
-                children.setdefault(parent, []).append(_full_id(raw.get("Id")))
+        children = _children(self._fresh_list.get())
         family, todo = {image_id}, [image_id]
         while todo:
             for child in children.get(todo.pop(), ()):
@@ -344,32 +334,24 @@ class DockerEngine:
         found = (_container(c) for c in raw_containers)
         return tuple(c for c in found if c.image_id in family)
 
-    def children_now(self, image_id: str) -> tuple[str, ...]:
-        return self.family_now(image_id).children
-
     def removal_workers(self) -> int:
         return REMOVE_WORKERS if self._classic() else REMOVE_WORKERS_LISTING
 
     def concurrent_untags(self) -> bool:
         return not self._podman4
 
-    def family_now(self, image_id: str) -> Family:
+    def recheck(self, image_id: str) -> Recheck | None:
         if self._classic():
-            return Family(())  # dockerd on its classic store answers 409 itself, never prunes
+            now = self.current(image_id)  # dockerd answers 409 itself, and never prunes
+            return None if now is None else Recheck(*now)
+        # One list, shared by the removals that wait for it (Fresh), serves as the re-read:
+        # it shows the image's references, its children and its untagged parents at once.
         raw_images = self._fresh_list.get()
+        raw = next((r for r in raw_images if _full_id(r.get("Id")) == image_id), None)
+        if raw is None:
+            return None
         parent_of = {_full_id(r.get("Id")): _full_id(r.get("ParentId")) for r in raw_images}
-        tags = next(
-            (
-                _refs(r.get("RepoTags"), _NO_TAG)
-                for r in raw_images
-                if _full_id(r.get("Id")) == image_id
-            ),
-            None,
-        )
-        children: dict[str, set[str]] = {}
-        for child, of in parent_of.items():
-            if of:
-                children.setdefault(of, set()).add(child)
+        children = _children(raw_images)
         pruned: list[str] = []
         if self._podman4:
             tagged = {
@@ -382,7 +364,12 @@ class DockerEngine:
                     break
                 pruned.append(parent)
                 below, parent = parent, parent_of[parent]
-        return Family(tuple(sorted(children.get(image_id, ()))), tuple(pruned), tags)
+        return Recheck(
+            _refs(raw.get("RepoTags"), _NO_TAG),
+            _digests(raw, self._names_only()),
+            tuple(sorted(children.get(image_id, ()))),
+            tuple(pruned),
+        )
 
     # --- removing --------------------------------------------------------------------------
 
@@ -599,6 +586,16 @@ def _store(info: Mapping[str, Any]) -> str:
         if isinstance(pair, list) and len(pair) == 2 and "containerd.snapshotter" in str(pair[1]):
             return "containerd"
     return str(info.get("Driver") or "unknown")
+
+
+def _children(raw_images: Any) -> dict[str, set[str]]:
+    """Each image's children, by ID, from one image list."""
+    children: dict[str, set[str]] = {}
+    for raw in raw_images:
+        parent = _full_id(raw.get("ParentId"))
+        if parent:
+            children.setdefault(parent, set()).add(_full_id(raw.get("Id")))
+    return children
 
 
 def _refs(values: Any, placeholder: str) -> tuple[str, ...]:

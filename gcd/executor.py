@@ -293,15 +293,14 @@ class _Action:
                     "child_kept",
                 )
         self.run.check()
-        now = engine.current(d.image_id)
+        now = engine.recheck(d.image_id)
         if now is None:
             return self._gone()
-        tags, digests = now
-        changed = self._tag_changed(tags)
+        changed = self._tag_changed(now.tags)
         if changed is not None:
             return changed
-        # Tags that moved away since the plan are not in `tags` any more: they are left alone.
-        by_name_tags, by_name_digests = _by_name(tags, digests)
+        # Tags that moved away since the plan are not in `now` any more: they are left alone.
+        by_name_tags, by_name_digests = _by_name(now.tags, now.digests)
         if by_name_tags or by_name_digests:
             # Deleting references one by one is not refused for an image a container uses
             # (only its last reference is): check the containers first.
@@ -313,10 +312,10 @@ class _Action:
                 self._note(self._delete(ref))
             self._untag_verified(by_name_tags)
             self.run.check()
-            now = engine.current(d.image_id)
+            now = engine.recheck(d.image_id)
             if now is None:
                 return self._outcome("skipped", "already gone", "gone")
-            still = set(self.untagged) & set(now[0])
+            still = set(self.untagged) & set(now.tags)
             if still:
                 # Answered `Untagged`, yet on the image (made again meanwhile, or an untag
                 # the engine lost): the report names only the tags that went.
@@ -326,27 +325,19 @@ class _Action:
                     _names(sorted(still)),
                 )
                 self.untagged = [t for t in self.untagged if t not in still]
-            changed = self._tag_changed(now[0])
+            changed = self._tag_changed(now.tags)
             if changed is not None:
                 return changed
-        self.run.check()
-        children, pruned, tags_then = engine.family_now(d.image_id)
-        # That read began after the re-read and, where it is made, a removal waits for it:
-        # a tag the image gained meanwhile shows there, and the engine, which reads names
-        # once, would delete the image with it.
-        changed = self._tag_changed(tags_then or ())
-        if changed is not None:
-            return changed
-        if children:
+        if now.children:
             # The containerd store and Podman delete a parent under its children.
             return self._outcome(
                 "skipped",
-                f"it has a child image {short_id(children[0])} now",
+                f"it has a child image {short_id(now.children[0])} now",
                 "child_kept",
             )
         plan = self.run.plan
         kept = [
-            p for p in pruned if p not in plan.snapshot or plan.decision(p).decision != "remove"
+            p for p in now.pruned if p not in plan.snapshot or plan.decision(p).decision != "remove"
         ]
         if kept:
             # Podman before 5 deletes a parent left dangling with its child, noprune or not.
@@ -408,7 +399,8 @@ class _Action:
                 "tag_changed",
             )
         self.run.check()
-        children = self.engine.children_now(self.d.image_id)
+        now = self.engine.recheck(self.d.image_id)
+        children = now.children if now is not None else ()
         if children:
             return self._outcome(
                 "skipped",

@@ -293,15 +293,17 @@ class Report:
         }
 
 
-class Family(NamedTuple):
-    """An image's family in one read of the engine, right before its removal."""
+class Recheck(NamedTuple):
+    """An image as one fresh read of the engine shows it right before its removal. Where
+    the engine deletes a parent under its children (the containerd store, Podman) that read
+    is an image list, which also gives the image's children and what the engine would
+    prune with it; dockerd's classic store guards both itself, and an inspect does."""
 
-    children: tuple[str, ...]
+    tags: tuple[str, ...]
+    digests: tuple[str, ...]
+    children: tuple[str, ...] = ()
     # Untagged parents the engine would delete along with it although asked not to.
     pruned: tuple[str, ...] = ()
-    # The image's own tags in that read; None when no read was made (dockerd's classic
-    # store guards children itself). Newer than the re-read: a tag gained since shows.
-    tags: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

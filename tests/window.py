@@ -3,9 +3,10 @@ or a tag is to the DELETE that acts on it, on a private engine (no proxy).
 
     sudo .venv/bin/python -m tests.window [--images 300]
 
-- by ID: the re-read of an image (GET /images/{id}/json answered) to its DELETE sent. A
-  removal by ID is atomic in the engine; the window only matters if, inside it, the image's
-  own tags all move away and it gets a new one (gcd then reports the removal as unplanned).
+- by ID: the re-read of an image (GET /images/{id}/json, or the image list where the engine
+  deletes parents under children) answered to its DELETE sent. A removal by ID is atomic in
+  the engine; the window only matters if, inside it, the image's own tags all move away and it
+  gets a new one (gcd then reports the removal as unplanned).
 - by name: the re-read of a tag's target answered to the DELETE of that tag sent (the other
   tags of a multi-tag image). A rebuild that takes the tag inside it loses the tag (gcd puts
   it back) or, if the tag was its only one, the image (gcd reports it).
@@ -23,7 +24,7 @@ import docker
 from gcd import config as gcd_config
 from gcd import cycle
 from gcd.engine import DockerEngine
-from gcd.model import Deletion
+from gcd.model import Deletion, Recheck
 from gcd.state import Store
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
@@ -46,9 +47,9 @@ class Timed(DockerEngine):
         self.read: dict[str, tuple[int, int]] = {}
         self.windows: dict[str, list[tuple[float, float]]] = {"by ID": [], "by name": []}
 
-    def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-        sent = time.time_ns()
-        answer = super().current(image_id)
+    def recheck(self, image_id: str) -> Recheck | None:
+        sent = time.time_ns()  # on a listing store, the list may have begun a little later
+        answer = super().recheck(image_id)
         self.read[image_id] = (sent, time.time_ns())
         return answer
 

@@ -97,6 +97,7 @@ class Rows:
 class Bench:
     def __init__(self, engine: PrivateEngine, work: Path, runs: int, rows: Rows) -> None:
         self.engine = engine
+        self.figures: dict[str, float] = {}  # seconds, for tests/matrix's table
         self.work = work
         self.runs = runs
         self.client = docker.APIClient(base_url=engine.url, version="auto", timeout=600)
@@ -216,6 +217,7 @@ class Bench:
                 lambda: raw(workers), self.runs, before=lambda: load(self.client, specs)
             )
         seed_time = timed(seed, self.runs, before=lambda: load(self.client, specs))
+        self.figures.update(raw=raw_time, seen=gcd_time, never_seen=cold_time)
         self.row(
             f"remove {count} expired images: raw parallel API deletes (8)", f"{raw_time:.2f} s"
         )
@@ -420,6 +422,9 @@ def main() -> int:
         help="only the planner's instruction count, under valgrind: no engine, 6 minutes",
     )
     parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # the child's rows, for the parent
+    parser.add_argument(
+        "--figures-json", help=argparse.SUPPRESS
+    )  # removal seconds, for tests/matrix
     # A child of --instructions: plan a synthetic snapshot of this many images, --plans times.
     parser.add_argument("--plan-once", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--plans", type=int, default=1, help=argparse.SUPPRESS)
@@ -449,6 +454,8 @@ def main() -> int:
             if args.removal_only:
                 bench.removal()
                 sizes = []
+                if args.figures_json:
+                    Path(args.figures_json).write_text(json.dumps(bench.figures))
             for n in sizes:
                 start = time.monotonic()
                 populate(

@@ -20,10 +20,10 @@ from gcd.model import (
     Container,
     Deletion,
     EngineInfo,
-    Family,
     Image,
     ImageEvent,
     ImageFacts,
+    Recheck,
     Snapshot,
     short_id,
     split_ref,
@@ -155,24 +155,27 @@ class FakeEngine:
                 if i in lineage
             )
 
-    def children_now(self, image_id: str) -> tuple[str, ...]:
-        return self.family_now(image_id).children
-
     def removal_workers(self) -> int:
         return 8
 
     def concurrent_untags(self) -> bool:
         return self._concurrent_untags
 
-    def family_now(self, image_id: str) -> Family:
+    def recheck(self, image_id: str) -> Recheck | None:
         if self.guards_children:
-            return Family(())
-        self._request("GET", f"children:{image_id}")
+            now = self.current(image_id)
+            return None if now is None else Recheck(*now)
+        self._request("GET", f"list:{image_id}")  # the image list, as gcd reads it there
         with self._lock:
-            pruned = self._dangling_parents(image_id) if self.prunes_parents else []
             img = self.images.get(image_id)
-            tags = None if img is None else tuple(sorted(r for r in img.refs if "@" not in r))
-            return Family(tuple(sorted(self._children(image_id))), tuple(pruned), tags)
+            if img is None:
+                return None
+            return Recheck(
+                tuple(sorted(r for r in img.refs if "@" not in r)),
+                tuple(sorted(r for r in img.refs if "@" in r)),
+                tuple(sorted(self._children(image_id))),
+                tuple(self._dangling_parents(image_id) if self.prunes_parents else ()),
+            )
 
     def target(self, ref: str) -> str | None:
         self._request("GET", ref)

@@ -324,17 +324,31 @@ def test_where_the_engine_deletes_parents_under_children_gcd_checks_them_itself(
     assert report.outcome(OLD).outcome == "done"
 
 
-def test_a_tag_gained_while_a_removal_waits_for_the_image_list_skips_it() -> None:
-    # Podman 4.3, race suite: app:6 re-read alone on its image; while the removal waited
-    # for a fresh image list, alias:6 came onto the image and app:6 moved on. The engine
-    # reads names once when a DELETE by ID arrives: it deleted the image, alias:6 with it.
+def test_where_the_engine_deletes_parents_under_children_one_image_list_is_the_reread() -> None:
+    # Podman 4.3, race suite: app:6 re-read alone on its image (an inspect); while the
+    # removal then waited for an image list (the children check), alias:6 came onto the image
+    # and app:6 moved on. The engine reads names once when a DELETE by ID arrives: it deleted
+    # the image, alias:6 with it. There the list is now the re-read itself: tags, children
+    # and what the engine would prune, in one read, and no inspect before it.
+    engine = FakeEngine(guards_children=False)
+    engine.add(OLD, "app:1")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    engine.requests.clear()
+    report = execute(engine, plan)
+    assert report.outcome(OLD).outcome == "done"
+    assert [r for r in engine.requests if r[1] != "events"] == [
+        ("GET", f"list:{OLD}"),
+        ("DELETE", OLD),
+    ]
+
     engine = FakeEngine(guards_children=False)
     engine.add(OLD, "app:1")
     engine.add(NEW, "app:99999")
     plan = plan_of(engine)
 
     def retag(method: str, target: str) -> None:
-        if (method, target) == ("GET", f"children:{OLD}"):
+        if (method, target) == ("GET", f"list:{OLD}"):
             engine.tag(OLD, "alias:1")
             engine.tag(NEW, "app:1")
 
