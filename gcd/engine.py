@@ -9,10 +9,8 @@ make itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import sys
 import threading
 import time
 import urllib.parse
@@ -21,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
+from gcd import layers
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import (
     Container,
@@ -287,24 +286,24 @@ class DockerEngine:
             # Only the tags changed (or the cache predates `created`): layers are content
             # addressed.
             return ImageFacts(tags, known.layers, known.layer_sizes, last_tag_time, created)
-        layers = _chain_ids(tuple((raw.get("RootFS") or {}).get("Layers") or ()))
+        chain = layers.chain_ids(tuple((raw.get("RootFS") or {}).get("Layers") or ()))
         total = int(raw.get("Size") or 0)
         # Only on the classic store is an image's size the sum of its layers' (so one
-        # unknown layer is the difference); elsewhere the history says (_layer_sizes).
+        # unknown layer is the difference); elsewhere the history says (layers.history_sizes).
         classic = self._classic()
-        sizes = _derived_sizes(layers, total, sized) if classic else None
+        sizes = layers.derived_sizes(chain, total, sized) if classic else None
         if sizes is None:
             history = self._json(f"/images/{image_id}/history")
-            sizes = _layer_sizes(len(layers), history, total, exact=classic)
+            sizes = layers.history_sizes(len(chain), history, total, exact=classic)
             if sizes is None:
                 return ImageFacts(tags, (), (), last_tag_time, created)
             own = total - sum(sizes)
             if own > 0 and self._kind == "podman":
                 # Podman counts the image's own config and manifest in its size (and its
                 # /system/df): bytes no other image shares, freed with it.
-                layers, sizes = (*layers, f"{image_id}/own"), (*sizes, own)
-        sized.update(zip(layers, sizes, strict=True))  # one item at a time: safe across threads
-        return ImageFacts(tags, layers, sizes, last_tag_time, created)
+                chain, sizes = (*chain, f"{image_id}/own"), (*sizes, own)
+        sized.update(zip(chain, sizes, strict=True))  # one item at a time: safe across threads
+        return ImageFacts(tags, chain, sizes, last_tag_time, created)
 
     def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         try:
@@ -654,62 +653,3 @@ def _parse_time(text: str | None) -> datetime | None:
     except (TypeError, ValueError):
         return None  # not a time: no signal
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _chain_ids(diff_ids: tuple[str, ...]) -> tuple[str, ...]:
-    """The layer store's identity of each layer: a hash of the diff IDs below and including it."""
-    chain: list[str] = []
-    for diff_id in diff_ids:
-        if chain:
-            digest = hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
-            chain.append(sys.intern(f"sha256:{digest}"))
-        else:
-            chain.append(sys.intern(diff_id))
-    # Interned: base layers are shared by most images, and the daemon keeps these for all.
-    return tuple(chain)
-
-
-def _derived_sizes(
-    layers: tuple[str, ...], total: int, sized: Mapping[str, int]
-) -> tuple[int, ...] | None:
-    """Layer sizes without the history: an image's size is the sum of its layers' sizes, so
-    when all but one are known (a build's own layer on a base already read, or a one-layer
-    image), the last is the difference. None when two or more are unknown, or when the
-    figures do not add up."""
-    if not layers:
-        return None
-    sizes = [sized.get(layer, -1) for layer in layers]
-    unknown = [i for i, size in enumerate(sizes) if size < 0]
-    if len(unknown) > 1:
-        return None
-    if unknown:
-        rest = total - sum(s for s in sizes if s >= 0)
-        if rest < 0:
-            return None
-        sizes[unknown[0]] = rest
-    return tuple(sizes) if sum(sizes) == total else None
-
-
-def _layer_sizes(
-    layers: int, history: list[Mapping[str, Any]], total: int, exact: bool = True
-) -> tuple[int, ...] | None:
-    """Each layer's size from the image history (newest entry first in the API).
-
-    History entries of empty layers (ENV, CMD, ...) have size 0 and are not layers; a real
-    layer may be empty too. Entries with a size are layers; a zero entry counts as a layer
-    only when the remaining entries are needed to reach the layer count. Returns None when
-    the count is wrong or, `exact` (the classic store, where they must), the sizes do not add
-    up to the image size: bytes then fall back to whole images. On the containerd store the
-    history gives each layer's unpacked size on disk (block-rounded), which is what the
-    engine's own accounting counts, and the image size is another measure altogether.
-    """
-    entries = [int(e.get("Size") or 0) for e in reversed(history)]
-    sizes: list[int] = []
-    for index, size in enumerate(entries):
-        if len(sizes) == layers:
-            break
-        if size > 0 or len(entries) - index <= layers - len(sizes):
-            sizes.append(size)
-    if len(sizes) != layers or (exact and sum(sizes) != total):
-        return None
-    return tuple(sizes)
