@@ -30,9 +30,12 @@ def format_duration(delta: timedelta) -> str:
 
 def format_bytes(n: int) -> str:
     """Decimal units as `docker images` shows them: 940.6MB, 1.2GB, 512B."""
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            return f"{int(value)}B" if unit == "B" else f"{value:.1f}{unit}"
+    if abs(n) < 1000:
+        return f"{n}B"
+    value = n / 1000
+    for unit in ("kB", "MB", "GB"):
+        # Judged as printed: 999,950 bytes is 1.0MB, not 1000.0kB.
+        if abs(round(value, 1)) < 1000:
+            return f"{value:.1f}{unit}"
         value /= 1000
-    raise AssertionError("unreachable")
+    return f"{value:.1f}TB"
