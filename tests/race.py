@@ -332,17 +332,18 @@ class Oracle:
             figures.wrong.append(f"{image} was deleted while it carried {STABLE}")
         sent = self._sent(e.time_ns)
         user = self.actors.user(e.image_id, sent)
-        # Podman looks for containers once it holds its store's lock, which may be well
-        # after the DELETE arrived, and it stamps the `delete` event when the removal
-        # begins, before that look (libimage's removeRecursive defers the event with
-        # time.Now() taken on entry): a container whose removal began before the DELETE
-        # was answered may have been gone when Podman looked. One still there then was not.
-        if (
-            user is not None
-            and report.plan.snapshot.engine.kind == "podman"
-            and user.removed_ns is not None
-            and user.removed_ns < self._answered(e.time_ns)
-        ):
+        # The engine looks for containers somewhere between the DELETE's arrival and the
+        # deletion: dockerd once its handler runs (on a busy host, tens of ms after the
+        # request came; a container leaves its store when its removal is nearly done), and
+        # stamps `delete` after the deletion; Podman once it holds its store's lock, and
+        # stamps `delete` when the removal begins, before that look (libimage's
+        # removeRecursive defers the event with time.Now() taken on entry), so there the
+        # bound is the answer. A container whose removal began before that bound may have
+        # been gone when the engine looked; one whose removal began later was there.
+        looked_by = (
+            self._answered(e.time_ns) if report.plan.snapshot.engine.kind == "podman" else e.time_ns
+        )
+        if user is not None and user.removed_ns is not None and user.removed_ns < looked_by:
             figures.users_leaving += 1
             user = None
         if user is not None:
@@ -354,8 +355,8 @@ class Oracle:
             )
             figures.wrong.append(
                 f"{image} was deleted while a container used it (container {user.container} "
-                f"made {(sent - user.created_ns) / 1e6:.1f} ms before the DELETE reached the "
-                f"proxy, {left}; the image deleted {(e.time_ns - sent) / 1e6:.1f} ms after; "
+                f"made {(sent - user.created_ns) / 1e6:.1f} ms before the proxy sent the DELETE "
+                f"on, {left}; the image deleted {(e.time_ns - sent) / 1e6:.1f} ms after; "
                 f"gcd's outcome: {outcome})"
             )
 
