@@ -83,7 +83,7 @@ class _Run:
         # Every ID the engine said it deleted -> the image whose removal deleted it.
         self.deleted: dict[str, str] = {}
         self.halted: str | None = None  # "stopped" or "engine_down"
-        removing = {d.image_id for d in plan.decisions if d.decision == "remove"}
+        removing = {d.image_id for d in plan.decisions if d.action == "remove"}
         # Images gcd itself changes in this run: their untag events are gcd's own.
         self.acting = frozenset(removing | {d.image_id for d in plan.decisions if d.untag})
 
@@ -167,9 +167,9 @@ def _groups(plan: Plan) -> list[list[Decision]]:
             image_id = parent_of[image_id]
         return image_id
 
-    actions = [d for d in plan.decisions if d.decision == "remove" or d.untag]
+    actions = [d for d in plan.decisions if d.action == "remove" or d.untag]
     for d in actions:
-        if d.decision != "remove":
+        if d.action != "remove":
             continue
         for ancestor in snapshot.ancestors(d.image_id):
             if ancestor not in removing:
@@ -227,7 +227,7 @@ class _Action:
 
     def carry_out(self) -> Outcome:
         try:
-            if self.d.decision == "remove":
+            if self.d.action == "remove":
                 return self._remove()
             return self._untag()
         except _Halt as e:
@@ -337,7 +337,7 @@ class _Action:
             )
         plan = self.run.plan
         kept = [
-            p for p in now.pruned if p not in plan.snapshot or plan.decision(p).decision != "remove"
+            p for p in now.pruned if p not in plan.snapshot or plan.decision(p).action != "remove"
         ]
         if kept:
             # Podman before 5 deletes a parent left dangling with its child, noprune or not.
@@ -464,7 +464,7 @@ class _Action:
             # With noprune, nothing but the image itself should go: anything else is said.
             if deleted in victims:
                 self.unplanned[deleted] = " (a tag moved to it during the removal)"
-            elif deleted in snapshot and self.run.plan.decision(deleted).decision != "remove":
+            elif deleted in snapshot and self.run.plan.decision(deleted).action != "remove":
                 self.unplanned[deleted] = ""
             # A parent the plan removes anyway, pruned with its child by an engine that
             # ignores noprune (Podman before 5): its own action finds it gone, and done.
@@ -589,13 +589,13 @@ _ARRIVALS = frozenset({"load", "pull", "import", "commit"})
 
 def _log(d: Decision, o: Outcome) -> None:
     what = f"{short_id(d.image_id)} {_names(d.tags) if d.tags else '<untagged>'}"
-    if o.outcome == "done" and d.decision == "remove":
+    if o.status == "done" and d.action == "remove":
         log.info("removed %s", what)
-    elif o.outcome == "done":
+    elif o.status == "done":
         log.info("untagged %s on kept image %s", _names(o.untagged), what)
-    elif o.outcome == "skipped":
+    elif o.status == "skipped":
         log.warning("skipped %s: %s", what, o.reason)
     else:
         log.error("failed %s: %s", what, o.error)
-    if o.outcome != "failed" and o.error:
+    if o.status != "failed" and o.error:
         log.error("%s: %s", what, o.error)

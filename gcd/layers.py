@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -49,7 +49,7 @@ def derived_sizes(
 
 
 def history_sizes(
-    layers: int, history: list[Mapping[str, Any]], total: int, exact: bool = True
+    layers: int, history: Sequence[Mapping[str, Any]], total: int, exact: bool = True
 ) -> tuple[int, ...] | None:
     """Each layer's size from the image history (newest entry first in the API).
 

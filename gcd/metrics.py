@@ -251,8 +251,8 @@ class Metrics:
         self.build_info.labels(__version__, engine.kind, engine.store).set(1)
         lost = any(o.code == "engine_down" for o in report.outcomes.values())
         self.engine_up.set(0 if lost else 1)
-        self.images.labels("keep").set(sum(1 for d in plan.decisions if d.decision == "keep"))
-        self.images.labels("remove").set(sum(1 for d in plan.decisions if d.decision == "remove"))
+        self.images.labels("keep").set(sum(1 for d in plan.decisions if d.action == "keep"))
+        self.images.labels("remove").set(sum(1 for d in plan.decisions if d.action == "remove"))
         self.images.labels("protected").set(sum(1 for d in plan.decisions if d.protected))
         self.images.labels("dangling").set(sum(1 for d in plan.decisions if d.dangling))
         self.store_bytes.set(sum(snapshot.freed_bytes({i.id for i in snapshot.images}).values()))
@@ -261,9 +261,9 @@ class Metrics:
             return
         for d in plan.decisions:
             o = report.outcome(d.image_id)
-            if o.outcome == "skipped" and o.code:
+            if o.status == "skipped" and o.code:
                 self.removals_skipped.labels(o.code).inc()
-            elif o.outcome == "failed" and o.code not in FAILURE_CODES:
+            elif o.status == "failed" and o.code not in FAILURE_CODES:
                 self.removal_failures.inc()
             rule_of: dict[str, str] = {}
             for tag, rule in d.expired:
@@ -271,7 +271,7 @@ class Metrics:
             # Exactly the tags that went, also from an image only partly untagged.
             for tag in o.untagged:
                 self.tags_removed.labels(rule_of.get(tag, "unmatched")).inc()
-            if o.outcome == "done" and d.decision == "remove":
+            if o.status == "done" and d.action == "remove":
                 reason = (
                     "expired"
                     if d.tags

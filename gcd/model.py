@@ -206,14 +206,14 @@ class StateView:
 
 
 class Decision(NamedTuple):
-    """What the plan says of one image, and why. (A named tuple where the other values are
-    frozen dataclasses: a plan makes one per image, and a frozen dataclass sets each field
-    through object.__setattr__, which made building them a ninth of a 100,000-image plan.
-    Just as immutable; nothing iterates or indexes it.)"""
+    """What the plan says of one image (`action`: keep or remove), and why. A named tuple,
+    where the other values are frozen dataclasses: a plan makes one per image, and a frozen
+    dataclass sets each field through object.__setattr__. Just as immutable; nothing
+    iterates or indexes it."""
 
     image_id: str
     tags: tuple[str, ...]
-    decision: DecisionKind
+    action: DecisionKind
     reasons: tuple[str, ...]
     untag: tuple[str, ...] = ()
     bytes: int = 0
@@ -239,7 +239,7 @@ class Plan:
         )
 
     def removals(self) -> tuple[Decision, ...]:
-        return tuple(d for d in self.decisions if d.decision == "remove")
+        return tuple(d for d in self.decisions if d.action == "remove")
 
     def decision(self, image_id: str) -> Decision:
         return self._by_id[image_id]
@@ -248,7 +248,7 @@ class Plan:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     image_id: str
-    outcome: OutcomeKind
+    status: OutcomeKind
     reason: str | None = None
     error: str | None = None
     untagged: tuple[str, ...] = ()
@@ -275,7 +275,7 @@ class Report:
         return self.outcomes[image_id]
 
     def count(self, kind: OutcomeKind) -> int:
-        return sum(1 for o in self.outcomes.values() if o.outcome == kind)
+        return sum(1 for o in self.outcomes.values() if o.status == kind)
 
     def unplanned(self) -> tuple[str, ...]:
         """Images the engine deleted that the plan did not remove: each is an error."""
@@ -289,7 +289,7 @@ class Report:
         return {
             d.image_id
             for d in self.plan.decisions
-            if d.decision == "remove" and self.outcomes[d.image_id].outcome == "done"
+            if d.action == "remove" and self.outcomes[d.image_id].status == "done"
         }
 
 

@@ -675,7 +675,7 @@ def parents_going_with(snapshot: Snapshot, image_id: str, plan: Plan) -> list[st
     image those whose bytes its row counts; for a kept one those that would go with it."""
     found: list[str] = []
     parent = snapshot.image(image_id).parent
-    if plan.decision(image_id).decision == "remove":
+    if plan.decision(image_id).action == "remove":
         while (
             parent is not None
             and parent in snapshot
@@ -686,11 +686,11 @@ def parents_going_with(snapshot: Snapshot, image_id: str, plan: Plan) -> list[st
         return found
     while parent is not None and parent in snapshot:
         image = snapshot.image(parent)
-        if image.tags or image.digests or plan.decision(parent).decision == "remove":
+        if image.tags or image.digests or plan.decision(parent).action == "remove":
             break
         going = {image_id, *found}
         if any(
-            c not in going and plan.decision(c).decision != "remove"
+            c not in going and plan.decision(c).action != "remove"
             for c in snapshot.children(parent)
         ):
             break  # another child stays: so does the parent

@@ -1,4 +1,5 @@
-"""Render a Report as a table a person reads, or as the JSON document of spec section 6."""
+"""Render a Report as a table a person reads, or as the JSON report (docs/operations.md,
+"Output of `gcd run` / `gcd plan`")."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def summary(report: Report) -> dict[str, int]:
         "images": len(snap.images),
         "tags": sum(len(i.tags) for i in snap.images),
         "containers": len(snap.containers),
-        "remove": sum(1 for d in plan.decisions if d.decision == "remove"),
+        "remove": sum(1 for d in plan.decisions if d.action == "remove"),
         "untag": sum(len(d.untag) for d in plan.decisions),
-        "keep": sum(1 for d in plan.decisions if d.decision == "keep"),
+        "keep": sum(1 for d in plan.decisions if d.action == "keep"),
         "skipped": report.count("skipped"),
         "failed": report.count("failed"),
         "unplanned": len(report.unplanned()),
@@ -62,16 +63,16 @@ def _decision(report: Report, d: Decision) -> dict[str, Any]:
     o = report.outcome(d.image_id)
     reasons = list(d.reasons)
     if o.reason:
-        reasons.append(f"{o.outcome}: {o.reason}")
+        reasons.append(f"{o.status}: {o.reason}")
     return {
         "image_id": d.image_id,
         "tags": list(d.tags),
-        "decision": d.decision,
+        "decision": d.action,
         "untag": list(d.untag),
         "reasons": reasons,
         "bytes": d.bytes,
         "size": report.plan.snapshot.image(d.image_id).size,
-        "outcome": o.outcome,
+        "outcome": o.status,
         "error": o.error,
         # The references the engine said went, exactly (a skipped image may have lost some).
         "untagged": list(o.untagged),
@@ -85,7 +86,7 @@ def to_text(report: Report) -> str:
     rows = [_COLUMNS if report.dry_run else (*_COLUMNS[:3], "OUTCOME", *_COLUMNS[3:])]
     for d in _ordered(plan):
         o = report.outcome(d.image_id)
-        decision = "untag" if d.decision == "keep" and d.untag else d.decision
+        decision = "untag" if d.action == "keep" and d.untag else d.action
         reason = d.reasons[0] if d.reasons else ""
         if len(d.reasons) > 1:
             reason += f" (+{len(d.reasons) - 1} more)"
@@ -95,7 +96,7 @@ def to_text(report: Report) -> str:
         size = format_bytes(plan.snapshot.image(d.image_id).size)
         row = (short_id(d.image_id), tags, decision, size, reason)
         # A kept image with nothing to do has no outcome worth a word in the table.
-        shown = "-" if d.decision == "keep" and not d.untag and o.outcome == "done" else o.outcome
+        shown = "-" if d.action == "keep" and not d.untag and o.status == "done" else o.status
         rows.append(row if report.dry_run else (*row[:3], shown, *row[3:]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = [f"engine: {plan.snapshot.engine}"]
@@ -139,7 +140,7 @@ def explain(plan: Plan, image_id: str) -> str:
         f"  tags:     {', '.join(d.tags) or '<none>'}",
         f"  created:  {_iso(image.created)}",
         f"  size:     {format_bytes(image.size)} ({_freed_text(plan, d)})",
-        f"  decision: {d.decision}" + (f" (untag {', '.join(d.untag)})" if d.untag else ""),
+        f"  decision: {d.action}" + (f" (untag {', '.join(d.untag)})" if d.untag else ""),
         "  reasons:",
         *(f"    - {r}" for r in d.reasons),
     ]
@@ -150,7 +151,7 @@ def _freed_text(plan: Plan, d: Decision) -> str:
     """What removing the image frees, parents that go with it included: what the plan counts
     in its row or, for a kept image, what removing it too would add to the plan."""
     snapshot = plan.snapshot
-    if d.decision == "remove":
+    if d.action == "remove":
         owner = policy.intermediate_owner(snapshot, d.image_id)
         if owner is not None and owner != d.image_id:
             return f"goes with {short_id(owner)}, whose row counts it"
@@ -172,7 +173,7 @@ def _with(parents: list[str]) -> str:
 
 def _ordered(plan: Plan) -> list[Decision]:
     return sorted(
-        plan.decisions, key=lambda d: (d.decision != "remove", d.tags == (), d.tags, d.image_id)
+        plan.decisions, key=lambda d: (d.action != "remove", d.tags == (), d.tags, d.image_id)
     )
 
 

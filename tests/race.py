@@ -284,7 +284,7 @@ class Oracle:
 
     def judge(self, report: Report, events: tuple[ImageEvent, ...], figures: Figures) -> None:
         plan = report.plan
-        acting = {d.image_id for d in plan.decisions if d.decision == "remove" or d.untag}
+        acting = {d.image_id for d in plan.decisions if d.action == "remove" or d.untag}
         unplanned = set(report.unplanned())
         # What gcd said: tags put back, and tags it took but could not put back (the tag
         # had moved on again); each names the image by its short ID.
@@ -326,7 +326,7 @@ class Oracle:
         if e.image_id not in report.plan.snapshot:
             figures.wrong.append(f"{image} was deleted but was not in the plan")
             return
-        if report.plan.decision(e.image_id).decision != "remove":
+        if report.plan.decision(e.image_id).action != "remove":
             figures.wrong.append(f"{image} was deleted although the plan kept it")
         if self.stable == e.image_id:
             figures.wrong.append(f"{image} was deleted while it carried {STABLE}")
@@ -370,10 +370,10 @@ class Oracle:
             o = report.outcomes.get(d.image_id)
             parent = snapshot.image(d.image_id).parent if d.image_id in snapshot else None
             lines.append(
-                f"plan {short_id(d.image_id)} {d.decision} untag={list(d.untag)} "
+                f"plan {short_id(d.image_id)} {d.action} untag={list(d.untag)} "
                 f"tags={list(snapshot.image(d.image_id).tags) if d.image_id in snapshot else '?'} "
                 f"parent={short_id(parent) if parent else '-'}: "
-                f"{o.outcome if o else '-'} {o.code or '' if o else ''} {o.untagged if o else ''}"
+                f"{o.status if o else '-'} {o.code or '' if o else ''} {o.untagged if o else ''}"
             )
         with self.proxy._lock:
             requests = [
@@ -463,7 +463,7 @@ def run(
                 )
                 figures.restored += len(report.restored())
                 for o in report.outcomes.values():
-                    if o.outcome == "skipped" and o.code:
+                    if o.status == "skipped" and o.code:
                         figures.skipped[o.code] += 1
                 if (n + 1) % 100 == 0:
                     out(f"after {n + 1}: {figures.line()}")

@@ -54,11 +54,11 @@ def test_container_created_between_plan_and_execute_skips_the_image(
 ) -> None:
     old, _ = two_builds(client)
     plan, engine = prepare(dockerd, tmp_path)
-    assert plan.decision(old).decision == "remove"
+    assert plan.decision(old).action == "remove"
     late_container(client, old)
     report = executor.execute(plan, engine, plan.now)
     outcome = report.outcome(old)
-    assert (outcome.outcome, outcome.reason) == ("skipped", "now used by container late (created)")
+    assert (outcome.status, outcome.reason) == ("skipped", "now used by container late (created)")
     assert tags_now(client)["app:1"] == old
 
 
@@ -75,10 +75,10 @@ def test_tag_moved_between_plan_and_execute_stays_on_its_new_image(
     # Docker 26's containerd store drops an image with its last name when the name moves
     # (gcd finds it gone); 28's keeps it, untagged, and gcd removes it as planned.
     outcome = report.outcome(old)
-    if plan.snapshot.engine.store == "containerd" and outcome.outcome == "skipped":
+    if plan.snapshot.engine.store == "containerd" and outcome.status == "skipped":
         assert outcome.code == "gone", outcome
     else:
-        assert outcome.outcome == "done", outcome
+        assert outcome.status == "done", outcome
     assert old not in ids_now(client)
 
 
@@ -100,11 +100,11 @@ def test_engine_conflict_is_a_skip_with_the_engines_reason(
     # answers 409; where the engine would delete it anyway, gcd reads the children itself.
     parent = legacy_build(client, [], {"f": "dangling parent"})
     plan, engine = prepare(dockerd, tmp_path)
-    assert plan.decision(parent).decision == "remove"
+    assert plan.decision(parent).action == "remove"
     child = legacy_build(client, ["child:1"], {"g": "child"}, base=parent)
     report = executor.execute(plan, engine, plan.now)
     outcome = report.outcome(parent)
-    assert outcome.outcome == "skipped"
+    assert outcome.status == "skipped"
     info = plan.snapshot.engine
     if info.kind == "docker" and info.store != "containerd":
         assert outcome.reason is not None and outcome.reason.startswith(
@@ -141,14 +141,14 @@ def test_a_parent_kept_for_a_container_gone_since_the_plan_outlives_its_child(
     none = client.create_host_config(network_mode="none")
     job = client.create_container(parent, ["/bin/busybox", "true"], name="job", host_config=none)
     plan, engine = prepare(dockerd, tmp_path)
-    assert plan.decision(old).decision == "remove"
-    assert plan.decision(parent).decision == "keep"
+    assert plan.decision(old).action == "remove"
+    assert plan.decision(parent).action == "keep"
     client.remove_container(job)
     report = executor.execute(plan, engine, plan.now)
     outcome = report.outcome(old)
     info = plan.snapshot.engine
     if info.kind == "podman" and int(info.server_version.split(".")[0]) < 5:
-        assert (outcome.outcome, outcome.code, outcome.reason) == (
+        assert (outcome.status, outcome.code, outcome.reason) == (
             "skipped",
             "parent_kept",
             f"the engine would delete its untagged parent {parent[7:19]} with it, which the "
@@ -156,7 +156,7 @@ def test_a_parent_kept_for_a_container_gone_since_the_plan_outlives_its_child(
         )
         assert old in ids_now(client)
     else:
-        assert outcome.outcome == "done", outcome
+        assert outcome.status == "done", outcome
     assert parent in ids_now(client)
     assert report.unplanned() == () and report.count("failed") == 0
 
@@ -168,7 +168,7 @@ def test_image_removed_by_someone_else_is_already_gone(
     plan, engine = prepare(dockerd, tmp_path)
     client.remove_image("app:1")
     report = executor.execute(plan, engine, plan.now)
-    assert (report.outcome(old).outcome, report.outcome(old).reason) == ("skipped", "already gone")
+    assert (report.outcome(old).status, report.outcome(old).reason) == ("skipped", "already gone")
 
 
 def test_stop_between_removals_leaves_the_rest_untouched(
@@ -182,9 +182,7 @@ def test_stop_between_removals_leaves_the_rest_untouched(
     calls = iter([False] * 2 * 3)
     report = executor.execute(plan, engine, plan.now, stop=lambda: next(calls, True), workers=1)
     done = [
-        i
-        for i in ids
-        if report.outcome(i).outcome == "done" and plan.decision(i).decision == "remove"
+        i for i in ids if report.outcome(i).status == "done" and plan.decision(i).action == "remove"
     ]
     stopped = [i for i in ids if report.outcome(i).reason == "cycle stopped before this action"]
     assert (len(done), len(stopped)) == (2, 3)
@@ -201,7 +199,7 @@ def test_container_created_on_a_multi_tag_image_leaves_every_tag_in_place(
     assert tuple(sorted(map(short, plan.decision(old).tags))) == ("app:0", "app:1")
     late_container(client, old)
     report = executor.execute(plan, engine, plan.now)
-    assert (report.outcome(old).outcome, report.outcome(old).reason) == (
+    assert (report.outcome(old).status, report.outcome(old).reason) == (
         "skipped",
         "now used by container late (created)",
     )

@@ -53,7 +53,7 @@ def deletes(engine: FakeEngine) -> list[str]:
 def test_a_single_tag_image_goes_by_id_only() -> None:
     engine = world("app:1")
     report = execute(engine, plan_of(engine))
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
     assert report.outcome(OLD).untagged == ("app:1",)
     assert deletes(engine) == [OLD]
     assert OLD not in engine.images
@@ -64,7 +64,7 @@ def test_a_multi_tag_image_loses_all_but_one_tag_by_name_then_goes_by_id() -> No
     report = execute(engine, plan_of(engine))
     # app:3, the greatest, goes with the ID (with the digest of its repository).
     assert deletes(engine) == ["app:1", "app:2", OLD]
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
     assert sorted(report.outcome(OLD).untagged) == ["app:1", "app:2", "app:3"]
 
 
@@ -84,7 +84,7 @@ def test_an_untag_the_engine_answered_but_did_not_make_is_not_reported() -> None
     report = execute(engine, plan)
     outcome = report.outcome(OLD)
     assert outcome.untagged == ("app:2",)
-    assert (outcome.outcome, outcome.code) == ("skipped", "conflict")  # two tags: refused
+    assert (outcome.status, outcome.code) == ("skipped", "conflict")  # two tags: refused
     assert sorted(engine.images[OLD].refs) == ["app:1", "app:3"]
 
 
@@ -113,7 +113,7 @@ def test_an_engine_that_loses_concurrent_untags_is_untagged_one_at_a_time(
 
     engine.delete = counted  # type: ignore[method-assign]
     report = executor.execute(plan, engine, NOW, workers=1)
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
     assert most[0] == (executor.TAG_WORKERS if concurrent else 1)
 
 
@@ -127,7 +127,7 @@ def test_a_rebuild_caught_between_the_reread_and_the_delete_is_untouched() -> No
 
     engine.before = rebuild
     report = execute(engine, plan)
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
     assert engine.refs["app:1"] == OTHER and OTHER in engine.images
     assert report.unplanned() == ()
 
@@ -139,7 +139,7 @@ def test_an_image_tagged_while_the_containerd_store_deletes_it_is_reported_kept(
     report = execute(engine, plan)
     assert sorted(engine.images[OLD].refs) == ["app:stable"]
     outcome = report.outcome(OLD)
-    assert (outcome.outcome, outcome.code) == ("skipped", "tag_changed")
+    assert (outcome.status, outcome.code) == ("skipped", "tag_changed")
     assert outcome.reason == (
         "tagged app:stable during its removal; the engine answered that it deleted the "
         "image but kept it with that tag"
@@ -248,7 +248,7 @@ def test_a_container_created_after_the_plan_skips_a_single_tag_image() -> None:
     engine.run("late", OLD)
     report = execute(engine, plan)
     outcome = report.outcome(OLD)
-    assert (outcome.outcome, outcome.code, outcome.reason) == (
+    assert (outcome.status, outcome.code, outcome.reason) == (
         "skipped",
         "in_use",
         "now used by container late (created)",
@@ -267,7 +267,7 @@ def test_a_container_created_mid_removal_leaves_a_partial_untag_reported_exactly
     engine.before = late
     report = execute(engine, plan)
     outcome = report.outcome(OLD)
-    assert (outcome.outcome, outcome.reason) == ("skipped", "now used by container late (created)")
+    assert (outcome.status, outcome.reason) == ("skipped", "now used by container late (created)")
     assert outcome.untagged == ("app:1", "app:2")
     assert sorted(engine.images[OLD].refs) == ["app:3"]
     metrics = Metrics()
@@ -280,7 +280,7 @@ def test_already_gone_is_a_skip_not_a_failure() -> None:
     plan = plan_of(engine)
     engine.delete(OLD)
     report = execute(engine, plan)
-    assert (report.outcome(OLD).outcome, report.outcome(OLD).reason) == ("skipped", "already gone")
+    assert (report.outcome(OLD).status, report.outcome(OLD).reason) == ("skipped", "already gone")
     assert report.count("failed") == 0
 
 
@@ -315,13 +315,13 @@ def test_where_the_engine_deletes_parents_under_children_gcd_checks_them_itself(
     engine.add(OTHER, parent=OLD)
     report = execute(engine, plan)
     outcome = report.outcome(OLD)
-    assert (outcome.outcome, outcome.code) == ("skipped", "child_kept")
+    assert (outcome.status, outcome.code) == ("skipped", "child_kept")
     assert outcome.reason == f"it has a child image {OTHER[7:19]} now"
     assert OLD in engine.images and deletes(engine) == []
     # Without children, the same engine deletes as before.
     engine.delete(OTHER)
     report = execute(engine, plan_of(engine))
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
 
 
 def test_where_the_engine_deletes_parents_under_children_one_image_list_is_the_reread() -> None:
@@ -336,7 +336,7 @@ def test_where_the_engine_deletes_parents_under_children_one_image_list_is_the_r
     plan = plan_of(engine)
     engine.requests.clear()
     report = execute(engine, plan)
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
     assert [r for r in engine.requests if r[1] != "events"] == [
         ("GET", f"list:{OLD}"),
         ("DELETE", OLD),
@@ -355,7 +355,7 @@ def test_where_the_engine_deletes_parents_under_children_one_image_list_is_the_r
     engine.before = retag
     report = execute(engine, plan)
     outcome = report.outcome(OLD)
-    assert (outcome.outcome, outcome.code) == ("skipped", "tag_changed")
+    assert (outcome.status, outcome.code) == ("skipped", "tag_changed")
     assert outcome.reason == "gained tag alias:1 since the plan"
     assert engine.images[OLD].refs == ["alias:1"] and deletes(engine) == []
 
@@ -367,8 +367,8 @@ def test_an_error_on_the_reread_fails_that_image_only() -> None:
     engine.add(OTHER, "lib:1")
     engine.fail[("GET", OLD)] = EngineError("the Docker engine answered: normalizing name")
     report = execute(engine, plan_of(engine, POLICY + "unmatched: expire\n"))
-    assert report.outcome(OLD).outcome == "failed"
-    assert report.outcome(OTHER).outcome == "done"
+    assert report.outcome(OLD).status == "failed"
+    assert report.outcome(OTHER).status == "done"
 
 
 def test_an_engine_error_fails_that_image_only() -> None:
@@ -377,9 +377,9 @@ def test_an_engine_error_fails_that_image_only() -> None:
     engine.add(iid("lib2"), "lib:2")
     engine.fail[("DELETE", OTHER)] = EngineError("the Docker engine answered: boom")
     report = execute(engine, plan_of(engine))
-    assert report.outcome(OTHER).outcome == "failed"
+    assert report.outcome(OTHER).status == "failed"
     assert report.outcome(OTHER).error == "the Docker engine answered: boom"
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
 
 
 def test_an_engine_lost_mid_run_stops_the_cycle() -> None:
@@ -391,11 +391,11 @@ def test_an_engine_lost_mid_run_stops_the_cycle() -> None:
     report = execute(engine, plan)
     sent = deletes(engine)
     assert sent[-1] == iid("i2")  # nothing is sent after the engine is lost
-    assert report.outcome(iid("i2")).outcome == "failed"
+    assert report.outcome(iid("i2")).status == "failed"
     assert report.outcome(iid("i2")).code == "engine_down"
     after = [i for i in (iid(f"i{n}") for n in range(1, 5)) if i not in sent]
     assert after and all(report.outcome(i).code == "engine_down" for i in after)
-    assert all(report.outcome(i).outcome == "done" for i in sent[:-1])
+    assert all(report.outcome(i).status == "done" for i in sent[:-1])
 
 
 @pytest.mark.parametrize("allowed", [1, 2, 5, 40])
@@ -423,7 +423,7 @@ def test_thousands_of_tags_go_a_few_at_a_time_and_every_one_is_reported() -> Non
     tags = [f"app:{n}" for n in range(1, 1001)]
     engine = world(*tags)
     report = execute(engine, plan_of(engine))
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
     assert sorted(report.outcome(OLD).untagged) == sorted(tags)
     # Each chunk's tags are checked against the event log once.
     assert sum(1 for _, t in engine.requests if t == "events") == -(-999 // executor.TAG_CHUNK)
@@ -450,7 +450,7 @@ def test_an_implied_parent_kept_by_the_engine_says_why_only_when_true() -> None:
     plan = plan_of(engine)
     assert plan.decision(iid("base")).implied
     report = execute(engine, plan)
-    assert report.outcome(iid("base")).outcome == "done"  # removed after its child
+    assert report.outcome(iid("base")).status == "done"  # removed after its child
     assert iid("base") not in engine.images
 
     engine = FakeEngine()
@@ -474,13 +474,13 @@ def test_a_planned_parent_pruned_with_its_child_is_removed_and_said_so() -> None
     engine.add(OLD, "app:1", parent=iid("base"))
     engine.add(NEW, "app:99999")
     plan = plan_of(engine)
-    assert plan.decision(iid("base")).decision == "remove"
+    assert plan.decision(iid("base")).action == "remove"
     report = execute(engine, plan)
     assert deletes(engine) == [OLD]
     assert report.unplanned() == ()
     assert report.outcome(OLD).error is None
     base = report.outcome(iid("base"))
-    assert (base.outcome, base.reason) == (
+    assert (base.status, base.reason) == (
         "done",
         f"the engine deleted it with its child {OLD[7:19]}",
     )
@@ -494,7 +494,7 @@ def test_an_image_gone_without_gcd_is_still_skipped_as_gone_where_parents_are_pr
     plan = plan_of(engine)
     engine.delete(OLD)  # someone else
     report = execute(engine, plan)
-    assert (report.outcome(OLD).outcome, report.outcome(OLD).code) == ("skipped", "gone")
+    assert (report.outcome(OLD).status, report.outcome(OLD).code) == ("skipped", "gone")
 
 
 def test_a_parent_the_plan_kept_is_never_pruned_with_a_child() -> None:
@@ -506,10 +506,10 @@ def test_a_parent_the_plan_kept_is_never_pruned_with_a_child() -> None:
     engine.add(NEW, "app:99999")
     engine.run("job", iid("base"))
     plan = plan_of(engine)
-    assert plan.decision(iid("base")).decision == "keep"
+    assert plan.decision(iid("base")).action == "keep"
     del engine.containers["job"]
     report = execute(engine, plan)
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
     assert iid("base") in engine.images
     assert report.unplanned() == ()
 
@@ -523,11 +523,11 @@ def test_a_child_whose_removal_would_prune_a_kept_parent_stays() -> None:
     engine.add(NEW, "app:99999")
     engine.run("job", iid("base"))
     plan = plan_of(engine)
-    assert plan.decision(iid("base")).decision == "keep"
+    assert plan.decision(iid("base")).action == "keep"
     del engine.containers["job"]
     report = execute(engine, plan)
     outcome = report.outcome(OLD)
-    assert (outcome.outcome, outcome.code, outcome.reason) == (
+    assert (outcome.status, outcome.code, outcome.reason) == (
         "skipped",
         "parent_kept",
         f"the engine would delete its untagged parent {iid('base')[7:19]} with it, which the "
@@ -544,9 +544,9 @@ def test_a_kept_parent_with_another_child_does_not_stop_a_removal() -> None:
     engine.add(OLD, "app:1", parent=iid("base"))
     engine.add(NEW, "app:99999", parent=iid("base"))
     plan = plan_of(engine)
-    assert plan.decision(iid("base")).decision == "keep"
+    assert plan.decision(iid("base")).action == "keep"
     report = execute(engine, plan)
-    assert report.outcome(OLD).outcome == "done"
+    assert report.outcome(OLD).status == "done"
     assert iid("base") in engine.images
 
 

@@ -629,7 +629,7 @@ protect:
 def test_planner(case: Case) -> None:
     plan = policy.plan(snapshot(case.images, case.containers), cfg(case.config), case.state, NOW)
     got = {name: plan.decision(iid(name)) for name in case.expect}
-    assert {n: (d.decision, list(d.reasons)) for n, d in got.items()} == case.expect
+    assert {n: (d.action, list(d.reasons)) for n, d in got.items()} == case.expect
     assert {n: list(d.untag) for n, d in got.items() if d.untag} == case.untag
     assert len(plan.decisions) == len(case.images)
 
@@ -662,7 +662,7 @@ def test_intermediates_are_implied_and_digest_holders_are_not() -> None:
     assert plan.decision(iid("mid")).implied
     assert not plan.decision(iid("leaf")).implied
     assert not plan.decision(iid("pinned")).implied  # its digest reference must be deleted
-    assert plan.decision(iid("top")).decision == "remove"
+    assert plan.decision(iid("top")).action == "remove"
 
 
 def test_plan_restores_the_cyclic_collector_and_files_its_objects_as_long_lived() -> None:
@@ -707,9 +707,9 @@ def test_a_backtracking_pattern_costs_microseconds_not_hours() -> None:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    assert plan.decision(iid("victim")).decision == "remove"
-    assert plan.decision(iid("newer")).decision == "keep"
-    assert plan.decision(iid("other")).decision == "keep"
+    assert plan.decision(iid("victim")).action == "remove"
+    assert plan.decision(iid("newer")).action == "keep"
+    assert plan.decision(iid("other")).action == "keep"
 
 
 def test_on_podman_a_policy_written_with_short_names_matches_full_ones() -> None:
@@ -727,7 +727,7 @@ def test_on_podman_a_policy_written_with_short_names_matches_full_ones() -> None
         EngineInfo("unix:///podman.sock", "5.4.2", "1.41", "podman", "overlay"), tuple(images), ()
     )
     plan = policy.plan(podman, config, state(), NOW)
-    assert plan.decision(iid("old")).decision == "remove"
+    assert plan.decision(iid("old")).action == "remove"
     assert plan.decision(iid("old")).reasons == ("r: rank 2 > keep_last 1 in group repository=app",)
     assert plan.decision(iid("demo")).reasons[0] == (
         'protect[0] ref "demo:*" matches docker.io/library/demo:1.0'
@@ -742,7 +742,7 @@ def test_on_podman_a_policy_written_with_short_names_matches_full_ones() -> None
     ]
     podman = Snapshot(podman.engine, tuple(tagged), ())
     plan = policy.plan(podman, config, state(), NOW)
-    assert [plan.decision(iid(i)).decision for i in ("tagged", "new", "old")] == [
+    assert [plan.decision(iid(i)).action for i in ("tagged", "new", "old")] == [
         "keep",
         "remove",
         "remove",
@@ -766,10 +766,10 @@ def test_on_podman_a_policy_written_with_short_names_matches_full_ones() -> None
         (),
     )
     plan = policy.plan(guarded, config, state(), NOW)
-    assert plan.decision(iid("old")).decision == "remove"
-    assert plan.decision(iid("new")).decision == "keep"
+    assert plan.decision(iid("old")).action == "remove"
+    assert plan.decision(iid("new")).action == "keep"
     # On Docker, localhost/app is another registry's repository: no match.
     docker = snapshot(images)
     plan = policy.plan(docker, config, state(), NOW)
-    assert plan.decision(iid("old")).decision == "keep"
+    assert plan.decision(iid("old")).action == "keep"
     assert docker.resolve("demo:1.0") is None

@@ -104,7 +104,7 @@ def configs(draw: st.DrawFn, guards: bool = True) -> Config:
 
 
 def verdicts(snap: Snapshot, config: Config, view: StateView) -> dict[str, str]:
-    return {d.image_id: d.decision for d in policy.plan(snap, config, view, NOW).decisions}
+    return {d.image_id: d.action for d in policy.plan(snap, config, view, NOW).decisions}
 
 
 @settings(max_examples=300, deadline=None)
@@ -134,11 +134,11 @@ def test_protected_images_are_never_removed(
     plan = policy.plan(snap, config, view, NOW)
     for d in plan.decisions:
         if d.image_id in protected:
-            assert d.decision == "keep", d
+            assert d.action == "keep", d
             assert d.protected
-        if d.decision == "keep":  # a parent of any kept image is protected too
+        if d.action == "keep":  # a parent of any kept image is protected too
             for ancestor in snap.ancestors(d.image_id):
-                assert plan.decision(ancestor).decision == "keep"
+                assert plan.decision(ancestor).action == "keep"
                 assert plan.decision(ancestor).protected
 
 
