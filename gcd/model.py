@@ -24,7 +24,7 @@ def split_ref(ref: str) -> tuple[str, str]:
     return repository, tag
 
 
-# How Podman names what Docker shows as `app:1`, `demo:1.0` and `team/app:1` (spec §8).
+# How Podman names what Docker shows as `app:1`, `demo:1.0` and `team/app:1` (docs/engines.md).
 _FULL_PREFIXES = ("localhost/", "docker.io/library/", "docker.io/")
 
 

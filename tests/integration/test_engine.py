@@ -42,7 +42,7 @@ def test_warm_snapshots_cost_three_calls_and_a_retag_one_inspect(
     _, retagged = engine.snapshot(learned)
     assert engine.calls == 3 + 1  # the one image whose tags changed, for its last tag time
     assert list(retagged) == [ids[0]]
-    # Podman records no tag time (spec §8).
+    # Podman records no tag time (docs/engines.md).
     assert (retagged[ids[0]].last_tag_time is not None) == (not podman(client))
     assert retagged[ids[0]].layers == learned[ids[0]].layers
 

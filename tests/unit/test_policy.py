@@ -1,4 +1,5 @@
-"""The planner, table-driven over spec section 4: each row a snapshot, a config, the verdicts."""
+"""The planner, table-driven over "How gcd decides" (docs/configuration.md): each row a
+snapshot, a config, the verdicts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The properties spec.md section 4 requires of the planner, checked with hypothesis."""
+"""The properties "How gcd decides" (docs/configuration.md) requires of the planner, checked
+with hypothesis."""
 
 from __future__ import annotations
 
