@@ -14,6 +14,7 @@ import docker
 import pytest
 
 from gcd import __version__
+from gcd.model import short_id
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
 from tests.integration.conftest import (
@@ -59,8 +60,8 @@ def test_plan_and_dry_run_change_nothing_and_print_a_table(
         assert result.stdout == (
             f"engine: {engine_line(client, gcd.url)}\n"
             "IMAGE         TAGS   DECISION  SIZE   REASON\n"
-            f"{old[7:19]}  app:1  remove    {size}  ci: rank 2 > keep_last 1 in group repository=app\n"
-            f"{new[7:19]}  app:2  keep      {size}  ci: rank 1 <= keep_last 1 in group repository=app\n"
+            f"{short_id(old)}  app:1  remove    {size}  ci: rank 2 > keep_last 1 in group repository=app\n"
+            f"{short_id(new)}  app:2  keep      {size}  ci: rank 1 <= keep_last 1 in group repository=app\n"
             "\n"
             "plan: 2 images, 1 to remove, 0 tags to untag, 1 kept; 2.0MB reclaimable (dry run: nothing removed)\n"
         )
@@ -101,13 +102,13 @@ def test_run_prints_outcomes_and_a_summary(gcd: Gcd, client: docker.APIClient) -
     assert lines[1] == "IMAGE         TAGS   DECISION  OUTCOME  SIZE   REASON"
     assert (
         lines[2]
-        == f"{old[7:19]}  app:1  remove    done     {size}  ci: rank 2 > keep_last 1 in group repository=app"
+        == f"{short_id(old)}  app:1  remove    done     {size}  ci: rank 2 > keep_last 1 in group repository=app"
     )
     assert lines[-1] == (
         "run: 2 images, 1 to remove, 0 tags to untag, 1 kept; removed 1, skipped 0, failed 0; "
         "reclaimed 2.0MB of 2.0MB planned"
     )
-    assert f"INFO removed {old[7:19]} app:1" in result.stderr
+    assert f"INFO removed {short_id(old)} app:1" in result.stderr
     assert ids_now(client) == {new}
 
 
@@ -190,7 +191,7 @@ def test_unwritable_state_dir_stops_a_run_before_anything_is_removed(
 def test_explain_names_every_reason(gcd: Gcd, client: docker.APIClient) -> None:
     old, _ = two_builds(client)
     size = size_cell(client, old)
-    result = gcd("explain", "--config", str(gcd.config(POLICY)), "app:1", old[7:19])
+    result = gcd("explain", "--config", str(gcd.config(POLICY)), "app:1", short_id(old))
     assert result.returncode == 0, result.stderr
     block = (
         f"{old}\n"
@@ -201,7 +202,7 @@ def test_explain_names_every_reason(gcd: Gcd, client: docker.APIClient) -> None:
         "  reasons:\n"
         "    - ci: rank 2 > keep_last 1 in group repository=app\n"
     )
-    assert result.stdout == f"app:1: {block}{old[7:19]}: {block}"
+    assert result.stdout == f"app:1: {block}{short_id(old)}: {block}"
     missing = gcd("explain", "--config", str(gcd.config(POLICY)), "nope:1")
     assert missing.returncode == 2
     assert missing.stderr.endswith(f"gcd: no image matches nope:1 in the engine at {gcd.url}\n")

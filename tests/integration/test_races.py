@@ -10,7 +10,7 @@ import docker
 from gcd import config as gcd_config
 from gcd import cycle, executor
 from gcd.engine import DockerEngine
-from gcd.model import Plan
+from gcd.model import Plan, short_id
 from gcd.state import Store
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
@@ -151,7 +151,7 @@ def test_a_parent_kept_for_a_container_gone_since_the_plan_outlives_its_child(
         assert (outcome.status, outcome.code, outcome.reason) == (
             "skipped",
             "parent_kept",
-            f"the engine would delete its untagged parent {parent[7:19]} with it, which the "
+            f"the engine would delete its untagged parent {short_id(parent)} with it, which the "
             "plan keeps",
         )
         assert old in ids_now(client)

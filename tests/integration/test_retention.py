@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import docker
 import pytest
 
+from gcd.model import short_id
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
 from tests.integration.conftest import Gcd, ids_now, store_bytes, tags_now
@@ -194,7 +195,7 @@ rules:
     assert by_id[parent]["decision"] == "keep"
     assert (
         by_id[parent]["reasons"][0]
-        == f"parent of in-use image {running_image[7:19]} (container running)"
+        == f"parent of in-use image {short_id(running_image)} (container running)"
     )
     assert {stopped_image, running_image, parent} <= ids_now(client)
     assert sorted(tags_now(client)) == ["tool:1", "tool:2", "tool:3"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import docker
 
+from gcd.model import short_id
 from tests.images import legacy_build
 from tests.integration.conftest import Gcd, full_id, ids_now, tags_now
 
@@ -46,11 +47,11 @@ def test_seed_story_end_to_end(gcd: Gcd, client: docker.APIClient) -> None:
     assert "builds: rank 1 <= keep_last 1 in group repository=demo" in decisions[v3]["reasons"]
     assert "no rule matches demo:latest (unmatched: keep)" in decisions[v3]["reasons"]
     assert decisions[copy_busybox]["decision"] == "keep"
-    assert f"parent of kept image {own_parent[v3][7:19]}" in decisions[copy_busybox]["reasons"]
+    assert f"parent of kept image {short_id(own_parent[v3])}" in decisions[copy_busybox]["reasons"]
     for v in (v1, v2):
         assert decisions[own_parent[v]]["decision"] == "remove"
         assert decisions[own_parent[v]]["reasons"] == [
-            f"intermediate: goes with its last child {v[7:19]}"
+            f"intermediate: goes with its last child {short_id(v)}"
         ]
     assert plan["summary"]["remove"] == 4
     assert plan["summary"]["reclaimable_bytes"] > 0
