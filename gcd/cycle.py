@@ -19,6 +19,8 @@ STATE_PROBLEM_EFFECT = (
 )
 # How long a removing cycle waits for another one (daemon or shell) to finish.
 LOCK_WAIT = 60.0
+# A reload's comparison of the old and new plans only informs: it waits less.
+COMPARE_LOCK_WAIT = 5.0
 
 
 def utcnow() -> datetime:
@@ -68,9 +70,20 @@ class PlanChange:
     removals: int
 
 
-def compare(old: Config, new: Config, engine: Engine, store: Store, now: datetime) -> PlanChange:
-    snapshot, learned = engine.snapshot(store.facts())
-    state = store.observe(snapshot, learned, now)
+def compare(
+    old: Config,
+    new: Config,
+    engine: Engine,
+    store: Store,
+    now: datetime,
+    lock_wait: float = COMPARE_LOCK_WAIT,
+) -> PlanChange:
+    """Plan the same snapshot under both configurations (a reload says what changes). It
+    records what it sees, as a cycle does, so it takes the cycle lock: a `gcd run` from a
+    shell may hold it for long, and then the comparison is skipped (LockBusy)."""
+    with store.lock(lock_wait):
+        snapshot, learned = engine.snapshot(store.facts())
+        state = store.observe(snapshot, learned, now)
     before = {d.image_id for d in policy.plan(snapshot, old, state, now).removals()}
     after = {d.image_id for d in policy.plan(snapshot, new, state, now).removals()}
     return PlanChange(len(after - before), len(before - after), len(after))

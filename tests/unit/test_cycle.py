@@ -1,0 +1,49 @@
+"""cycle.py: what a reload's comparison of two configurations does with the state store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gcd import cycle
+from gcd.errors import LockBusy
+from gcd.state import Store
+from tests.unit.fakeengine import FakeEngine
+from tests.unit.snapshots import NOW, cfg, iid
+
+KEEP_ONE = (
+    "rules:\n  - {name: ci, match: {tag: '(?P<n>\\d+)'}, order_by: numeric(n), keep_last: 1}\n"
+)
+KEEP_TWO = KEEP_ONE.replace("keep_last: 1", "keep_last: 2")
+OLD = "safety: {min_age: 0s, max_removal_fraction: 1.0, keep_one_per_repository: false}\n"
+
+
+def engine() -> FakeEngine:
+    fake = FakeEngine()
+    for n in (1, 2, 3):
+        fake.add(iid(f"app{n}"), f"app:{n}")
+    return fake
+
+
+def test_a_reload_compares_the_old_and_new_plans_on_one_snapshot(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    change = cycle.compare(cfg(OLD + KEEP_ONE), cfg(OLD + KEEP_TWO), engine(), store, NOW)
+    assert (change.newly_removed, change.newly_kept, change.removals) == (0, 1, 1)
+    store.close()
+
+
+def test_a_reload_does_not_record_while_another_cycle_holds_the_lock(tmp_path: Path) -> None:
+    # A `gcd run` from a shell holds the cycle lock: the daemon's comparison records nothing
+    # behind its back (it would write the state store under a running cycle), and says so.
+    holder, store = Store(str(tmp_path)), Store(str(tmp_path))
+    with holder.lock(0), pytest.raises(LockBusy, match="another gcd cycle holds"):
+        cycle.compare(cfg(KEEP_ONE), cfg(KEEP_TWO), engine(), store, NOW, lock_wait=0.05)
+    holder.close()
+    store.close()
+    assert Store(str(tmp_path)).new  # no cycle recorded
+    # Without the other cycle, the same comparison records what it saw, as a cycle does.
+    store = Store(str(tmp_path))
+    cycle.compare(cfg(KEEP_ONE), cfg(KEEP_TWO), engine(), store, NOW)
+    store.close()
+    assert not Store(str(tmp_path)).new
