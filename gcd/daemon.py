@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sdnotify import SystemdNotifier
@@ -109,7 +109,9 @@ class Daemon:
         self.polls = 0
         self._progress_marker: tuple[int, int] = (0, 0)
         self._progress_at = time.monotonic()
-        self.scheduler = BackgroundScheduler(
+        # A BlockingScheduler on a thread of gcd's own: the watchdog asks that thread
+        # whether it lives (a BackgroundScheduler keeps its thread private).
+        self.scheduler = BlockingScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(1)},
             job_defaults={
@@ -117,6 +119,9 @@ class Daemon:
                 "max_instances": 1,
                 "misfire_grace_time": None,  # a late cycle is still worth running
             },
+        )
+        self.scheduler_thread = threading.Thread(
+            target=self.scheduler.start, name="scheduler", daemon=True
         )
 
     # --- life cycle --------------------------------------------------------------------------
@@ -138,14 +143,18 @@ class Daemon:
             next_run_time=None if self.stopping.is_set() else datetime.now(UTC),
         )
         log.info("gcd daemon started: %s, engine %s", self._schedule_text(), self.engine.url)
-        self.scheduler.start()
+        self.scheduler_thread.start()
+        while not self.scheduler.running and self.scheduler_thread.is_alive():
+            time.sleep(0.001)  # until it can be shut down: a SIGTERM may come at once
         self._notify("READY=1", f"STATUS=started; first cycle now, then {self._schedule_text()}")
         try:
             self._main_loop()
         finally:
             self._notify("STOPPING=1", "STATUS=stopping")
             log.info("stopping: waiting for the current cycle to stop between two removals")
-            self.scheduler.shutdown(wait=True)
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=True)
+            self.scheduler_thread.join()
             if self.server is not None:
                 self.server.close()
             self.engine.close()
@@ -205,8 +214,7 @@ class Daemon:
     def _healthy(self) -> bool:
         """The scheduler thread runs, and a running cycle made progress within the watchdog
         time (an engine call or a step between removals)."""
-        thread = getattr(self.scheduler, "_thread", None)
-        if not self.scheduler.running or thread is None or not thread.is_alive():
+        if not self.scheduler.running or not self.scheduler_thread.is_alive():
             return False
         marker = (self.engine.calls, self.polls)
         now = time.monotonic()
