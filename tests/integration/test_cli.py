@@ -156,8 +156,8 @@ def test_unreachable_engine_exits_3_naming_the_address(gcd: Gcd, tmp_path) -> No
 
 
 def test_engine_address_comes_from_docker_host_when_the_config_has_none(
-    gcd: Gcd, client: docker.APIClient, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    gcd: Gcd, client: docker.APIClient, tmp_path: Path
+) -> None:
     two_builds(client)
     config = tmp_path / "c.yaml"
     config.write_text(f"version: 1\nstate_dir: {tmp_path}/state\n")
@@ -167,8 +167,8 @@ def test_engine_address_comes_from_docker_host_when_the_config_has_none(
 
 
 def test_unwritable_state_dir_stops_a_run_before_anything_is_removed(
-    gcd: Gcd, client: docker.APIClient, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    gcd: Gcd, client: docker.APIClient, tmp_path: Path
+) -> None:
     two_builds(client)
     before = ids_now(client)
     blocker = tmp_path / "file"
@@ -214,8 +214,8 @@ def test_version_and_module_entry_point(gcd: Gcd) -> None:
 
 
 def test_run_writes_the_metrics_textfile_atomically(
-    gcd: Gcd, client: docker.APIClient, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    gcd: Gcd, client: docker.APIClient, tmp_path: Path
+) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     from tests.integration.test_daemon import promtool
@@ -253,8 +253,8 @@ def test_run_writes_the_metrics_textfile_atomically(
 
 
 def test_logs_under_journald_carry_priorities_instead_of_timestamps(
-    gcd: Gcd, client: docker.APIClient, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    gcd: Gcd, client: docker.APIClient, tmp_path: Path
+) -> None:
     two_builds(client)
     log = tmp_path / "journal.log"
     with open(log, "w") as stderr:
@@ -307,8 +307,8 @@ def json_run(config: Path, stderr: IO[str]) -> subprocess.Popen[str]:
 
 
 def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
-    gcd: Gcd, client: docker.APIClient, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    gcd: Gcd, client: docker.APIClient, tmp_path: Path
+) -> None:
     import signal
     import time
 
@@ -341,8 +341,8 @@ def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
 
 
 def test_sigterm_while_an_image_loses_thousands_of_tags_stops_within_a_request(
-    gcd: Gcd, client: docker.APIClient, dockerd: PrivateEngine, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    gcd: Gcd, client: docker.APIClient, dockerd: PrivateEngine, tmp_path: Path
+) -> None:
     import signal
     import time
 

@@ -115,7 +115,7 @@ class Daemon:
 
     def scrape(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-            return response.read().decode()
+            return str(response.read().decode())
 
     def value(self, name: str, **labels: str) -> float:
         for family in text_string_to_metric_families(self.scrape()):

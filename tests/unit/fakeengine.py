@@ -248,7 +248,7 @@ class FakeEngine:
     def _ancestry(self, image_id: str) -> list[str]:
         out = [image_id]
         while (parent := self.images[out[-1]].parent) in self.images:
-            out.append(parent)  # type: ignore[arg-type]
+            out.append(parent)
         return out
 
     def _children(self, image_id: str) -> list[str]:

@@ -120,7 +120,7 @@ def test_the_textfile_is_readable_by_node_exporter_whatever_the_umask(tmp_path) 
 
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
+        return str(response.read().decode())
 
 
 def test_connections_to_metrics_are_bounded() -> None:

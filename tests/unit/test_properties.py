@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import random
 from datetime import timedelta
 
 from hypothesis import given, settings
@@ -159,8 +160,8 @@ def test_rule_order_changes_nothing(world: tuple[Snapshot, StateView], config: C
 @settings(max_examples=300, deadline=None)
 @given(worlds(), configs(), st.randoms(use_true_random=False))
 def test_the_order_the_engine_lists_images_in_changes_nothing(
-    world: tuple[Snapshot, StateView], config: Config, rnd
-) -> None:  # type: ignore[no-untyped-def]
+    world: tuple[Snapshot, StateView], config: Config, rnd: random.Random
+) -> None:
     snap, view = world
     shuffled = list(snap.images)
     rnd.shuffle(shuffled)
