@@ -274,10 +274,14 @@ def test_released_rows_are_read_back_on_the_next_use(tmp_path: Path) -> None:
     store.observe(snapshot([image("x", ["a:1"])]), {iid("x"): facts}, NOW)
     store.observe(snapshot([image("x", ["a:1"]), image("y")]), {}, LATER)
     store.release()
-    assert store._rows == {}
+    # Read back from the file, not kept: what another process recorded meanwhile shows.
+    later, last = LATER + timedelta(hours=1), LATER + timedelta(hours=2)
+    other = Store(str(tmp_path))
+    other.observe(snapshot([image("x", ["a:1"]), image("y"), image("z")]), {}, later)
+    other.close()
     assert store.facts() == {iid("x"): facts}
-    view = store.observe(snapshot([image("x", ["a:1"]), image("y")]), {}, LATER)
-    assert view.first_seen == {iid("y"): LATER}
+    view = store.observe(snapshot([image("x", ["a:1"]), image("y"), image("z")]), {}, last)
+    assert view.first_seen == {iid("y"): LATER, iid("z"): later}
 
 
 def test_a_store_whose_first_cycle_never_came_is_still_new_not_lost(tmp_path: Path) -> None:
