@@ -488,8 +488,10 @@ def run(
                 "unable to find image",
                 "failed to get digest",
                 "No such image",
-                # The containerd store: the previous step's snapshot went with its image.
+                # The containerd store: the previous step's snapshot went with its image, or
+                # a COPY step found that image gone (moby's performCopy).
                 "parent snapshot",
+                "failed to get destination image",
                 # Podman: the previous step's image, or an image its cache lookup was reading.
                 "image not known",
                 "layer not known",
