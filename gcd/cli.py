@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", metavar="PATH")
     p = sub.add_parser("daemon", help="run cycles on the configured schedule (systemd Type=notify)")
     with_config(p)
+    sub.add_parser("schema", help="print the configuration's JSON Schema (for editors and CI)")
     return parser
 
 
@@ -72,6 +73,8 @@ def _main(argv: Sequence[str] | None, held: Held) -> int:
         held.release()  # read-only commands: signals as Python handles them
         if args.command == "check-config":
             return commands.check_config(args.path)
+        if args.command == "schema":
+            return commands.schema()
         cfg = commands.load(args.config)
         if args.command == "explain":
             return commands.explain(cfg, args.refs)

@@ -30,6 +30,14 @@ def check_config(path: str | None) -> int:
     return 0
 
 
+def schema() -> int:
+    """The configuration's JSON Schema, from the options' declarations (config.schema)."""
+    import json
+
+    print(json.dumps(config.schema(), indent=2))
+    return 0
+
+
 def load(path: str | None) -> config.Config:
     """The configuration a command runs with; its warnings are logged."""
     cfg = config.load(path)

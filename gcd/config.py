@@ -1,11 +1,17 @@
-"""YAML -> validated Config. Every problem names file, line and key path; all are reported."""
+"""YAML -> validated Config. Every problem names file, line and key path; all are reported.
+
+Each option is declared once, on its section's dataclass (gcd/options.py): its default, its
+kind, and the words docs/configuration.md shows. The reading below is generic; what is
+particular to one option (an engine address, a crontab line, a rule's groups) is a kind or a
+section check of its own here.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Literal
@@ -13,9 +19,25 @@ from typing import Any, Literal
 import yaml
 
 from gcd.errors import ConfigError
-from gcd.patterns import ANY, Pattern, PatternError
+from gcd.options import (
+    Boolean,
+    Choice,
+    Duration,
+    Fraction,
+    Integer,
+    Reader,
+    Regex,
+    Section,
+    Text,
+    cut,
+    declared,
+    option,
+    rows,
+    table,
+)
+from gcd.patterns import ANY, Pattern
 from gcd.transport import SSH_HELP, Tls
-from gcd.units import format_duration, parse_duration
+from gcd.units import format_duration
 
 DEFAULT_PATH = "/etc/gcd/config.yaml"
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
@@ -23,21 +45,168 @@ DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 MAX_FILE_BYTES = 1_000_000
 MAX_DEPTH = 64
 MAX_VALUES = 10_000  # values, aliases expanded
-MAX_DURATION = timedelta(days=3650)  # ten years: a schedule or an age longer means a typo
-_STANDARD = "tag:yaml.org,2002:"
 # libyaml's loader where it is installed (ten times faster), with the same line numbers.
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # A safety.min_age below this draws a warning: a legacy build's newest layer image is
 # untagged, childless and unused for a moment between two steps, and only its age protects
 # it; ten minutes also cover a slow engine committing a large layer.
 MIN_AGE_FLOOR = timedelta(minutes=10)
-# Said after RE2's own words when it refuses a pattern (docs/configuration.md, Patterns).
-RE2_SYNTAX = "patterns use RE2 syntax: no backreferences or lookaround"
 ORDER_KINDS = ("semver", "numeric", "natural", "created", "tagged", "first_seen", "last_used")
 _ORDER_WITH_GROUP = ("semver", "numeric")
+_ORDER_USAGE = (
+    "semver(group) | numeric(group) | natural | created | tagged | first_seen | last_used"
+)
 _ORDER = re.compile(r"(?P<kind>[a-z_]+)(?:\((?P<group>[A-Za-z_][A-Za-z0-9_]*)\))?")
 _LISTEN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\s]*):(?P<port>\d{1,5})")
 _IMAGE_ID = re.compile(r"(?:sha256:)?[0-9a-f]{4,64}")
+_RULE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_ENGINE_SCHEME = re.compile(r"(unix|tcp|http|https|ssh|npipe)://")
+
+
+# --- kinds particular to one option ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Version:
+    def read(self, r: Reader, node: yaml.Node, path: str) -> int | None:
+        value = r.typed(node, path, ("int",), "1")
+        if value not in (1, None):
+            r.problem(node, path, f"unsupported version {node.value}; this gcd reads version 1")
+        return 1 if value == 1 else None
+
+    def schema(self) -> dict[str, Any]:
+        return {"const": 1}
+
+
+@dataclass(frozen=True)
+class _EngineUrl:
+    def read(self, r: Reader, node: yaml.Node, path: str) -> str | None:
+        url = r.string(node, path, nullable=True)
+        if url is not None and not _ENGINE_SCHEME.match(url):
+            r.problem(
+                node, path, f"expected unix://, tcp:// or ssh:// address, got {json.dumps(url)}"
+            )
+        if url is not None and url.startswith("ssh://") and not _ssh_installed():
+            r.problem(node, path, SSH_HELP)
+        return url
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": ["string", "null"], "pattern": "^(unix|tcp|http|https|ssh|npipe)://"}
+
+
+@dataclass(frozen=True)
+class _Cron:
+    def read(self, r: Reader, node: yaml.Node, path: str) -> str | None:
+        cron = r.string(node, path)
+        if cron is None:
+            return None
+        from apscheduler.triggers.cron import CronTrigger  # only a cron line needs it
+
+        try:
+            CronTrigger.from_crontab(cron, timezone="UTC")
+        except ValueError as e:
+            r.problem(node, path, f"invalid crontab line {json.dumps(cron)}: {e}")
+        return cron
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string"}
+
+
+@dataclass(frozen=True)
+class _Listen:
+    def read(self, r: Reader, node: yaml.Node, path: str) -> str | None:
+        value = r.string(node, path)
+        if value is None:
+            return None
+        match = _LISTEN.fullmatch(value)
+        if value and (match is None or not 0 < int(match["port"]) < 65536):
+            r.problem(
+                node,
+                path,
+                f'expected host:port such as 127.0.0.1:9782, or "" to disable, got {json.dumps(value)}',
+            )
+            return None
+        if match is not None and match["host"].strip("[]") in ("", "0.0.0.0", "::"):
+            r.warning(
+                node,
+                path,
+                f"{json.dumps(value)} serves /metrics on every interface, to other hosts too; "
+                "name an address (127.0.0.1:9782) unless that is meant",
+            )
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": r"^$|^(\[[0-9A-Fa-f:.]+\]|[^:\s]*):[0-9]{1,5}$"}
+
+
+@dataclass(frozen=True)
+class _List:
+    """A list of values of one kind (group_by: names of groups, checked by the rule)."""
+
+    item: Any
+
+    def read(self, r: Reader, node: yaml.Node, path: str) -> tuple[Any, ...] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            r.problem(node, path, f"expected a list such as [repository], got {r.describe(node)}")
+            return None
+        values = (self.item.read(r, item, f"{path}[{j}]") for j, item in enumerate(node.value))
+        return tuple(v for v in values if v is not None)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "array", "items": self.item.schema()}
+
+
+@dataclass(frozen=True, slots=True)
+class OrderBy:
+    kind: str
+    group: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.group})" if self.group else self.kind
+
+
+@dataclass(frozen=True)
+class _OrderBy:
+    """`order_by`: its form; whether the group exists is the rule's check."""
+
+    def read(self, r: Reader, node: yaml.Node, path: str) -> OrderBy | None:
+        text = r.string(node, path)
+        if text is None:
+            return None
+        m = _ORDER.fullmatch(text.replace(" ", ""))
+        if m is None or m["kind"] not in ORDER_KINDS:
+            r.problem(node, path, f"expected {_ORDER_USAGE}, got {json.dumps(text)}")
+            return None
+        kind, group = m["kind"], m["group"]
+        if kind in _ORDER_WITH_GROUP and group is None:
+            r.problem(node, path, f"{kind} needs a named group of match.tag, e.g. {kind}(version)")
+            return None
+        if kind not in _ORDER_WITH_GROUP and group is not None:
+            r.problem(node, path, f"{kind} takes no group, got {json.dumps(text)}")
+            return None
+        return OrderBy(kind, group)
+
+    def schema(self) -> dict[str, Any]:
+        kinds = "|".join(k for k in ORDER_KINDS if k not in _ORDER_WITH_GROUP)
+        with_group = "|".join(_ORDER_WITH_GROUP)
+        pattern = rf"^\s*(({kinds})|({with_group})\s*\(\s*[A-Za-z_][A-Za-z0-9_]*\s*\))\s*$"
+        return {"type": "string", "pattern": pattern}
+
+
+@dataclass(frozen=True)
+class _RuleName:
+    def read(self, r: Reader, node: yaml.Node, path: str) -> str | None:
+        name = r.string(node, path)
+        if name is not None and not _RULE_NAME.fullmatch(name):
+            r.problem(node, path, f"expected letters, digits, _ . or -, got {json.dumps(name)}")
+            return None
+        return name
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"}
+
+
+# --- the sections ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,35 +214,126 @@ class TlsConfig:
     """`engine.tls`: for tcp://, in the docker CLI's terms (DOCKER_CERT_PATH and
     DOCKER_TLS_VERIFY, which apply when it is not set)."""
 
-    cert_path: str | None = None  # ca.pem, cert.pem and key.pem; else $DOCKER_CERT_PATH
-    verify: bool = True
+    cert_path: str | None = option(
+        None,
+        Text(nullable=True),
+        "`$DOCKER_CERT_PATH`, else `~/.docker`",
+        "The folder of `ca.pem`, `cert.pem` and `key.pem`.",
+    )
+    verify: bool = option(
+        True,
+        Boolean(),
+        "`true`",
+        "Check the engine's certificate against `ca.pem` and its name or IP address. `false` "
+        "still encrypts and still sends gcd's certificate, but trusts any engine: only for a "
+        "test bench.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    url: str | None = None
-    timeout: timedelta = timedelta(seconds=60)
-    tls: TlsConfig | None = None
+    url: str | None = option(
+        None,
+        _EngineUrl(),
+        "`$DOCKER_HOST`, else `unix:///var/run/docker.sock`",
+        "Engine API address: `unix:///path`, `tcp://host:port` (TLS below) or `ssh://user@host` "
+        "(below).",
+    )
+    timeout: timedelta = option(
+        timedelta(seconds=60),
+        Duration(positive=True),
+        "`60s`",
+        "Time limit for each API call. An engine that hangs fails the cycle instead of stalling "
+        "it.",
+    )
+    tls: TlsConfig | None = option(
+        None,
+        Section(TlsConfig, nullable=True),
+        "`null`: `DOCKER_TLS_VERIFY` and `DOCKER_CERT_PATH`",
+        "TLS for a `tcp://` engine (below).",
+    )
+
+
+def _one_schedule(r: Reader, found: dict[str, yaml.Node], values: dict[str, Any]) -> None:
+    if "every" in found and "cron" in found:
+        r.problem(found["cron"], "schedule", "set one of every or cron, not both")
+    if "cron" in found:
+        values["every"] = None
 
 
 @dataclass(frozen=True, slots=True)
 class ScheduleConfig:
-    every: timedelta | None = timedelta(minutes=15)
-    cron: str | None = None
+    every: timedelta | None = option(
+        timedelta(minutes=15), Duration(positive=True), "`15m`", "Run a cycle this often."
+    )
+    cron: str | None = option(
+        None, _Cron(), "none", 'A crontab line (`"*/15 * * * *"`), evaluated in UTC.'
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    listen: str = "127.0.0.1:9782"
-    textfile: str | None = None
+    listen: str = option(
+        "127.0.0.1:9782",
+        _Listen(),
+        "`127.0.0.1:9782`",
+        "Daemon: serve `/metrics` at this `host:port` (`[::1]:9782` for IPv6; `:9782`, "
+        "`0.0.0.0:9782` or `[::]:9782` mean every interface, and draw a warning: other hosts can "
+        'read it then); `""` disables.',
+    )
+    textfile: str | None = option(
+        None,
+        Text(nullable=True),
+        "`null`",
+        "`gcd run`: also write metrics to this file for node_exporter's textfile collector "
+        "(atomically, mode `0644` whatever the umask, so node_exporter can read it; the "
+        "directory must exist).",
+    )
+
+
+def _min_age_floor(r: Reader, found: dict[str, yaml.Node], values: dict[str, Any]) -> None:
+    if "min_age" in values and values["min_age"] < MIN_AGE_FLOOR:
+        r.warning(
+            found["min_age"],
+            "safety.min_age",
+            f"{format_duration(values['min_age'])} is below {format_duration(MIN_AGE_FLOOR)}: "
+            "between two steps of a legacy build its newest layer image is untagged and "
+            "unused, and only its age protects it (a build fails when gcd removes it); "
+            "backdate test images instead of lowering min_age",
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class SafetyConfig:
-    min_age: timedelta = timedelta(hours=1)
-    max_removals_per_run: int = 500
-    max_removal_fraction: float = 0.5
-    keep_one_per_repository: bool = True
+    min_age: timedelta = option(
+        timedelta(hours=1),
+        Duration(),
+        "`1h`",
+        "Nothing younger is ever removed or untagged. Age is defined below. Below `10m`, "
+        "`check-config`, `gcd run` and the daemon warn (see below).",
+    )
+    max_removals_per_run: int = option(
+        500,
+        Integer(1),
+        "`500`",
+        "At most this many images are removed in one cycle; the oldest go first. Untagged "
+        "parents removed right after their last child (intermediates) do not count.",
+    )
+    max_removal_fraction: float = option(
+        0.5,
+        Fraction(),
+        "`0.5`",
+        "Per repository: if the plan would remove more than this share of the repository's "
+        "tagged images, none of that repository's images are removed in this cycle. `1.0` "
+        "disables the guard.",
+    )
+    keep_one_per_repository: bool = option(
+        True,
+        Boolean(),
+        "`true`",
+        "Never remove the last tagged image of a repository: the newest one (by creation time) "
+        "is kept.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +346,88 @@ class Protect:
     regex: Pattern | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class OrderBy:
-    kind: str
-    group: str | None = None
+@dataclass(frozen=True)
+class _ProtectEntry:
+    """The keys of a `protect` entry (exactly one of them), for reading and for the docs."""
 
-    def __str__(self) -> str:
-        return f"{self.kind}({self.group})" if self.group else self.kind
+    ref: str | None = option(
+        None,
+        Text(),
+        '`ref: "registry.example.com/base/*"`',
+        "a glob (`*`, `?`, `[...]`) on any of the image's `repository:tag` references",
+    )
+    tag: Pattern | None = option(
+        None,
+        Regex(),
+        '`tag: "(stable\\|testing\\|latest)"`',
+        "a regular expression that fully matches the tag part of any reference",
+    )
+    label: str | None = option(
+        None,
+        Text(),
+        '`label: "org.example.keep=true"`',
+        "an image label: `key` (any value) or `key=value`",
+    )
+    id: str | None = option(
+        None,
+        Text(),
+        '`id: "sha256:9f2c0e1d"`',
+        "the image ID or a prefix of it (at least 4 hex digits; an ambiguous prefix protects "
+        "every image it matches)",
+    )
+
+
+@dataclass(frozen=True)
+class _ProtectList:
+    def read(self, r: Reader, node: yaml.Node, path: str) -> tuple[Protect, ...] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            r.problem(node, path, f"expected a list, got {r.describe(node)}")
+            return None
+        kinds = tuple(f.name for f in declared(_ProtectEntry))
+        entries = []
+        for i, item in enumerate(node.value):
+            at = f"{path}[{i}]"
+            found = r.mapping(item, at, kinds)
+            if found is None:
+                continue
+            if len(found) != 1:
+                r.problem(item, at, "expected exactly one of ref, tag, label, id")
+                continue
+            ((kind, value_node),) = found.items()
+            value = r.string(value_node, f"{at}.{kind}")
+            if value is None:
+                continue
+            regex = None
+            if kind == "tag":
+                regex = r.regex(value_node, f"{at}.tag")
+                if regex is None:
+                    continue
+            if kind == "id" and not _IMAGE_ID.fullmatch(value):
+                r.problem(
+                    value_node,
+                    f"{at}.id",
+                    f"expected an image ID or a prefix of at least 4 hex digits, got {json.dumps(value)}",
+                )
+                continue
+            if kind == "label" and not value.partition("=")[0]:
+                r.problem(
+                    value_node, f"{at}.label", f"expected key or key=value, got {json.dumps(value)}"
+                )
+                continue
+            entries.append(Protect(i, kind, value, regex))  # type: ignore[arg-type]
+        return tuple(entries)
+
+    def schema(self) -> dict[str, Any]:
+        one_of = [
+            {
+                "type": "object",
+                "properties": {f.name: {"description": f.option.meaning, **f.option.kind.schema()}},
+                "required": [f.name],
+                "additionalProperties": False,
+            }
+            for f in declared(_ProtectEntry)
+        ]
+        return {"type": "array", "items": {"oneOf": one_of}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,25 +442,216 @@ class Rule:
     keep_within: timedelta | None = None
 
 
+@dataclass(frozen=True)
+class _Match:
+    repository: Pattern = option(
+        ANY,
+        Regex(),
+        '`".*"`',
+        "Regex, full match on the repository (`registry.example.com/team/app`).",
+    )
+    tag: Pattern = option(
+        ANY,
+        Regex(),
+        '`".*"`',
+        "Regex, full match on the tag. Named groups (`(?P<version>...)`) can be used by "
+        "`group_by` and `order_by`.",
+    )
+    exclude_tag: Pattern | None = option(
+        None,
+        Regex(nullable=True),
+        "none",
+        "Regex; tags it fully matches are not matched by this rule.",
+    )
+
+
+def _rule_groups(r: Reader, found: dict[str, yaml.Node], values: dict[str, Any]) -> None:
+    """group_by and order_by name groups of match.tag (those that exist)."""
+    match = values.get("match")
+    groups = set(match.tag.groupindex) if match is not None else set()
+    if "group_by" in values:
+        known = ", ".join(["repository", *sorted(groups)])
+        kept = []
+        for j, item in enumerate(found["group_by"].value):
+            name = item.value if isinstance(item, yaml.ScalarNode) else None
+            if name not in values["group_by"]:
+                continue  # not a string: said
+            if name != "repository" and name not in groups:
+                r.problem(
+                    item,
+                    f"{_RULE_AT}.group_by[{j}]",
+                    f"unknown group {json.dumps(name)}; match.tag has no group of that name (expected one of: {known})",
+                )
+                continue
+            kept.append(name)
+        values["group_by"] = tuple(kept)
+    order = values.get("order_by")
+    if order is not None and order.group is not None and order.group not in groups:
+        r.problem(
+            found["order_by"],
+            f"{_RULE_AT}.order_by",
+            f"unknown group {json.dumps(order.group)}; match.tag has no group of that name",
+        )
+        del values["order_by"]
+
+
+_RULE_AT = "{rule}"  # replaced by the rule's path (rules[i]) in its messages
+
+
+@dataclass(frozen=True)
+class _RuleKeys:
+    """A rule as written (`match` nested); `_RuleList` makes the `Rule` of it."""
+
+    name: str | None = option(
+        None,
+        _RuleName(),
+        "required",
+        "Unique; names the rule in reasons and metrics. Letters, digits, `_ . -`.",
+        required="required",
+    )
+    match: _Match = option(_Match(), Section(_Match), "", "Which tags the rule looks at (below).")
+    group_by: tuple[str, ...] = option(
+        ("repository",),
+        _List(Text()),
+        "`[repository]`",
+        "Ranking is done separately in each group: `repository` and/or named groups of "
+        "`match.tag`. `[]` ranks all matched tags together.",
+    )
+    order_by: OrderBy = option(
+        OrderBy("created"),
+        _OrderBy(),
+        "`created`",
+        "How images in a group are ranked, newest first (below).",
+    )
+    keep_last: int | None = option(
+        None,
+        Integer(1),
+        "required",
+        "Keep the top N images of each group (>= 1). Counts distinct images, not tags.",
+        required="required (an integer >= 1)",
+    )
+    keep_within: timedelta | None = option(
+        None,
+        Duration(nullable=True),
+        "none",
+        "Also keep every image whose age is below this. An image with no age signal at all "
+        "(created before 2000, no tag time, present before gcd's records began) counts as old "
+        "here too.",
+    )
+
+
+@dataclass(frozen=True)
+class _RuleList:
+    def read(self, r: Reader, node: yaml.Node, path: str) -> tuple[Rule, ...] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            r.problem(node, path, f"expected a list, got {r.describe(node)}")
+            return None
+        rules: list[Rule] = []
+        names: set[str] = set()
+        for i, item in enumerate(node.value):
+            at = f"{path}[{i}]"
+            before = len(r.problems)
+            section = Section(_RuleKeys, check=_rule_groups)
+            keys = section.read(r, item, at)
+            # The section check speaks of "{rule}": its path is known here.
+            r.problems[before:] = [
+                (n, text.replace(_RULE_AT, at)) for n, text in r.problems[before:]
+            ]
+            if keys is None or len(r.problems) > before:
+                continue
+            if keys.name in names:
+                r.problem(item, f"{at}.name", f"duplicate rule name {json.dumps(keys.name)}")
+                continue
+            names.add(keys.name)
+            m = keys.match
+            rules.append(
+                Rule(
+                    keys.name,
+                    keys.keep_last,
+                    m.repository,
+                    m.tag,
+                    m.exclude_tag,
+                    keys.group_by,
+                    keys.order_by,
+                    keys.keep_within,
+                )
+            )
+        return tuple(rules)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "array", "items": Section(_RuleKeys).schema()}
+
+
 @dataclass(frozen=True, slots=True)
 class DanglingConfig:
-    action: Literal["remove", "keep"] = "remove"
-    min_age: timedelta = timedelta(hours=24)
+    action: Literal["remove", "keep"] = option(
+        "remove",
+        Choice(("remove", "keep")),
+        "`remove`",
+        "`remove` dangling images after the grace period, or `keep` them.",
+    )
+    min_age: timedelta = option(
+        timedelta(hours=24),
+        Duration(),
+        "`24h`",
+        "Grace period, counted from when gcd first saw the image dangling. Images that were "
+        "already dangling on the first cycle of a new state store use their age instead, and "
+        "the reason says so: `dangling since before gcd's records began, age 5w5d >= "
+        "dangling.min_age 1d`.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    version: int = option(
+        1, _Version(), "required", "Always `1`.", required="required; write `version: 1` at the top"
+    )
+    engine: EngineConfig = option(
+        EngineConfig(), Section(EngineConfig), "", "Where the Docker engine is (below)."
+    )
+    schedule: ScheduleConfig = option(
+        ScheduleConfig(),
+        Section(ScheduleConfig, check=_one_schedule),
+        "",
+        "When the daemon runs a cycle (below).",
+    )
+    metrics: MetricsConfig = option(
+        MetricsConfig(), Section(MetricsConfig), "", "Metrics endpoint and textfile (below)."
+    )
+    state_dir: str = option(
+        "/var/lib/gcd",
+        Text(),
+        "`/var/lib/gcd`",
+        "Directory of gcd's own records (`state.db`, SQLite).",
+    )
+    safety: SafetyConfig = option(
+        SafetyConfig(),
+        Section(SafetyConfig, check=_min_age_floor),
+        "",
+        "Guards that apply whatever the rules say (below).",
+    )
+    protect: tuple[Protect, ...] = option(
+        (), _ProtectList(), "`[]`", "Images that are never removed (below)."
+    )
+    rules: tuple[Rule, ...] = option(
+        (), _RuleList(), "`[]`", "Retention rules, one per tag taxonomy (below)."
+    )
+    dangling: DanglingConfig = option(
+        DanglingConfig(), Section(DanglingConfig), "", "What happens to dangling images (below)."
+    )
+    unmatched: Literal["keep", "expire"] = option(
+        "keep",
+        Choice(("keep", "expire")),
+        "`keep`",
+        "Tags that no rule matches: `keep` them, or let them `expire`.",
+    )
+    untag_expired: bool = option(
+        False,
+        Boolean(),
+        "`false`",
+        "Untag expired tags that sit on an image kept for another reason.",
+    )
     source: str | None = None
-    engine: EngineConfig = EngineConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    state_dir: str = "/var/lib/gcd"
-    safety: SafetyConfig = SafetyConfig()
-    protect: tuple[Protect, ...] = ()
-    rules: tuple[Rule, ...] = ()
-    dangling: DanglingConfig = DanglingConfig()
-    unmatched: Literal["keep", "expire"] = "keep"
-    untag_expired: bool = False
     # Settings that are valid but risky, each as file:line: key: warning: why.
     warnings: tuple[str, ...] = ()
 
@@ -140,6 +666,15 @@ class Config:
             return Tls.from_environment(environ)
         path = tls.cert_path or environ.get("DOCKER_CERT_PATH") or os.path.expanduser("~/.docker")
         return Tls.from_cert_path(path, tls.verify)
+
+
+def schema() -> dict[str, Any]:
+    """The configuration's JSON Schema (`gcd schema`), from the declarations above."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "gcd configuration",
+        **Section(Config).schema(),
+    }
 
 
 def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -189,13 +724,13 @@ def parse(text: str, filename: str) -> Config:
         raise ConfigError([f"{filename}:{_line(e, text)}: invalid YAML: {_problem(e)}"]) from None
     if root is None:
         raise ConfigError([f"{filename}:1: version: required; write `version: 1` at the top"])
-    checker = _Checker(filename)
-    config = checker.config(root)
-    if checker.problems:
+    reader = Reader(filename)
+    config = Section(Config).read(reader, root, "")
+    if reader.problems:
         # Stable sort: problems on one line keep the order they were found in.
-        raise ConfigError([text for _, text in sorted(checker.problems, key=lambda p: p[0])])
-    assert config is not None
-    warnings = tuple(text for _, text in sorted(checker.warnings, key=lambda p: p[0]))
+        raise ConfigError([text for _, text in sorted(reader.problems, key=lambda p: p[0])])
+    assert isinstance(config, Config)
+    warnings = tuple(text for _, text in sorted(reader.warnings, key=lambda p: p[0]))
     return replace(config, source=filename, warnings=warnings)
 
 
@@ -251,12 +786,7 @@ def _problem(error: yaml.YAMLError) -> str:
     if isinstance(error, yaml.reader.ReaderError):
         code = error.character if isinstance(error.character, int) else ord(error.character)
         return f"character U+{code:04X} is not allowed in YAML"
-    return _cut(str(getattr(error, "problem", None) or error))
-
-
-def _cut(text: str, most: int = 60) -> str:
-    """A value quoted in a message, cut to `most` characters."""
-    return text if len(text) <= most else f"{text[: most - 1]}… ({len(text):,} characters)"
+    return cut(str(getattr(error, "problem", None) or error))
 
 
 def _ssh_installed() -> bool:
@@ -266,520 +796,39 @@ def _ssh_installed() -> bool:
     return importlib.util.find_spec("paramiko") is not None
 
 
-def _given(value: Any, default: Any) -> Any:
-    """The validated value, or the default where there was none (0s and [] are values)."""
-    return default if value is None else value
+def docs_tables() -> dict[str, str]:
+    """The option tables of docs/configuration.md, by the section they describe."""
+    rule_rows = []
+    for key, o in rows(_RuleKeys):
+        if key == "match":
+            rule_rows += rows(_Match, "match.")
+        else:
+            rule_rows.append((key, o))
+    protect = ["| entry | matches |", "|---|---|"]
+    protect += [f"| {o.default} | {o.meaning} |" for _, o in rows(_ProtectEntry)]
+    return {
+        "top": table(rows(Config)),
+        "engine": table(rows(EngineConfig)),
+        "engine.tls": table(rows(TlsConfig)),
+        "schedule": table(rows(ScheduleConfig)),
+        "metrics": table(rows(MetricsConfig)),
+        "safety": table(rows(SafetyConfig)),
+        "protect": "\n".join(protect),
+        "rules": table(rule_rows),
+        "dangling": table(rows(DanglingConfig)),
+    }
 
 
-class _Checker:
-    """Walks the node tree: values come from nodes so every problem has a line number."""
-
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
-        self.problems: list[tuple[int, str]] = []
-        self.warnings: list[tuple[int, str]] = []
-        self._constructor = yaml.constructor.SafeConstructor()
-
-    def problem(self, node: yaml.Node, path: str, message: str) -> None:
-        line = node.start_mark.line + 1
-        where = f"{path}: " if path else ""
-        self.problems.append((line, f"{self.filename}:{line}: {where}{message}"))
-
-    def warning(self, node: yaml.Node, path: str, message: str) -> None:
-        line = node.start_mark.line + 1
-        self.warnings.append((line, f"{self.filename}:{line}: {path}: warning: {message}"))
-
-    # --- structure -----------------------------------------------------------------------
-
-    def mapping(
-        self, node: yaml.Node, path: str, allowed: tuple[str, ...]
-    ) -> dict[str, yaml.Node] | None:
-        if not isinstance(node, yaml.MappingNode):
-            self.problem(node, path, f"expected a mapping, got {self.describe(node)}")
-            return None
-        found: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                self.problem(key_node, path, f"a key must be a name, got {self.describe(key_node)}")
-                continue
-            key = _cut(str(key_node.value))
-            where = f"{path}.{key}" if path else key
-            if key in found:
-                self.problem(key_node, where, "duplicate key")
-            elif key not in allowed:
-                self.problem(
-                    key_node, where, f"unknown key (expected one of: {', '.join(allowed)})"
-                )
-            else:
-                found[key] = value_node
-        return found
-
-    def describe(self, node: yaml.Node) -> str:
-        if isinstance(node, yaml.MappingNode):
-            return "a mapping"
-        if isinstance(node, yaml.SequenceNode):
-            return "a list"
-        if node.tag == f"{_STANDARD}str":
-            return _cut(json.dumps(str(node.value)))
-        shown = _cut(str(node.value))
-        return shown if node.tag.startswith(_STANDARD) else f"{_cut(node.tag, 30)} {shown}"
-
-    def scalar(self, node: yaml.Node) -> Any:
-        return self._constructor.construct_object(node, deep=True)
-
-    def typed(self, node: yaml.Node, path: str, kinds: tuple[str, ...], expected: str) -> Any:
-        """The node's value if its YAML type is one of `kinds` (`str`, `int`, ...), else None.
-        Only YAML's own types count: `!x:str` is not a string, and `!!int abc` is not an
-        integer however it is tagged."""
-        kind = node.tag.removeprefix(_STANDARD)
-        if isinstance(node, yaml.ScalarNode) and node.tag.startswith(_STANDARD) and kind in kinds:
-            try:
-                return self.scalar(node)
-            except (ValueError, OverflowError, KeyError, TypeError, yaml.YAMLError):
-                pass  # `!!int abc`, `!!float xyz`, `!!bool maybe`, an integer of 5,000 digits
-        self.problem(node, path, f"expected {expected}, got {self.describe(node)}")
-        return None
-
-    def string(self, node: yaml.Node, path: str, nullable: bool = False) -> str | None:
-        kinds = ("str", "null") if nullable else ("str",)
-        return self.typed(node, path, kinds, "a string or null" if nullable else "a string")  # type: ignore[no-any-return]
-
-    def integer(self, node: yaml.Node, path: str, minimum: int) -> int | None:
-        value = self.typed(node, path, ("int",), f"an integer >= {minimum}")
-        if value is not None and value < minimum:
-            self.problem(node, path, f"expected an integer >= {minimum}, got {value}")
-            return None
-        return value  # type: ignore[no-any-return]
-
-    def boolean(self, node: yaml.Node, path: str) -> bool | None:
-        return self.typed(node, path, ("bool",), "true or false")  # type: ignore[no-any-return]
-
-    def duration(self, node: yaml.Node, path: str, positive: bool = False) -> timedelta | None:
-        text = self.typed(node, path, ("str", "int"), "a duration such as 90s, 15m, 2h, 7d, 2w")
-        if text is None:
-            return None
-        shown = _cut(json.dumps(str(text)))
-        try:
-            value = parse_duration(str(text))
-        except ValueError:
-            self.problem(
-                node, path, f"expected a duration such as 90s, 15m, 2h, 7d, 2w, got {shown}"
-            )
-            return None
-        except OverflowError:
-            value = None
-        if value is None or value > MAX_DURATION:
-            self.problem(node, path, f"expected a duration up to {MAX_DURATION.days}d, got {shown}")
-            return None
-        if positive and not value:
-            self.problem(node, path, "expected a duration greater than 0s")
-            return None
-        return value
-
-    def choice(self, node: yaml.Node, path: str, options: tuple[str, ...]) -> Any:
-        value = self.typed(node, path, ("str",), f"one of {' | '.join(options)}")
-        if value is not None and value not in options:
-            self.problem(
-                node, path, f"expected one of {' | '.join(options)}, got {json.dumps(value)}"
-            )
-            return None
-        return value
-
-    def regex(self, node: yaml.Node, path: str) -> Pattern | None:
-        text = self.string(node, path)
-        if text is None:
-            return None
-        try:
-            return Pattern(text)
-        except PatternError as e:
-            self.problem(
-                node,
-                path,
-                f"invalid regular expression {_cut(json.dumps(text))}: {e} ({RE2_SYNTAX})",
-            )
-            return None
-
-    def section(
-        self,
-        parent: dict[str, yaml.Node],
-        key: str,
-        allowed: tuple[str, ...],
-        read: Callable[[dict[str, yaml.Node]], Any],
-        default: Any,
-    ) -> Any:
-        if key not in parent:
-            return default
-        found = self.mapping(parent[key], key, allowed)
-        return default if found is None else read(found)
-
-    # --- the grammar -----------------------------------------------------------------------
-
-    def config(self, root: yaml.Node) -> Config | None:
-        top = self.mapping(
-            root,
-            "",
-            (
-                "version",
-                "engine",
-                "schedule",
-                "metrics",
-                "state_dir",
-                "safety",
-                "protect",
-                "rules",
-                "dangling",
-                "unmatched",
-                "untag_expired",
-            ),
-        )
-        if top is None:
-            return None
-        if "version" not in top:
-            self.problem(root, "version", "required; write `version: 1` at the top")
-        elif self.typed(top["version"], "version", ("int",), "1") not in (1, None):
-            self.problem(
-                top["version"],
-                "version",
-                f"unsupported version {top['version'].value}; this gcd reads version 1",
-            )
-        defaults = Config()
-        state_dir = defaults.state_dir
-        if "state_dir" in top:
-            state_dir = _given(self.string(top["state_dir"], "state_dir"), state_dir)
-        unmatched = defaults.unmatched
-        if "unmatched" in top:
-            unmatched = _given(
-                self.choice(top["unmatched"], "unmatched", ("keep", "expire")), unmatched
-            )
-        untag = defaults.untag_expired
-        if "untag_expired" in top:
-            value = self.boolean(top["untag_expired"], "untag_expired")
-            untag = untag if value is None else value
-        return Config(
-            engine=self.section(
-                top, "engine", ("url", "timeout", "tls"), self.engine, defaults.engine
-            ),
-            schedule=self.section(
-                top, "schedule", ("every", "cron"), self.schedule, defaults.schedule
-            ),
-            metrics=self.section(
-                top, "metrics", ("listen", "textfile"), self.metrics, defaults.metrics
-            ),
-            state_dir=state_dir,
-            safety=self.section(
-                top,
-                "safety",
-                (
-                    "min_age",
-                    "max_removals_per_run",
-                    "max_removal_fraction",
-                    "keep_one_per_repository",
-                ),
-                self.safety,
-                defaults.safety,
-            ),
-            protect=self.protect(top["protect"]) if "protect" in top else (),
-            rules=self.rules(top["rules"]) if "rules" in top else (),
-            dangling=self.section(
-                top, "dangling", ("action", "min_age"), self.dangling, defaults.dangling
-            ),
-            unmatched=unmatched,
-            untag_expired=untag,
-        )
-
-    def engine(self, found: dict[str, yaml.Node]) -> EngineConfig:
-        url = self.string(found["url"], "engine.url", nullable=True) if "url" in found else None
-        if url is not None and not re.match(r"(unix|tcp|http|https|ssh|npipe)://", url):
-            self.problem(
-                found["url"],
-                "engine.url",
-                f"expected unix://, tcp:// or ssh:// address, got {json.dumps(url)}",
-            )
-        if url is not None and url.startswith("ssh://") and not _ssh_installed():
-            self.problem(found["url"], "engine.url", SSH_HELP)
-        timeout = EngineConfig().timeout
-        if "timeout" in found:
-            timeout = _given(
-                self.duration(found["timeout"], "engine.timeout", positive=True), timeout
-            )
-        tls = None
-        if "tls" in found and found["tls"].tag != f"{_STANDARD}null":
-            tls = self.tls(found["tls"])
-        return EngineConfig(url=url, timeout=timeout, tls=tls)
-
-    def tls(self, node: yaml.Node) -> TlsConfig | None:
-        found = self.mapping(node, "engine.tls", ("cert_path", "verify"))
-        if found is None:
-            return None
-        path = None
-        if "cert_path" in found:
-            path = self.string(found["cert_path"], "engine.tls.cert_path", nullable=True)
-        verify = True
-        if "verify" in found:
-            verify = _given(self.boolean(found["verify"], "engine.tls.verify"), True)
-        return TlsConfig(cert_path=path, verify=verify)
-
-    def schedule(self, found: dict[str, yaml.Node]) -> ScheduleConfig:
-        if "every" in found and "cron" in found:
-            self.problem(found["cron"], "schedule", "set one of every or cron, not both")
-        if "cron" in found:
-            cron = self.string(found["cron"], "schedule.cron")
-            if cron is not None:
-                from apscheduler.triggers.cron import CronTrigger  # only a cron line needs it
-
-                try:
-                    CronTrigger.from_crontab(cron, timezone="UTC")
-                except ValueError as e:
-                    self.problem(
-                        found["cron"],
-                        "schedule.cron",
-                        f"invalid crontab line {json.dumps(cron)}: {e}",
-                    )
-            return ScheduleConfig(every=None, cron=cron)
-        every = ScheduleConfig().every
-        if "every" in found:
-            every = _given(self.duration(found["every"], "schedule.every", positive=True), every)
-        return ScheduleConfig(every=every)
-
-    def metrics(self, found: dict[str, yaml.Node]) -> MetricsConfig:
-        listen = MetricsConfig().listen
-        if "listen" in found:
-            value = self.string(found["listen"], "metrics.listen")
-            if value is not None:
-                match = _LISTEN.fullmatch(value)
-                if value and (match is None or not 0 < int(match["port"]) < 65536):
-                    self.problem(
-                        found["listen"],
-                        "metrics.listen",
-                        f'expected host:port such as 127.0.0.1:9782, or "" to disable, got {json.dumps(value)}',
-                    )
-                else:
-                    listen = value
-                    if match is not None and match["host"].strip("[]") in ("", "0.0.0.0", "::"):
-                        self.warning(
-                            found["listen"],
-                            "metrics.listen",
-                            f"{json.dumps(value)} serves /metrics on every interface, to other "
-                            "hosts too; name an address (127.0.0.1:9782) unless that is meant",
-                        )
-        textfile = None
-        if "textfile" in found:
-            textfile = self.string(found["textfile"], "metrics.textfile", nullable=True)
-        return MetricsConfig(listen=listen, textfile=textfile)
-
-    def safety(self, found: dict[str, yaml.Node]) -> SafetyConfig:
-        d = SafetyConfig()
-        min_age = d.min_age
-        if "min_age" in found:
-            min_age = _given(self.duration(found["min_age"], "safety.min_age"), min_age)
-            if min_age < MIN_AGE_FLOOR:
-                self.warning(
-                    found["min_age"],
-                    "safety.min_age",
-                    f"{format_duration(min_age)} is below {format_duration(MIN_AGE_FLOOR)}: "
-                    "between two steps of a legacy build its newest layer image is untagged and "
-                    "unused, and only its age protects it (a build fails when gcd removes it); "
-                    "backdate test images instead of lowering min_age",
-                )
-        cap = d.max_removals_per_run
-        if "max_removals_per_run" in found:
-            cap = _given(
-                self.integer(found["max_removals_per_run"], "safety.max_removals_per_run", 1), cap
-            )
-        fraction = d.max_removal_fraction
-        if "max_removal_fraction" in found:
-            node = found["max_removal_fraction"]
-            value = self.typed(
-                node, "safety.max_removal_fraction", ("float", "int"), "a number in (0, 1]"
-            )
-            if value is not None and not 0 < value <= 1:
-                self.problem(
-                    node, "safety.max_removal_fraction", f"expected a number in (0, 1], got {value}"
-                )
-            elif value is not None:
-                fraction = float(value)
-        keep_one = d.keep_one_per_repository
-        if "keep_one_per_repository" in found:
-            value = self.boolean(found["keep_one_per_repository"], "safety.keep_one_per_repository")
-            keep_one = keep_one if value is None else value
-        return SafetyConfig(min_age, cap, fraction, keep_one)
-
-    def protect(self, node: yaml.Node) -> tuple[Protect, ...]:
-        if not isinstance(node, yaml.SequenceNode):
-            self.problem(node, "protect", f"expected a list, got {self.describe(node)}")
-            return ()
-        entries = []
-        for i, item in enumerate(node.value):
-            path = f"protect[{i}]"
-            found = self.mapping(item, path, ("ref", "tag", "label", "id"))
-            if found is None:
-                continue
-            if len(found) != 1:
-                self.problem(item, path, "expected exactly one of ref, tag, label, id")
-                continue
-            ((kind, value_node),) = found.items()
-            value = self.string(value_node, f"{path}.{kind}")
-            if value is None:
-                continue
-            regex = None
-            if kind == "tag":
-                regex = self.regex(value_node, f"{path}.tag")
-                if regex is None:
-                    continue
-            if kind == "id" and not _IMAGE_ID.fullmatch(value):
-                self.problem(
-                    value_node,
-                    f"{path}.id",
-                    f"expected an image ID or a prefix of at least 4 hex digits, got {json.dumps(value)}",
-                )
-                continue
-            if kind == "label" and not value.partition("=")[0]:
-                self.problem(
-                    value_node,
-                    f"{path}.label",
-                    f"expected key or key=value, got {json.dumps(value)}",
-                )
-                continue
-            entries.append(Protect(i, kind, value, regex))  # type: ignore[arg-type]
-        return tuple(entries)
-
-    def rules(self, node: yaml.Node) -> tuple[Rule, ...]:
-        if not isinstance(node, yaml.SequenceNode):
-            self.problem(node, "rules", f"expected a list, got {self.describe(node)}")
-            return ()
-        rules: list[Rule] = []
-        names: set[str] = set()
-        for i, item in enumerate(node.value):
-            rule = self.rule(item, f"rules[{i}]")
-            if rule is None:
-                continue
-            if rule.name in names:
-                self.problem(
-                    item, f"rules[{i}].name", f"duplicate rule name {json.dumps(rule.name)}"
-                )
-                continue
-            names.add(rule.name)
-            rules.append(rule)
-        return tuple(rules)
-
-    def rule(self, node: yaml.Node, path: str) -> Rule | None:
-        found = self.mapping(
-            node, path, ("name", "match", "group_by", "order_by", "keep_last", "keep_within")
-        )
-        if found is None:
-            return None
-        problems_before = len(self.problems)
-        name = self.string(found["name"], f"{path}.name") if "name" in found else None
-        if "name" not in found:
-            self.problem(node, f"{path}.name", "required")
-        elif name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            self.problem(
-                found["name"],
-                f"{path}.name",
-                f"expected letters, digits, _ . or -, got {json.dumps(name)}",
-            )
-        keep_last = (
-            self.integer(found["keep_last"], f"{path}.keep_last", 1)
-            if "keep_last" in found
-            else None
-        )
-        if "keep_last" not in found:
-            self.problem(node, f"{path}.keep_last", "required (an integer >= 1)")
-        keep_within = None
-        if "keep_within" in found and not self._is_null(found["keep_within"]):
-            keep_within = self.duration(found["keep_within"], f"{path}.keep_within")
-        repository, tag, exclude = ANY, ANY, None
-        if "match" in found:
-            match = self.mapping(
-                found["match"], f"{path}.match", ("repository", "tag", "exclude_tag")
-            )
-            if match is not None:
-                if "repository" in match:
-                    repository = _given(
-                        self.regex(match["repository"], f"{path}.match.repository"), repository
-                    )
-                if "tag" in match:
-                    tag = _given(self.regex(match["tag"], f"{path}.match.tag"), tag)
-                if "exclude_tag" in match and not self._is_null(match["exclude_tag"]):
-                    exclude = self.regex(match["exclude_tag"], f"{path}.match.exclude_tag")
-        groups = set(tag.groupindex)
-        group_by: tuple[str, ...] = ("repository",)
-        if "group_by" in found:
-            group_by = _given(
-                self.group_by(found["group_by"], f"{path}.group_by", groups), group_by
-            )
-        order_by = OrderBy("created")
-        if "order_by" in found:
-            order_by = _given(
-                self.order_by(found["order_by"], f"{path}.order_by", groups), order_by
-            )
-        if len(self.problems) > problems_before or name is None or keep_last is None:
-            return None
-        return Rule(name, keep_last, repository, tag, exclude, group_by, order_by, keep_within)
-
-    def group_by(self, node: yaml.Node, path: str, groups: set[str]) -> tuple[str, ...] | None:
-        if not isinstance(node, yaml.SequenceNode):
-            self.problem(
-                node, path, f"expected a list such as [repository], got {self.describe(node)}"
-            )
-            return None
-        names = []
-        for j, item in enumerate(node.value):
-            value = self.string(item, f"{path}[{j}]")
-            if value is None:
-                continue
-            if value != "repository" and value not in groups:
-                known = ", ".join(["repository", *sorted(groups)])
-                self.problem(
-                    item,
-                    f"{path}[{j}]",
-                    f"unknown group {json.dumps(value)}; match.tag has no group of that name (expected one of: {known})",
-                )
-                continue
-            names.append(value)
-        return tuple(names)
-
-    def order_by(self, node: yaml.Node, path: str, groups: set[str]) -> OrderBy | None:
-        text = self.string(node, path)
-        if text is None:
-            return None
-        m = _ORDER.fullmatch(text.replace(" ", ""))
-        usage = (
-            "semver(group) | numeric(group) | natural | created | tagged | first_seen | last_used"
-        )
-        if m is None or m["kind"] not in ORDER_KINDS:
-            self.problem(node, path, f"expected {usage}, got {json.dumps(text)}")
-            return None
-        kind, group = m["kind"], m["group"]
-        if kind in _ORDER_WITH_GROUP and group is None:
-            self.problem(
-                node, path, f"{kind} needs a named group of match.tag, e.g. {kind}(version)"
-            )
-            return None
-        if kind not in _ORDER_WITH_GROUP and group is not None:
-            self.problem(node, path, f"{kind} takes no group, got {json.dumps(text)}")
-            return None
-        if group is not None and group not in groups:
-            self.problem(
-                node,
-                path,
-                f"unknown group {json.dumps(group)}; match.tag has no group of that name",
-            )
-            return None
-        return OrderBy(kind, group)
-
-    def dangling(self, found: dict[str, yaml.Node]) -> DanglingConfig:
-        d = DanglingConfig()
-        action = d.action
-        if "action" in found:
-            action = _given(
-                self.choice(found["action"], "dangling.action", ("remove", "keep")), action
-            )
-        min_age = d.min_age
-        if "min_age" in found:
-            min_age = _given(self.duration(found["min_age"], "dangling.min_age"), min_age)
-        return DanglingConfig(action, min_age)
-
-    @staticmethod
-    def _is_null(node: yaml.Node) -> bool:
-        return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")
+def option_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every key the configuration takes, as a path: `engine.tls.verify`, `rules[].match.tag`."""
+    entries: dict[type, type] = {_ProtectList: _ProtectEntry, _RuleList: _RuleKeys}
+    keys = []
+    for f in declared(cls):
+        path = prefix + f.name
+        keys.append(path)
+        kind = f.option.kind
+        if isinstance(kind, Section):
+            keys += option_keys(kind.cls, f"{path}.")
+        elif type(kind) in entries:
+            keys += option_keys(entries[type(kind)], f"{path}[].")
+    return keys

@@ -52,54 +52,30 @@ def test_example_config_loads_and_documents_every_option() -> None:
     cfg = config.parse(text, "config.example.yaml")
     assert [r.name for r in cfg.rules] == ["builds", "branches"]
     assert cfg.engine_url({}) == "unix:///var/run/docker.sock"
-    keys = {
-        "version",
-        "engine",
-        "url",
-        "timeout",
-        "tls",
-        "cert_path",
-        "verify",
-        "schedule",
-        "every",
-        "cron",
-        "metrics",
-        "listen",
-        "textfile",
-        "state_dir",
-        "safety",
-        "min_age",
-        "max_removals_per_run",
-        "max_removal_fraction",
-        "keep_one_per_repository",
-        "protect",
-        "ref",
-        "tag",
-        "label",
-        "id",
-        "rules",
-        "name",
-        "match",
-        "repository",
-        "exclude_tag",
-        "group_by",
-        "order_by",
-        "keep_last",
-        "keep_within",
-        "dangling",
-        "action",
-        "unmatched",
-        "untag_expired",
-    }
     sections = {"version", "engine", "metrics", "safety", "protect", "rules", "match", "dangling"}
     lines = text.splitlines()
-    for key in keys:
+    for path in config.option_keys():
+        key = path.rpartition(".")[2].removeprefix("[]")
         at = next(
             (n for n, ln in enumerate(lines) if re.match(rf"\s*(#\s*)?(- )?{key}:", ln)), None
         )
-        assert at is not None, f"config.example.yaml does not show {key}"
+        assert at is not None, f"config.example.yaml does not show {path}"
         commented = "#" in lines[at] or lines[at - 1].lstrip().startswith("#")
-        assert commented or key in sections, f"{key} has no comment in config.example.yaml"
+        assert commented or key in sections, f"{path} has no comment in config.example.yaml"
+
+
+def test_the_docs_show_every_option_as_it_is_declared() -> None:
+    # One source of truth: the tables of docs/configuration.md are the declarations'.
+    docs = (ROOT / "docs/configuration.md").read_text()
+    for section, table in config.docs_tables().items():
+        assert table in docs, f"docs/configuration.md lacks the {section} table:\n{table}"
+
+
+def test_an_unknown_key_lists_the_declared_keys() -> None:
+    assert problems("version: 1\nsafety: {min_ag: 1h}\n") == [
+        "config.yaml:2: safety.min_ag: unknown key (expected one of: min_age, "
+        "max_removals_per_run, max_removal_fraction, keep_one_per_repository)"
+    ]
 
 
 def test_engine_tls_is_read_as_the_docker_cli_reads_it() -> None:
