@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from gcd import policy
 from gcd.config import Config
 from gcd.model import Snapshot, StateView, split_ref
+from tests.unit import reference_planner
 from tests.unit.snapshots import NOW, cfg, container, iid, image, snapshot, state
 
 REPOS = ("a", "b", "reg.example/c")
@@ -274,3 +275,17 @@ def test_semver_sort_keys_follow_semver_precedence(a: str, b: str) -> None:
     ka, kb = policy._semver_key(a), policy._semver_key(b)
     assert ka is not None and kb is not None
     assert (ka > kb) - (ka < kb) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(worlds(), configs())
+def test_the_planner_agrees_with_the_reference_planner(
+    world: tuple[Snapshot, StateView], config: Config
+) -> None:
+    # gcd's planner is tuned for 100,000 images; tests/unit/reference_planner.py is the
+    # slow one written straight from the docs. Same decisions, same untags, same reasons.
+    snap, view = world
+    expected = reference_planner.plan(snap, config, view, NOW)
+    for d in policy.plan(snap, config, view, NOW).decisions:
+        want = expected[d.image_id]
+        assert (d.action, d.reasons, d.untag) == (want.action, want.reasons, want.untag), d.image_id
