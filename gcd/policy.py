@@ -8,14 +8,12 @@ again. No I/O, no logging, no clock: every decision carries the reasons that pro
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import gc
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from operator import itemgetter
+from operator import attrgetter
 from typing import Any
 
 import semver
@@ -73,10 +71,9 @@ def _iso(when: datetime) -> str:
 
 
 class _Verdict:
-    """Mutable working record for one image while the plan is built. (A plain class: one is
-    made per image, and a dataclass's default factories cost a third of the planner. Its
-    collections are tuples that grow by `+=`: most stay the shared empty tuple, and five
-    lists an image were a fifth of a plan's memory.)"""
+    """Mutable working record for one image while the plan is built: a plain class with
+    slots, one per image. Its collections are tuples that grow by `+=`, so that most of them
+    stay the one shared empty tuple."""
 
     __slots__ = (
         "age",
@@ -91,6 +88,7 @@ class _Verdict:
         "min_age_protected",
         "parent_of",
         "protections",
+        "ranked_out",
         "remove",
     )
 
@@ -110,6 +108,8 @@ class _Verdict:
         self.keep_reasons: tuple[str, ...] = ()
         self.expire_reasons: tuple[str, ...] = ()
         self.expired: tuple[tuple[str, str], ...] = ()
+        # (tag, rule, reason) for each tag a rule ranked beyond what it keeps.
+        self.ranked_out: tuple[tuple[str, str, str], ...] = ()
         self.kept_tags: tuple[str, ...] = ()
         self.guard: str | None = None
         self.parent_of: str | None = None
@@ -122,33 +122,6 @@ _Tag = tuple[_Verdict, str, str]
 
 def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
     """Decide, for every image of the snapshot, whether it is kept or removed, and why."""
-    with _collector_paused():
-        return _plan(snapshot, config, state, now)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The planner makes a few objects per image and no reference cycles, yet each batch of
-    them sets off the cyclic collector, which walks every live object again: half the time
-    of a 100,000-image plan. Reference counting frees all of it just the same.
-
-    On the way out, what the plan keeps (a decision, its reasons and expired tags per image)
-    goes straight to the oldest generation (freeze, then unfreeze: two list splices), as
-    long-lived data should. Left in the youngest, the first allocation after re-enabling
-    would walk all of it: a fifth of a 100,000-image plan. gcd freezes nothing else."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        gc.unfreeze()
-        gc.enable()
-
-
-def _plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
     verdicts = {
         i.id: _Verdict(
             i, image_age(i, state, now), state.first_seen.get(i.id), state.last_used.get(i.id)
@@ -191,6 +164,7 @@ def _by_repository(verdicts: dict[str, _Verdict]) -> dict[str, list[_Tag]]:
 
 def _protect(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
     full_names = snapshot.engine.full_names
+    named: set[str] = set()  # ancestors already named a parent of an in-use image (once)
     for container in snapshot.containers:
         if container.image_id not in verdicts:
             continue
@@ -198,9 +172,9 @@ def _protect(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) 
             f"in use by container {container.name} ({container.state})",
         )
         for ancestor in snapshot.ancestors(container.image_id):
-            v = verdicts[ancestor]
-            if not any(r.startswith("parent of in-use image") for r in v.protections):
-                v.protections += (
+            if ancestor not in named:
+                named.add(ancestor)
+                verdicts[ancestor].protections += (
                     f"parent of in-use image {short_id(container.image_id)} "
                     f"(container {container.name})",
                 )
@@ -235,16 +209,37 @@ def _protect_hit(entry: Protect, image: Image, full_names: bool = False) -> str 
         key, has_value, value = entry.value.partition("=")
         if key in image.labels and (not has_value or image.labels[key] == value):
             return "matches the image's labels"
-    elif image.id.removeprefix("sha256:").startswith(entry.value.removeprefix("sha256:")):
+    elif entry.kind == "id" and image.id.removeprefix("sha256:").startswith(
+        entry.value.removeprefix("sha256:")
+    ):
         return "matches the image ID"
     return None
 
 
 # --- rules ------------------------------------------------------------------------------------
 
-# What a rule's ranking needs of one image in one group: (best key, greatest tag, the
-# image's tags in the group, its verdict).
-_Entry = tuple[Any, str, tuple[str, ...], "_Verdict"]
+
+class _Entry:
+    """One image in one group of a rule: the best key and the greatest of its tags there
+    (what it ranks by), and those tags."""
+
+    __slots__ = ("greatest", "key", "tags", "verdict")
+
+    def __init__(self, key: Any, tag: str, verdict: _Verdict) -> None:
+        self.key = key
+        self.greatest = tag
+        self.tags: tuple[str, ...] = (tag,)
+        self.verdict = verdict
+
+    def add(self, key: Any, tag: str) -> None:
+        """One more of the image's tags in the group."""
+        if key > self.key:
+            self.key = key
+        if tag > self.greatest:
+            self.greatest = tag
+        self.tags += (tag,)
+
+
 # What a tag's name alone tells a rule: its sort key (None when unparsable, or when the key
 # is the image's) and the values of the named groups that group_by uses.
 _Parsed = tuple[Any, tuple[str | None, ...]]
@@ -270,46 +265,32 @@ def _apply_rules(
             _rank_group(rule, label, entries, keeps)
     unmatched_keep = config.unmatched == "keep"
     for v in verdicts.values():
-        image_tags = v.image.tags
-        if not image_tags:
+        if not v.image.tags:
             continue
-        if len(image_tags) == 1:
-            # The common cases, settled at once. (A reason starts with its rule's name, and
-            # a rule ranks a tag once: none repeats.)
-            kept = keeps.get(image_tags[0])
-            if kept is not None:
-                v.kept_tags, v.keep_reasons = image_tags, tuple(kept)
-                v.expired = v.expire_reasons = ()
-                continue
-            if v.expired:
-                continue  # expired by the rules that ranked it, as ranking noted
-        # Ranking left (tag, rule) pairs and their reasons side by side, rule by rule; the
-        # plan lists them tag by tag, without the tags some rule keeps.
-        expired: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        for (tag, rule_name), reason in zip(v.expired, v.expire_reasons, strict=True):
-            expired[tag].append((rule_name, reason))
+        ranked_out: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for tag, rule_name, reason in v.ranked_out:
+            ranked_out[tag].append((rule_name, reason))
         pairs: list[tuple[str, str]] = []
-        expire_reasons: list[str] = []
+        # Ordered sets: an image's tags in one group share their rule's reason, said once.
+        expire_reasons: dict[str, None] = {}
         kept_tags: list[str] = []
-        keep_reasons: list[str] = []
-        for tag in image_tags:
+        keep_reasons: dict[str, None] = {}
+        for tag in v.image.tags:
             kept = keeps.get(tag)
             if kept is not None:
                 kept_tags.append(tag)
-                for r in kept:
-                    if r not in keep_reasons:
-                        keep_reasons.append(r)
-            elif tag in expired:
-                for rule_name, reason in expired[tag]:
+                keep_reasons.update(dict.fromkeys(kept))
+            elif tag in ranked_out:
+                for rule_name, reason in ranked_out[tag]:
                     pairs.append((tag, rule_name))
-                    if reason not in expire_reasons:
-                        expire_reasons.append(reason)
+                    expire_reasons[reason] = None
             elif unmatched_keep:
                 kept_tags.append(tag)
-                keep_reasons.append(f"no rule matches {tag} (unmatched: keep)")
+                keep_reasons[f"no rule matches {tag} (unmatched: keep)"] = None
             else:
                 pairs.append((tag, "unmatched"))
-                expire_reasons.append(f"no rule matches {tag} (unmatched: expire)")
+                expire_reasons[f"no rule matches {tag} (unmatched: expire)"] = None
+        v.ranked_out = ()
         v.expired, v.expire_reasons = tuple(sorted(pairs)), tuple(expire_reasons)
         v.kept_tags, v.keep_reasons = tuple(kept_tags), tuple(keep_reasons)
 
@@ -337,7 +318,7 @@ def _groups(
     # app` from a tag through its Docker API): one taxonomy, ranked as one group by the
     # short name, an image with both names once.
     spans = "repository" not in rule.group_by or full_names
-    placed: dict[tuple[str, str], int] = {}
+    placed: dict[tuple[str, str], _Entry] = {}
     for repository, tags in repositories.items():
         if not rule.repository.fullmatch(repository) and not (
             full_names and rule.repository.fullmatch(familiar(repository))
@@ -361,28 +342,17 @@ def _groups(
                 label = _label(rule, shown, dict(zip(named, values, strict=True)))
                 group = by_values[values] = label, groups.setdefault(label, [])
             label, entries = group
-            if entries and entries[-1][3] is v:
+            if entries and entries[-1].verdict is v:
                 # Another tag of the image this group saw last: an image's tags in a
                 # repository come one after another, so mostly no lookup is needed.
-                _add_tag(entries, -1, key, tag)
-            elif spans and (at := placed.get((label, v.image.id))) is not None:
-                _add_tag(entries, at, key, tag)
+                entries[-1].add(key, tag)
+            elif spans and (entry := placed.get((label, v.image.id))) is not None:
+                entry.add(key, tag)
             else:
+                entries.append(_Entry(key, tag, v))
                 if spans:
-                    placed[label, v.image.id] = len(entries)
-                entries.append((key, tag, (tag,), v))
+                    placed[label, v.image.id] = entries[-1]
     return groups
-
-
-def _add_tag(entries: list[_Entry], at: int, key: Any, tag: str) -> None:
-    """One more of an image's tags in a group: its entry keeps the best key and tag."""
-    best, greatest, its_tags, v = entries[at]
-    entries[at] = (
-        key if key > best else best,
-        tag if tag > greatest else greatest,
-        (*its_tags, tag),
-        v,
-    )
 
 
 def _parser(rule: Rule, named: tuple[str, ...]) -> Callable[[str], _Parsed | None]:
@@ -419,17 +389,18 @@ def _label(rule: Rule, repository: str, values: dict[str, str | None]) -> str:
 
 
 def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, list[str]]) -> None:
-    """Keep the top keep_last images and those within keep_within; the rest expire, noted
-    on the image as (tag, rule) pairs and, side by side, their reasons."""
+    """Keep the top keep_last images and those within keep_within; the rest are ranked out,
+    noted on the image as (tag, rule, reason)."""
     _newest_first(entries)
     name, keep_last, keep_within = rule.name, rule.keep_last, rule.keep_within
-    for rank, (_, _, tags, _) in enumerate(entries[:keep_last], start=1):
+    for rank, entry in enumerate(entries[:keep_last], start=1):
         reason = f"{name}: rank {rank} <= keep_last {keep_last} in group {label}"
-        for tag in tags:
+        for tag in entry.tags:
             keeps[tag].append(reason)
     # An expiry's reason, but for its rank, is the same throughout the group: made once.
     head, tail = f"{name}: rank ", f" > keep_last {keep_last} in group {label}"
-    for rank, (_, _, tags, v) in enumerate(entries[keep_last:], start=keep_last + 1):
+    for rank, entry in enumerate(entries[keep_last:], start=keep_last + 1):
+        v = entry.verdict
         # An image with no age signal at all counts as old, as everywhere (else keep_within
         # would keep a reproducible build with no tag time forever).
         if keep_within is not None and v.age is not None and v.age < keep_within:
@@ -437,23 +408,24 @@ def _rank_group(rule: Rule, label: str, entries: list[_Entry], keeps: dict[str, 
                 f"{name}: age {format_duration(v.age)} < keep_within "
                 f"{format_duration(keep_within)} in group {label}"
             )
-            for tag in tags:
+            for tag in entry.tags:
                 keeps[tag].append(reason)
             continue
         reason = f"{head}{rank}{tail}"
-        for tag in tags:
-            v.expired += ((tag, name),)
-            v.expire_reasons += (reason,)
+        v.ranked_out += tuple((tag, name, reason) for tag in entry.tags)
 
 
 def _newest_first(entries: list[_Entry]) -> None:
     """Greater key first; ties go to the later created image, then to the greater tag name,
-    then to the greater image ID. The image is read only where keys tie: reaching 100,000
-    images' records scattered in memory was a third of the time spent grouping."""
-    if len({key for key, _, _, _ in entries}) == len(entries):
-        entries.sort(key=itemgetter(0), reverse=True)
+    then to the greater image ID. The image is read only where keys tie (its record lies
+    elsewhere in memory)."""
+    if len({e.key for e in entries}) == len(entries):
+        entries.sort(key=attrgetter("key"), reverse=True)
     else:
-        entries.sort(key=lambda e: (e[0], e[3].image.created, e[1], e[3].image.id), reverse=True)
+        entries.sort(
+            key=lambda e: (e.key, e.verdict.image.created, e.greatest, e.verdict.image.id),
+            reverse=True,
+        )
 
 
 def _image_key_function(rule: Rule, now: datetime) -> Callable[[_Verdict], Any]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import docker
 
 from gcd import config as gcd_config
-from gcd import policy
+from gcd import cycle
 from gcd.engine import DockerEngine
 from gcd.model import EngineInfo, Image, Snapshot, StateView
 from gcd.state import Store
@@ -318,9 +318,9 @@ def planner(runs: int, bench: Rows) -> None:
     for n in (10_000, 100_000):
         snapshot = synthetic(n)
         now = datetime.now(UTC) + timedelta(days=1)
-        times = samples(partial(policy.plan, snapshot, config, state, now), max(runs, 5))
+        times = samples(partial(cycle.plan, snapshot, config, state, now), max(runs, 5))
         tracemalloc.start()
-        policy.plan(snapshot, config, state, now)
+        cycle.plan(snapshot, config, state, now)
         peak = tracemalloc.get_traced_memory()[1] / 1e6
         tracemalloc.stop()
         note = "target < 2 s" if n == 100_000 else ""
@@ -330,7 +330,7 @@ def planner(runs: int, bench: Rows) -> None:
         )
     distinct = synthetic(100_000, distinct=True)
     now = datetime.now(UTC) + timedelta(days=1)
-    times = samples(lambda: policy.plan(distinct, config, state, now), max(runs, 5))
+    times = samples(lambda: cycle.plan(distinct, config, state, now), max(runs, 5))
     bench.row(
         "planner alone, 100000 images, no tag name recurring",
         spread(times),
@@ -437,7 +437,7 @@ def main() -> int:
         snapshot = synthetic(args.plan_once, distinct=args.distinct)
         config = gcd_config.parse("version: 1\n" + POLICY, "bench.yaml")
         for _ in range(args.plans):
-            policy.plan(snapshot, config, StateView(new_store=False), EPOCH + timedelta(days=1))
+            cycle.plan(snapshot, config, StateView(new_store=False), EPOCH + timedelta(days=1))
     elif args.instructions:
         instructions(rows)
     elif args.planner_only:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
-from gcd import cycle
+from gcd import cycle, policy
 from gcd.errors import LockBusy
 from gcd.state import Store
 from tests.unit.fakeengine import FakeEngine
-from tests.unit.snapshots import NOW, cfg, iid
+from tests.unit.snapshots import NOW, cfg, iid, state
 
 KEEP_ONE = (
     "rules:\n  - {name: ci, match: {tag: '(?P<n>\\d+)'}, order_by: numeric(n), keep_last: 1}\n"
@@ -47,3 +48,27 @@ def test_a_reload_does_not_record_while_another_cycle_holds_the_lock(tmp_path: P
     cycle.compare(cfg(KEEP_ONE), cfg(KEEP_TWO), engine(), store, NOW)
     store.close()
     assert not Store(str(tmp_path)).new
+
+
+def test_planning_pauses_the_cyclic_collector_and_gives_it_back_as_it_found_it() -> None:
+    # The planner itself is pure; the cycle pauses the collector around it (cycle.plan).
+    seen: list[bool] = []
+    real = policy.plan
+
+    def plan(*args: object) -> object:
+        seen.append(gc.isenabled())
+        return real(*args)  # type: ignore[arg-type]
+
+    snap, _ = engine().snapshot({})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(policy, "plan", plan)
+        assert gc.isenabled()
+        cycle.plan(snap, cfg(KEEP_ONE), state(), NOW)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            cycle.plan(snap, cfg(KEEP_ONE), state(), NOW)
+            assert not gc.isenabled()  # a caller's choice stands
+        finally:
+            gc.enable()
+    assert seen == [False, False]
