@@ -71,7 +71,7 @@ def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) ->
                 f"younger than safety.min_age {fd(config.safety.min_age)} (age {fd(x.age)})"
             )
         for entry in config.protect:
-            hit = _hit(entry, x.image, full)
+            hit = protected_by(entry, x.image, full)
             if hit:
                 x.protections.append(f'protect[{entry.index}] {entry.kind} "{entry.value}" {hit}')
 
@@ -137,7 +137,8 @@ def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) ->
     return {i: _verdict(x, images, snapshot, config, now) for i, x in images.items()}
 
 
-def _hit(entry: Protect, image: Image, full: bool) -> str | None:
+def protected_by(entry: Protect, image: Image, full: bool) -> str | None:
+    """How a protect entry matches the image (for its reason), or None."""
     for tag in image.tags:
         if entry.kind == "ref" and (
             fnmatch.fnmatchcase(tag, entry.value)
