@@ -41,7 +41,7 @@ import docker
 from gcd import config as gcd_config
 from gcd import cycle
 from gcd.engine import DockerEngine
-from gcd.model import ImageEvent, Report, short_id
+from gcd.model import ImageEvent, Report, familiar, short_id
 from gcd.state import Store
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
@@ -276,14 +276,35 @@ class Oracle:
         """When the DELETEs in flight at `at_ns` were answered: by then the image was gone."""
         return max((a for _, a in self._in_flight(at_ns)), default=at_ns)
 
+    def _listed(self, started_ns: int) -> int:
+        """When the snapshot's image list was sent (the cycle's first)."""
+        with self.proxy._lock:
+            return min(
+                (
+                    s
+                    for m, p, s, _ in self.proxy.forwarded
+                    if m == "GET" and "/images/json?" in p and s >= started_ns
+                ),
+                default=started_ns,
+            )
+
     def _in_flight(self, at_ns: int) -> list[tuple[int, int]]:
         with self.proxy._lock:
             return [
                 (s, a) for m, _, s, a in self.proxy.forwarded if m == "DELETE" and s <= at_ns <= a
             ]
 
-    def judge(self, report: Report, events: tuple[ImageEvent, ...], figures: Figures) -> None:
+    def judge(
+        self, report: Report, events: tuple[ImageEvent, ...], figures: Figures, started_ns: int
+    ) -> None:
         plan = report.plan
+        # Who holds app:stable, as the cycle's own image list saw it; then by the events
+        # after that list was sent. (An event missed between two windows, one the engine
+        # published late, would otherwise leave an old holder here for good.)
+        listed_ns = self._listed(started_ns)
+        self.stable = next(
+            (i.id for i in plan.snapshot.images if STABLE in map(familiar, i.tags)), None
+        )
         acting = {d.image_id for d in plan.decisions if d.action == "remove" or d.untag}
         unplanned = set(report.unplanned())
         # What gcd said: tags put back, and tags it took but could not put back (the tag
@@ -292,7 +313,7 @@ class Oracle:
             o.error for o in report.outcomes.values() if o.error
         )
         for e in sorted(events, key=lambda e: e.time_ns):
-            if e.action == "tag" and e.name in (STABLE, f"docker.io/library/{STABLE}"):
+            if e.action == "tag" and familiar(e.name or "") == STABLE and e.time_ns > listed_ns:
                 self.stable = e.image_id
             elif e.action == "delete" and _ID.fullmatch(e.name or e.image_id):
                 self._deleted(e, report, unplanned, figures)
@@ -435,6 +456,7 @@ def run(
             judged = time.time_ns()  # events up to here belong to earlier cycles
             for n in range(rounds):
                 _widen(proxy, rng, most=0.04)
+                started = time.time_ns()
                 report = cycle.run(cfg, gcd_engine, store, cycle.utcnow())
                 until = time.time_ns()
                 # An event is stamped before the engine publishes it: read the log a moment
@@ -442,7 +464,7 @@ def run(
                 time.sleep(0.05)
                 known = len(figures.wrong)
                 events = direct.events(judged + 1, until)
-                oracle.judge(report, events, figures)
+                oracle.judge(report, events, figures, started)
                 for wrong in figures.wrong[known:]:
                     out(f"interleaving {n + 1}: WRONG: {wrong}")
                 if len(figures.wrong) > known or report.unplanned():
