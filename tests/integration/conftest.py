@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ import pytest
 from gcd.model import familiar
 from gcd.units import format_bytes
 from tests.dockerd import PrivateEngine
+
+# When the fixture images were built: long ago, so that only the rules decide.
+WHEN = datetime(2026, 3, 1, tzinfo=UTC)
+# No protection by age, no fraction guard: the tests' policies then say all that is kept.
+NO_AGE_GUARDS = "safety: {min_age: 0s, max_removal_fraction: 1.0}\ndangling: {min_age: 0s}\n"
 
 pytestmark = pytest.mark.integration
 

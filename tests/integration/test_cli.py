@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -18,6 +17,8 @@ from gcd.model import short_id
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
 from tests.integration.conftest import (
+    NO_AGE_GUARDS,
+    WHEN,
     Gcd,
     engine_line,
     ids_now,
@@ -28,16 +29,16 @@ from tests.integration.conftest import (
 )
 from tests.proxy import Delay, FaultProxy
 
-WHEN = datetime(2026, 3, 1, tzinfo=UTC)
-POLICY = r"""
-safety: {min_age: 0s, max_removal_fraction: 1.0}
-dangling: {min_age: 0s}
+POLICY = (
+    NO_AGE_GUARDS
+    + r"""
 rules:
   - name: ci
     match: {repository: app, tag: '(?P<n>\d+)'}
     order_by: numeric(n)
     keep_last: 1
 """
+)
 
 
 def two_builds(client: docker.APIClient) -> tuple[str, str]:

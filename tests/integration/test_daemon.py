@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
@@ -20,18 +19,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
-from tests.integration.conftest import ids_now, store_bytes, tags_now
+from tests.integration.conftest import NO_AGE_GUARDS, WHEN, ids_now, store_bytes, tags_now
 
-WHEN = datetime(2026, 3, 1, tzinfo=UTC)
-RULES = r"""
-safety: {min_age: 0s, max_removal_fraction: 1.0}
-dangling: {min_age: 0s}
+RULES = (
+    NO_AGE_GUARDS
+    + r"""
 rules:
   - name: ci
     match: {tag: '(?P<n>\d+)'}
     order_by: numeric(n)
     keep_last: KEEP
 """
+)
 
 
 def free_port() -> int:

@@ -10,9 +10,9 @@ import pytest
 from gcd.model import short_id
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
-from tests.integration.conftest import Gcd, ids_now, store_bytes, tags_now
+from tests.integration.conftest import WHEN, Gcd, ids_now, store_bytes, tags_now
 
-SAME_TIME = datetime(2026, 3, 1, tzinfo=UTC)
+SAME_TIME = WHEN
 NO_GUARDS = """
 safety: {min_age: 0s, max_removal_fraction: 1.0, keep_one_per_repository: false}
 dangling: {min_age: 0s}

@@ -6,17 +6,18 @@ import docker
 
 from gcd.model import short_id
 from tests.images import legacy_build
-from tests.integration.conftest import Gcd, full_id, ids_now, tags_now
+from tests.integration.conftest import NO_AGE_GUARDS, Gcd, full_id, ids_now, tags_now
 
-POLICY = r"""
-safety: {min_age: 0s, max_removal_fraction: 1.0}
-dangling: {min_age: 0s}
+POLICY = (
+    NO_AGE_GUARDS
+    + r"""
 rules:
   - name: builds
     match: {repository: demo, tag: '(?P<version>\d+(\.\d+)*)'}
     order_by: semver(version)
     keep_last: 1
 """
+)
 
 
 def test_seed_story_end_to_end(gcd: Gcd, client: docker.APIClient) -> None:
