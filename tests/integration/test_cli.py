@@ -140,7 +140,7 @@ def test_bad_config_exits_2_names_every_problem_and_removes_nothing(
     path = gcd.config(POLICY)
     risky = gcd("check-config", str(path))
     assert (risky.returncode, risky.stdout) == (0, "ok\n")
-    assert risky.stderr.startswith(f"{path}:6: safety.min_age: warning: 0s is below 10m: ")
+    assert risky.stderr.startswith(f"{path}:5: safety.min_age: warning: 0s is below 10m: ")
 
 
 def test_unreachable_engine_exits_3_naming_the_address(gcd: Gcd, tmp_path) -> None:  # type: ignore[no-untyped-def]

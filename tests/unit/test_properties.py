@@ -298,8 +298,7 @@ def test_no_cycle_removes_more_than_max_removals_per_run_and_the_oldest_go_first
     assert len(direct) <= cap
     capped = [d for d in plan.decisions if any("max_removals_per_run" in r for r in d.reasons)]
     if capped:
-        assert len(direct) == cap
-
+        # (Fewer than the cap may go: a capped image keeps its parents.)
         def age(image_id: str) -> timedelta:
             found = policy.image_age(snap.image(image_id), view, NOW)
             return timedelta.max if found is None else found  # no signal counts as oldest
