@@ -250,14 +250,25 @@ class DockerEngine:
             return {}
 
         def one(image_id: str) -> tuple[str, ImageFacts | None]:
-            if stop():
-                raise Stopped("stopped while reading the engine")
-            try:
-                return image_id, self._inspect(
-                    image_id, tags_of[image_id], facts.get(image_id), sized
-                )
-            except NotFoundError:
-                return image_id, None  # deleted between the list and the inspect
+            for attempt in range(LIST_ATTEMPTS):
+                if stop():
+                    raise Stopped("stopped while reading the engine")
+                try:
+                    return image_id, self._inspect(
+                        image_id, tags_of[image_id], facts.get(image_id), sized
+                    )
+                except NotFoundError:
+                    return image_id, None  # deleted between the list and the inspect
+                except EngineUnavailable:
+                    raise
+                except EngineError:
+                    # Docker 28's containerd store answers 500 ("consistency error: data
+                    # changed during operation, retry") to an inspect that meets a delete:
+                    # asked again, as the list is, before the cycle gives up.
+                    if attempt == LIST_ATTEMPTS - 1:
+                        raise
+                    time.sleep(LIST_RETRY_DELAY)
+            raise AssertionError("unreachable")
 
         self.api_version()  # negotiated once, before the threads start
         learned: dict[str, ImageFacts] = {}

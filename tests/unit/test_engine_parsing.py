@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gcd import engine
+from gcd.engine import DockerEngine
+from gcd.errors import EngineError
+from gcd.model import ImageFacts
 
 
 def test_ids_without_sha256_get_it_as_docker_writes_them() -> None:
@@ -78,3 +83,28 @@ def test_podman_events_read_as_dockers() -> None:
         f"sha256:{bare}",
         1796408964985227169,
     )
+
+
+def test_a_first_sight_inspect_the_engine_fails_is_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Docker 28.5, containerd store, race suite: an inspect meeting a delete answered 500
+    # "consistency error: data changed during operation, retry", and the whole cycle failed.
+    engine = DockerEngine("unix:///nonexistent.sock", 5)
+    answers: list[object] = [EngineError("consistency error: data changed during operation, retry")]
+    facts = ImageFacts(("a:1",), (), (), None)
+
+    def inspect(*_: object) -> ImageFacts:
+        if answers:
+            raise answers.pop()  # type: ignore[misc]
+        return facts
+
+    monkeypatch.setattr(engine, "_inspect", inspect)
+    monkeypatch.setattr(engine, "api_version", lambda: "1.41")
+    monkeypatch.setattr("gcd.engine.LIST_RETRY_DELAY", 0)
+    assert engine._inspect_all(["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False) == {
+        "sha256:a": facts
+    }
+    answers[:] = [EngineError("boom")] * 5  # it gives up in the end
+    with pytest.raises(EngineError, match="boom"):
+        engine._inspect_all(["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False)
