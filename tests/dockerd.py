@@ -230,8 +230,9 @@ def make_certificates(folder: str, names: str = "IP:127.0.0.1,DNS:localhost") ->
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
 
     key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    # Key usage on the CA: Python 3.13's strict verification refuses a CA without it.
     openssl("req", "-x509", *key, "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "3",
-            "-subj", "/CN=gcd test CA")  # fmt: skip
+            "-subj", "/CN=gcd test CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
     for name, subject, extensions in (
         ("server", "/CN=localhost", f"subjectAltName={names}\nextendedKeyUsage=serverAuth"),
         ("client", "/CN=gcd", "extendedKeyUsage=clientAuth"),
