@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import yaml
 
 from gcd.patterns import Pattern, PatternError
-from gcd.units import format_duration, parse_duration
+from gcd.units import parse_duration
 
 STANDARD = "tag:yaml.org,2002:"
 MAX_DURATION = timedelta(days=3650)  # ten years: a schedule or an age longer means a typo
@@ -355,7 +355,3 @@ def table(rows: list[tuple[str, Option]]) -> str:
 
 def rows(cls: type, prefix: str = "") -> list[tuple[str, Option]]:
     return [(prefix + f.name, f.option) for f in declared(cls)]
-
-
-def shown_duration(value: timedelta) -> str:
-    return f"`{format_duration(value)}`"
