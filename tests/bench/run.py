@@ -206,8 +206,8 @@ class Bench:
         )
         self.client.remove_image("bench/expire:b9999")
         raw_time = timed(raw, self.runs, before=lambda: load(self.client, specs))
-        # gcd's own concurrency on this engine (engine.REMOVE_WORKERS_LISTING off the
-        # classic store): the engine's delete rate at that many, for comparison.
+        # gcd's own concurrency on this engine (engine.REMOVE_WORKERS_CONTAINERD or
+        # REMOVE_WORKERS_PODMAN off the classic store): the engine's delete rate at that many.
         engine = DockerEngine(self.engine.url, 600)
         engine.snapshot({})
         workers = engine.removal_workers()

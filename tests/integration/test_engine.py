@@ -257,8 +257,9 @@ def test_the_engine_kind_and_store_are_detected_and_reported(
     }[dockerd.kind.name]
     assert (info.kind, info.store) == (dockerd.kind.engine, expected_store)
     # Where each removal waits for a fresh image list, more of them share one list.
-    classic = info.kind == "docker" and info.store != "containerd"
-    assert engine.removal_workers() == (8 if classic else 64)
+    podman = dockerd.kind.engine == "podman"
+    workers = 256 if expected_store == "containerd" else 64 if podman else 8
+    assert engine.removal_workers() == workers
     assert info.server_version == version["Version"]
     name = "Podman" if dockerd.kind.engine == "podman" else "Docker"
     shown = "containerd image store" if expected_store == "containerd" else expected_store
