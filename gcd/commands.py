@@ -11,7 +11,7 @@ import time
 
 from gcd import config, cycle, report
 from gcd.errors import EngineUnavailable, GcdError, Stopped, UsageError
-from gcd.model import Plan, Report
+from gcd.model import ContainerOutcome, Outcome, Plan, Report
 from gcd.signals import Held
 from gcd.state import Store
 
@@ -101,7 +101,11 @@ def run(cfg: config.Config, output: str, held: Held) -> int:
     print(report.to_json(result) if output == "json" else report.to_text(result), end="")
     if result.state_problem:
         print(f"gcd: {result.state_problem}; {cycle.STATE_PROBLEM_EFFECT}", file=sys.stderr)
-    lost = next((o for o in result.outcomes.values() if o.code == "engine_down" and o.error), None)
+    outcomes: list[Outcome | ContainerOutcome] = [
+        *result.container_outcomes.values(),
+        *result.outcomes.values(),
+    ]
+    lost = next((o for o in outcomes if o.code == "engine_down" and o.error), None)
     if lost is not None:
         # The rest of the plan was skipped unsent: the engine, not a removal, failed.
         print(
@@ -109,7 +113,7 @@ def run(cfg: config.Config, output: str, held: Held) -> int:
             file=sys.stderr,
         )
         return EngineUnavailable.exit_code
-    return 1 if result.count("failed") or result.unplanned() or result.state_problem else 0
+    return 1 if result.failed() else 0
 
 
 def write_textfile(cfg: config.Config, result: Report | None, duration: float) -> None:

@@ -341,9 +341,14 @@ class Protect:
     """One `protect` entry; `index` is its position, for reasons that name it."""
 
     index: int
-    kind: Literal["ref", "tag", "label", "id"]
+    kind: Literal["ref", "tag", "label", "id", "name"]
     value: str
     regex: Pattern | None = None
+
+    def labels_match(self, labels: Mapping[str, str]) -> bool:
+        """A `label` entry: `key` (any value) or `key=value` among `labels`."""
+        key, has_value, value = self.value.partition("=")
+        return key in labels and (not has_value or labels[key] == value)
 
 
 @dataclass(frozen=True)
@@ -378,12 +383,34 @@ class _ProtectEntry:
 
 
 @dataclass(frozen=True)
+class _ContainerProtectEntry:
+    """The keys of a `containers.protect` entry (exactly one of them)."""
+
+    name: str | None = option(
+        None,
+        Text(),
+        '`name: "keep-*"`',
+        "a glob (`*`, `?`, `[...]`) on the container's name",
+    )
+    label: str | None = option(
+        None,
+        Text(),
+        '`label: "org.example.keep"`',
+        "a container label: `key` (any value) or `key=value`",
+    )
+
+
+@dataclass(frozen=True)
 class _ProtectList:
+    """A list of protect entries, each with exactly one of the keys of `entry`."""
+
+    entry: type = _ProtectEntry
+
     def read(self, r: Reader, node: yaml.Node, path: str) -> tuple[Protect, ...] | None:
         if not isinstance(node, yaml.SequenceNode):
             r.problem(node, path, f"expected a list, got {r.describe(node)}")
             return None
-        kinds = tuple(f.name for f in declared(_ProtectEntry))
+        kinds = tuple(f.name for f in declared(self.entry))
         entries = []
         for i, item in enumerate(node.value):
             at = f"{path}[{i}]"
@@ -391,7 +418,7 @@ class _ProtectList:
             if found is None:
                 continue
             if len(found) != 1:
-                r.problem(item, at, "expected exactly one of ref, tag, label, id")
+                r.problem(item, at, f"expected exactly one of {', '.join(kinds)}")
                 continue
             ((kind, value_node),) = found.items()
             value = r.string(value_node, f"{at}.{kind}")
@@ -425,7 +452,7 @@ class _ProtectList:
                 "required": [f.name],
                 "additionalProperties": False,
             }
-            for f in declared(_ProtectEntry)
+            for f in declared(self.entry)
         ]
         return {"type": "array", "items": {"oneOf": one_of}}
 
@@ -602,6 +629,24 @@ class DanglingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ContainersConfig:
+    remove_exited_after: timedelta | None = option(
+        None,
+        Duration(nullable=True),
+        "none",
+        "Remove containers that exited this long ago (by their finish time), or were created "
+        "this long ago and never started (`7d`). Never running, paused or restarting ones, "
+        "and never a volume. `null`: gcd removes no container.",
+    )
+    protect: tuple[Protect, ...] = option(
+        (),
+        _ProtectList(_ContainerProtectEntry),
+        "`[]`",
+        "Containers that are never removed (below).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     version: int = option(
         1, _Version(), "required", "Always `1`.", required="required; write `version: 1` at the top"
@@ -650,6 +695,12 @@ class Config:
         Boolean(),
         "`false`",
         "Untag expired tags that sit on an image kept for another reason.",
+    )
+    containers: ContainersConfig = option(
+        ContainersConfig(),
+        Section(ContainersConfig),
+        "",
+        "Stopped containers gcd removes, which frees the images they pin (below).",
     )
     source: str | None = None
     # Settings that are valid but risky, each as file:line: key: warning: why.
@@ -804,8 +855,11 @@ def docs_tables() -> dict[str, str]:
             rule_rows += rows(_Match, "match.")
         else:
             rule_rows.append((key, o))
-    protect = ["| entry | matches |", "|---|---|"]
-    protect += [f"| {o.default} | {o.meaning} |" for _, o in rows(_ProtectEntry)]
+
+    def entries(cls: type) -> str:
+        lines = ["| entry | matches |", "|---|---|"]
+        return "\n".join(lines + [f"| {o.default} | {o.meaning} |" for _, o in rows(cls)])
+
     return {
         "top": table(rows(Config)),
         "engine": table(rows(EngineConfig)),
@@ -813,15 +867,16 @@ def docs_tables() -> dict[str, str]:
         "schedule": table(rows(ScheduleConfig)),
         "metrics": table(rows(MetricsConfig)),
         "safety": table(rows(SafetyConfig)),
-        "protect": "\n".join(protect),
+        "protect": entries(_ProtectEntry),
         "rules": table(rule_rows),
         "dangling": table(rows(DanglingConfig)),
+        "containers": table(rows(ContainersConfig)),
+        "containers.protect": entries(_ContainerProtectEntry),
     }
 
 
 def option_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every key the configuration takes, as a path: `engine.tls.verify`, `rules[].match.tag`."""
-    entries: dict[type, type] = {_ProtectList: _ProtectEntry, _RuleList: _RuleKeys}
     keys = []
     for f in declared(cls):
         path = prefix + f.name
@@ -829,6 +884,8 @@ def option_keys(cls: type = Config, prefix: str = "") -> list[str]:
         kind = f.option.kind
         if isinstance(kind, Section):
             keys += option_keys(kind.cls, f"{path}.")
-        elif type(kind) in entries:
-            keys += option_keys(entries[type(kind)], f"{path}[].")
+        elif isinstance(kind, _ProtectList):
+            keys += option_keys(kind.entry, f"{path}[].")
+        elif isinstance(kind, _RuleList):
+            keys += option_keys(_RuleKeys, f"{path}[].")
     return keys

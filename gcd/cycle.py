@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from gcd import executor, policy
+from gcd import containers, executor, policy
 from gcd.config import Config
 from gcd.engine import DockerEngine, Engine
-from gcd.model import Plan, Report, Snapshot, StateView
+from gcd.model import ContainerDecision, Plan, Report, Snapshot, StateView
 from gcd.state import Store
 
 # What a state store problem means for the cycle it happened in (after the problem itself).
@@ -58,10 +58,16 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
+def plan(
+    snapshot: Snapshot,
+    config: Config,
+    state: StateView,
+    now: datetime,
+    stopped: tuple[ContainerDecision, ...] = (),
+) -> Plan:
     """policy.plan, with the collector paused."""
     with collector_paused():
-        return policy.plan(snapshot, config, state, now)
+        return policy.plan(snapshot, config, state, now, stopped)
 
 
 def prepare(
@@ -74,7 +80,9 @@ def prepare(
     """Snapshot the engine, record what it shows, and plan. Removes nothing."""
     snapshot, learned = engine.snapshot(store.facts(), stop)
     state = store.observe(snapshot, learned, now)
-    return plan(snapshot, config, state, now)
+    wanted = containers.candidates(snapshot, config.containers, now)
+    stopped = containers.plan(snapshot, config.containers, engine.stopped(wanted), now)
+    return plan(snapshot, config, state, now, stopped)
 
 
 def run(

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -22,7 +22,9 @@ from typing import Any, Generic, Protocol, TypeVar
 from gcd import layers
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import (
+    REMOVABLE_STATES,
     Container,
+    ContainerState,
     Deletion,
     EngineInfo,
     Image,
@@ -79,6 +81,14 @@ class Engine(Protocol):
 
     def target(self, ref: str) -> str | None:
         """The ID of the image a tag names now, or None if it names none."""
+
+    def stopped(self, container_ids: Sequence[str]) -> dict[str, ContainerState]:
+        """Each container's state and finish time as an inspect shows it now (one gone is
+        left out)."""
+
+    def remove_container(self, container_id: str) -> None:
+        """Remove a stopped container, never forced and never its volumes (ConflictError on
+        409, NotFoundError on 404)."""
 
     def recheck(self, image_id: str) -> Recheck | None:
         """The image as a read begun after this call shows it (see Recheck), or None if it
@@ -386,7 +396,43 @@ class DockerEngine:
             tuple(pruned),
         )
 
+    def stopped(self, container_ids: Sequence[str]) -> dict[str, ContainerState]:
+        def one(container_id: str) -> tuple[str, ContainerState | None]:
+            try:
+                raw = self._json(f"/containers/{container_id}/json")
+            except NotFoundError:
+                return container_id, None
+            state = raw.get("State") if isinstance(raw, dict) else None
+            if not isinstance(state, dict) or not isinstance(state.get("Status"), str):
+                raise EngineError(
+                    f"the Docker engine at {self.url} answered an inspect of container "
+                    f"{container_id[:12]} without its state"
+                )
+            return container_id, ContainerState(
+                state["Status"], _parse_time(state.get("FinishedAt"))
+            )
+
+        if not container_ids:
+            return {}
+        self.api_version()  # negotiated once, before the threads start
+        with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(container_ids))) as pool:
+            return {i: s for i, s in pool.map(one, container_ids) if s is not None}
+
     # --- removing --------------------------------------------------------------------------
+
+    def remove_container(self, container_id: str) -> None:
+        # force=0: the engine refuses a running container (409). v=0: no volume goes with it.
+        try:
+            self._json(f"/containers/{container_id}?force=0&v=0", "DELETE")
+        except (ConflictError, NotFoundError, EngineUnavailable):
+            raise
+        except EngineError as e:
+            # Podman answers 500, not 409, to a container that runs again ("container state
+            # improper"): the container as it is now says which it was.
+            now = self.stopped([container_id]) if self._kind == "podman" else {}
+            if container_id in now and now[container_id].state not in REMOVABLE_STATES:
+                raise ConflictError(str(e)) from None
+            raise
 
     def target(self, ref: str) -> str | None:
         try:
@@ -657,6 +703,7 @@ def _container(raw: Mapping[str, Any]) -> Container:
         image=raw.get("Image") or "",
         state=raw.get("State") or "unknown",
         created=datetime.fromtimestamp(int(raw.get("Created") or 0), UTC),
+        labels=dict(raw.get("Labels") or {}),
     )
 
 

@@ -31,6 +31,9 @@ from datetime import datetime
 from gcd.engine import Engine
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
 from gcd.model import (
+    REMOVABLE_STATES,
+    ContainerDecision,
+    ContainerOutcome,
     Decision,
     Deletion,
     Outcome,
@@ -116,6 +119,10 @@ def execute(
     leave that work to the other.
     """
     run = _Run(plan, engine, stop)
+    # Stopped containers first: the images they pinned are planned to go after them.
+    container_outcomes = {
+        c.container_id: _remove_container(run, c) for c in plan.container_removals()
+    }
     outcomes: dict[str, Outcome] = {}
 
     def run_group(group: list[Decision]) -> None:
@@ -150,9 +157,51 @@ def execute(
             code="unplanned",
         )
         _log(d, outcomes[d.image_id])
-    report = Report(plan, False, started_at, outcomes)
+    report = Report(plan, False, started_at, outcomes, container_outcomes=container_outcomes)
     reclaimed = sum(plan.snapshot.freed_bytes(report.removed()).values())
     return dataclasses.replace(report, reclaimed_bytes=reclaimed)
+
+
+def _remove_container(run: _Run, c: ContainerDecision) -> ContainerOutcome:
+    """Remove one stopped container the plan names, unless an inspect right before shows it
+    ran again (another finish time) or runs now; the engine refuses a running one itself."""
+    try:
+        run.check()
+        now = run.engine.stopped([c.container_id]).get(c.container_id)
+        if now is None:
+            outcome = ContainerOutcome("skipped", "already gone", code="gone")
+        elif now.state not in REMOVABLE_STATES:
+            outcome = ContainerOutcome("skipped", f"{now.state} now", code="changed")
+        elif now.finished is not None and now.finished != c.since:
+            outcome = ContainerOutcome("skipped", "it ran again since the plan", code="changed")
+        else:
+            run.check()
+            run.engine.remove_container(c.container_id)
+            outcome = ContainerOutcome("done")
+    except _Halt as e:
+        if e.code == "engine_down":
+            outcome = ContainerOutcome("skipped", "engine unreachable", code="engine_down")
+        else:
+            outcome = ContainerOutcome(
+                "skipped", "cycle stopped before this action", code="stopped"
+            )
+    except ConflictError as e:
+        outcome = ContainerOutcome("skipped", f"the engine refused: {e}", code="conflict")
+    except NotFoundError:
+        outcome = ContainerOutcome("skipped", "already gone", code="gone")
+    except EngineUnavailable as e:
+        run.engine_lost()
+        outcome = ContainerOutcome("failed", error=str(e), code="engine_down")
+    except EngineError as e:
+        outcome = ContainerOutcome("failed", error=str(e))
+    what = f"container {c.name} ({short_id(c.container_id)})"
+    if outcome.status == "done":
+        log.info("removed %s: %s", what, c.reason)
+    elif outcome.status == "skipped":
+        log.warning("skipped %s: %s", what, outcome.reason)
+    else:
+        log.error("failed %s: %s", what, outcome.error)
+    return outcome
 
 
 def _groups(plan: Plan) -> list[list[Decision]]:

@@ -178,6 +178,11 @@ class Metrics:
             "mid-removal) and put back on it.",
             registry=r,
         )
+        self.containers_removed = Counter(
+            "gcd_containers_removed",
+            "Stopped containers removed (containers.remove_exited_after).",
+            registry=r,
+        )
         self.state_errors = Counter(
             "gcd_state_errors",
             "Cycles whose state store could not be read, trusted or written (a full disk, a "
@@ -249,7 +254,9 @@ class Metrics:
         engine = snapshot.engine
         self.build_info.clear()
         self.build_info.labels(__version__, engine.kind, engine.store).set(1)
-        lost = any(o.code == "engine_down" for o in report.outcomes.values())
+        lost = any(o.code == "engine_down" for o in report.outcomes.values()) or any(
+            o.code == "engine_down" for o in report.container_outcomes.values()
+        )
         self.engine_up.set(0 if lost else 1)
         self.images.labels("keep").set(sum(1 for d in plan.decisions if d.action == "keep"))
         self.images.labels("remove").set(sum(1 for d in plan.decisions if d.action == "remove"))
@@ -283,7 +290,8 @@ class Metrics:
         self.unplanned_removals.inc(len(report.unplanned()))
         self.tags_restored.inc(len(report.restored()))
         self.bytes_reclaimed.inc(report.reclaimed_bytes)
-        failed = report.count("failed") or report.unplanned() or report.state_problem
+        self.containers_removed.inc(report.containers_removed())
+        failed = report.failed()
         result = "failure" if failed else "success"
         self.cycle_ended(result, duration, ended)
 

@@ -94,6 +94,38 @@ class Container:
     image: str
     state: str
     created: datetime
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def short_id(self) -> str:
+        return short_id(self.id)
+
+
+# The container states `containers.remove_exited_after` may remove: run and ended, or never
+# started. Never running, paused, restarting, removing or dead ones.
+REMOVABLE_STATES = ("exited", "created")
+
+
+class ContainerState(NamedTuple):
+    """A stopped container as an inspect shows it: its state (`exited`, `created`) and when
+    it finished (None if it never ran)."""
+
+    state: str
+    finished: datetime | None
+
+
+class ContainerDecision(NamedTuple):
+    """What the plan says of one stopped container (`containers.remove_exited_after`)."""
+
+    container_id: str
+    name: str
+    image_id: str
+    state: str
+    action: DecisionKind
+    reason: str
+    # When it finished (exited) or was created (never started): what its age counts from;
+    # the executor skips it if an inspect right before the removal shows another.
+    since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +263,8 @@ class Plan:
     now: datetime
     decisions: tuple[Decision, ...]
     reclaimable_bytes: int
+    # Stopped containers, when `containers.remove_exited_after` is set; removed first.
+    containers: tuple[ContainerDecision, ...] = ()
     _by_id: Mapping[str, Decision] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -240,6 +274,9 @@ class Plan:
 
     def removals(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.action == "remove")
+
+    def container_removals(self) -> tuple[ContainerDecision, ...]:
+        return tuple(c for c in self.containers if c.action == "remove")
 
     def decision(self, image_id: str) -> Decision:
         return self._by_id[image_id]
@@ -261,6 +298,16 @@ class Outcome:
     restored: tuple[str, ...] = ()
 
 
+class ContainerOutcome(NamedTuple):
+    """How a container removal ended: done, skipped (with a reason and a code: gone,
+    changed, conflict, stopped, engine_down) or failed (with the error)."""
+
+    status: OutcomeKind
+    reason: str | None = None
+    error: str | None = None
+    code: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Report:
     plan: Plan
@@ -270,12 +317,26 @@ class Report:
     reclaimed_bytes: int = 0
     # What gcd's state store could not read, vouch for or record in this cycle: an error.
     state_problem: str | None = None
+    # By container ID, for the plan's container removals.
+    container_outcomes: Mapping[str, ContainerOutcome] = field(default_factory=dict)
 
     def outcome(self, image_id: str) -> Outcome:
         return self.outcomes[image_id]
 
     def count(self, kind: OutcomeKind) -> int:
+        """Images whose outcome is `kind`."""
         return sum(1 for o in self.outcomes.values() if o.status == kind)
+
+    def containers_removed(self) -> int:
+        return sum(1 for o in self.container_outcomes.values() if o.status == "done")
+
+    def failed(self) -> bool:
+        """Whether the cycle failed (exit 1): a removal failed, the engine deleted what the
+        plan did not remove, or the state store had a problem."""
+        container_failed = any(o.status == "failed" for o in self.container_outcomes.values())
+        return bool(
+            self.count("failed") or container_failed or self.unplanned() or self.state_problem
+        )
 
     def unplanned(self) -> tuple[str, ...]:
         """Images the engine deleted that the plan did not remove: each is an error."""

@@ -20,6 +20,7 @@ import semver
 
 from gcd.config import Config, Protect, Rule
 from gcd.model import (
+    ContainerDecision,
     Decision,
     Image,
     Plan,
@@ -120,8 +121,16 @@ class _Verdict:
 _Tag = tuple[_Verdict, str, str]
 
 
-def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) -> Plan:
-    """Decide, for every image of the snapshot, whether it is kept or removed, and why."""
+def plan(
+    snapshot: Snapshot,
+    config: Config,
+    state: StateView,
+    now: datetime,
+    containers: tuple[ContainerDecision, ...] = (),
+) -> Plan:
+    """Decide, for every image of the snapshot, whether it is kept or removed, and why.
+    `containers` is the plan for stopped containers (gcd/containers.py): those it removes
+    keep no image."""
     verdicts = {
         i.id: _Verdict(
             i, image_age(i, state, now), state.first_seen.get(i.id), state.last_used.get(i.id)
@@ -129,7 +138,8 @@ def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) ->
         for i in snapshot.images
     }
     repositories = _by_repository(verdicts)
-    _protect(snapshot, config, verdicts)
+    leaving = frozenset(c.container_id for c in containers if c.action == "remove")
+    _protect(snapshot, config, verdicts, leaving)
     _apply_rules(config, verdicts, repositories, now, snapshot.engine.full_names)
     _mark_candidates(snapshot, config, state, now, verdicts)
     # Images whose parent is in the store: the legacy builder's, or none at all. The sweeps
@@ -145,7 +155,7 @@ def plan(snapshot: Snapshot, config: Config, state: StateView, now: datetime) ->
         _decide(snapshot, config.untag_expired, verdicts[i], freed.get(i, 0), now)
         for i in sorted(verdicts)
     )
-    return Plan(snapshot, now, decisions, sum(freed.values()))
+    return Plan(snapshot, now, decisions, sum(freed.values()), containers)
 
 
 def _by_repository(verdicts: dict[str, _Verdict]) -> dict[str, list[_Tag]]:
@@ -162,11 +172,13 @@ def _by_repository(verdicts: dict[str, _Verdict]) -> dict[str, list[_Tag]]:
 # --- protection -------------------------------------------------------------------------------
 
 
-def _protect(snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict]) -> None:
+def _protect(
+    snapshot: Snapshot, config: Config, verdicts: dict[str, _Verdict], leaving: frozenset[str]
+) -> None:
     full_names = snapshot.engine.full_names
     named: set[str] = set()  # ancestors already named a parent of an in-use image (once)
     for container in snapshot.containers:
-        if container.image_id not in verdicts:
+        if container.image_id not in verdicts or container.id in leaving:
             continue
         verdicts[container.image_id].protections += (
             f"in use by container {container.name} ({container.state})",
@@ -206,8 +218,7 @@ def _protect_hit(entry: Protect, image: Image, full_names: bool = False) -> str 
             if entry.regex.fullmatch(split_ref(tag)[1]):
                 return f"matches {tag}"
     elif entry.kind == "label":
-        key, has_value, value = entry.value.partition("=")
-        if key in image.labels and (not has_value or image.labels[key] == value):
+        if entry.labels_match(image.labels):
             return "matches the image's labels"
     elif entry.kind == "id" and image.id.removeprefix("sha256:").startswith(
         entry.value.removeprefix("sha256:")

@@ -8,16 +8,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gcd import __version__, policy
-from gcd.model import Decision, Outcome, Plan, Report, short_id
+from gcd.model import ContainerDecision, ContainerOutcome, Decision, Outcome, Plan, Report, short_id
 from gcd.units import format_bytes
 
 _COLUMNS = ("IMAGE", "TAGS", "DECISION", "SIZE", "REASON")
+# A kept container's outcome, as a kept image's: planned in a dry run, else done.
+_KEPT = {True: ContainerOutcome("planned"), False: ContainerOutcome("done")}
 
 
 def planned(plan: Plan, started_at: datetime) -> Report:
     """The report of a dry run: every outcome is `planned`."""
     outcomes = {d.image_id: Outcome(d.image_id, "planned") for d in plan.decisions}
-    return Report(plan, True, started_at, outcomes, 0)
+    stopped = {c.container_id: ContainerOutcome("planned") for c in plan.container_removals()}
+    return Report(plan, True, started_at, outcomes, 0, container_outcomes=stopped)
 
 
 def summary(report: Report) -> dict[str, int]:
@@ -36,6 +39,8 @@ def summary(report: Report) -> dict[str, int]:
         "tags_restored": len(report.restored()),
         "reclaimable_bytes": plan.reclaimable_bytes,
         "reclaimed_bytes": report.reclaimed_bytes,
+        "containers_to_remove": len(plan.container_removals()),
+        "containers_removed": report.containers_removed(),
     }
 
 
@@ -55,8 +60,24 @@ def to_json(report: Report) -> str:
         },
         "summary": summary(report),
         "decisions": [_decision(report, d) for d in _ordered(plan)],
+        "containers": [_container(report, c) for c in plan.containers],
     }
     return json.dumps(document, indent=2)
+
+
+def _container(report: Report, c: ContainerDecision) -> dict[str, Any]:
+    o = report.container_outcomes.get(c.container_id, _KEPT[report.dry_run])
+    reasons = [c.reason] + ([f"{o.status}: {o.reason}"] if o.reason else [])
+    return {
+        "container_id": c.container_id,
+        "name": c.name,
+        "image_id": c.image_id,
+        "state": c.state,
+        "decision": c.action,
+        "reasons": reasons,
+        "outcome": o.status,
+        "error": o.error,
+    }
 
 
 def _decision(report: Report, d: Decision) -> dict[str, Any]:
@@ -83,7 +104,9 @@ def _decision(report: Report, d: Decision) -> dict[str, Any]:
 def to_text(report: Report) -> str:
     """The engine it ran on, one row an image (removals first), then a summary line."""
     plan = report.plan
-    rows = [_COLUMNS if report.dry_run else (*_COLUMNS[:3], "OUTCOME", *_COLUMNS[3:])]
+    rows: list[tuple[str, ...]] = [
+        _COLUMNS if report.dry_run else (*_COLUMNS[:3], "OUTCOME", *_COLUMNS[3:])
+    ]
     for d in _ordered(plan):
         o = report.outcome(d.image_id)
         decision = "untag" if d.action == "keep" and d.untag else d.action
@@ -98,14 +121,37 @@ def to_text(report: Report) -> str:
         # A kept image with nothing to do has no outcome worth a word in the table.
         shown = "-" if d.action == "keep" and not d.untag and o.status == "done" else o.status
         rows.append(row if report.dry_run else (*row[:3], shown, *row[3:]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = [f"engine: {plan.snapshot.engine}"]
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows
-    ]
+    lines = [f"engine: {plan.snapshot.engine}", *_aligned(rows)]
+    if plan.containers:
+        lines += ["", *_aligned(_container_rows(report))]
     lines.append("")
     lines.append(summary_line(report))
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _container_rows(report: Report) -> list[tuple[str, ...]]:
+    """One row a stopped container, removals first."""
+    columns = ("CONTAINER", "NAME", "STATE", "DECISION", "REASON")
+    rows: list[tuple[str, ...]] = [
+        columns if report.dry_run else (*columns[:4], "OUTCOME", columns[4])
+    ]
+    for c in sorted(report.plan.containers, key=lambda c: (c.action != "remove", c.name)):
+        o = report.container_outcomes.get(c.container_id, _KEPT[report.dry_run])
+        reason = c.reason
+        if o.reason or o.error:
+            reason = f"{o.reason or o.error}; planned: {reason}"
+        row = (short_id(c.container_id), c.name, c.state, c.action, reason)
+        shown = "-" if c.action == "keep" else o.status
+        rows.append(row if report.dry_run else (*row[:4], shown, row[4]))
+    return rows
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns padded to their widest cell; the last one (the reason) runs on."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows
+    ]
 
 
 def tag_cell(tags: tuple[str, ...], shown: int = 2) -> str:
@@ -121,6 +167,10 @@ def tag_cell(tags: tuple[str, ...], shown: int = 2) -> str:
 def summary_line(report: Report) -> str:
     s = summary(report)
     counts = f"{s['images']} images, {s['remove']} to remove, {s['untag']} tags to untag, {s['keep']} kept"
+    if report.plan.containers and report.dry_run:
+        counts += f"; stopped containers to remove: {s['containers_to_remove']}"
+    elif report.plan.containers:
+        counts += f"; stopped containers removed: {s['containers_removed']} of {s['containers_to_remove']}"
     if report.dry_run:
         return f"plan: {counts}; {format_bytes(s['reclaimable_bytes'])} reclaimable (dry run: nothing removed)"
     return (

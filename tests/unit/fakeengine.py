@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from gcd.errors import ConflictError, NotFoundError
 from gcd.model import (
     Container,
+    ContainerState,
     Deletion,
     EngineInfo,
     Image,
@@ -56,6 +58,7 @@ class FakeEngine:
         self.images: dict[str, _Image] = {}
         self.refs: dict[str, str] = {}  # tag or digest reference -> image ID
         self.containers: dict[str, tuple[str, str]] = {}  # name -> (image ID, state)
+        self.finished: dict[str, datetime] = {}  # name -> when it exited
         self.log: list[ImageEvent] = []
         self.requests: list[tuple[str, str]] = []
         self.before: Callable[[str, str], None] = lambda method, target: None
@@ -91,9 +94,13 @@ class FakeEngine:
                 self._move(image_id, ref)
             self._event("load", image_id)
 
-    def run(self, name: str, image_id: str, state: str = "created") -> None:
+    def run(
+        self, name: str, image_id: str, state: str = "created", finished: datetime | None = None
+    ) -> None:
         with self._lock:
             self.containers[name] = (image_id, state)
+            if finished is not None:
+                self.finished[name] = finished
 
     def _move(self, image_id: str, ref: str) -> None:
         old = self.refs.get(ref)
@@ -131,10 +138,32 @@ class FakeEngine:
                 for i, img in self.images.items()
             )
             containers = tuple(
-                Container(f"c-{name}", name, i, i, state, NOW)
+                Container(f"c-{name}", name, i, i, state, NOW.replace(year=2025))
                 for name, (i, state) in self.containers.items()
             )
         return Snapshot(EngineInfo(self.url, "fake", "1.41"), images, containers), {}
+
+    def stopped(self, container_ids: Sequence[str]) -> dict[str, ContainerState]:
+        found = {}
+        for container_id in container_ids:
+            self._request("GET", container_id)
+            name = container_id.removeprefix("c-")
+            with self._lock:
+                if name in self.containers:
+                    found[container_id] = ContainerState(
+                        self.containers[name][1], self.finished.get(name)
+                    )
+        return found
+
+    def remove_container(self, container_id: str) -> None:
+        self._request("DELETE", container_id)
+        name = container_id.removeprefix("c-")
+        with self._lock:
+            if name not in self.containers:
+                raise NotFoundError(f"No such container: {container_id}")
+            if self.containers[name][1] not in ("exited", "created"):
+                raise ConflictError(f"cannot remove container {name}: it is running")
+            del self.containers[name]
 
     def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         self._request("GET", image_id)
@@ -150,7 +179,7 @@ class FakeEngine:
         with self._lock:
             lineage = {i for i in self.images if image_id in self._ancestry(i)}
             return tuple(
-                Container(f"c-{name}", name, i, i, state, NOW)
+                Container(f"c-{name}", name, i, i, state, NOW.replace(year=2025))
                 for name, (i, state) in sorted(self.containers.items())
                 if i in lineage
             )

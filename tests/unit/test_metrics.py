@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -13,7 +14,15 @@ from prometheus_client import generate_latest
 from gcd import __version__, policy
 from gcd import metrics as gcd_metrics
 from gcd.metrics import MAX_CONNECTIONS, Metrics
-from gcd.model import EngineInfo, Outcome, Report, Snapshot
+from gcd.model import (
+    ContainerDecision,
+    ContainerOutcome,
+    EngineInfo,
+    Outcome,
+    Plan,
+    Report,
+    Snapshot,
+)
 from tests.unit.snapshots import NOW, cfg, iid, image, snapshot, state
 
 
@@ -177,3 +186,27 @@ def test_build_info_names_the_engine_kind_and_store_once_a_cycle_read_it() -> No
         sample(metrics, "gcd_build_info", version=__version__, kind="podman", store="overlay") == 1
     )
     assert sample(metrics, "gcd_build_info", version=__version__, kind="", store="") is None
+
+
+def test_every_metric_is_in_the_metrics_reference() -> None:
+    documented = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    for family in Metrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"| `{name}` |" in documented, f"docs/metrics.md does not describe {name}"
+
+
+def test_removed_containers_are_counted() -> None:
+    snap = snapshot([image("a", ["app:1"])])
+    decided = ContainerDecision("c1", "job", iid("a"), "exited", "remove", "exited 4d ago")
+    plan = Plan(snap, NOW, policy.plan(snap, cfg(), state(), NOW).decisions, 0, (decided,))
+    outcomes = {iid("a"): Outcome(iid("a"), "done")}
+    metrics = Metrics()
+    done = Report(plan, False, NOW, outcomes, container_outcomes={"c1": ContainerOutcome("done")})
+    metrics.record(done, 1.0, 0.0)
+    assert sample(metrics, "gcd_containers_removed_total") == 1
+    failed = Report(
+        plan, False, NOW, outcomes, container_outcomes={"c1": ContainerOutcome("failed", error="x")}
+    )
+    metrics.record(failed, 1.0, 0.0)
+    assert sample(metrics, "gcd_containers_removed_total") == 1
+    assert sample(metrics, "gcd_cycles_total", result="failure") == 1
