@@ -90,6 +90,8 @@ def test_plan_and_dry_run_change_nothing_and_print_a_table(
         "tags_restored",
         "reclaimable_bytes",
         "reclaimed_bytes",
+        "containers_to_remove",
+        "containers_removed",
     }
 
 
