@@ -28,6 +28,7 @@ from gcd.options import (
     Reader,
     Regex,
     Section,
+    Size,
     Text,
     cut,
     declared,
@@ -629,6 +630,27 @@ class DanglingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BuildCacheConfig:
+    keep_storage: int | None = option(
+        None,
+        Size(),
+        "none",
+        "Keep at most this much BuildKit build cache (`10GB`, `512MiB`): each cycle removes "
+        "unused entries, least recently used first, until the cache fits.",
+    )
+    unused_for: timedelta | None = option(
+        None,
+        Duration(nullable=True),
+        "none",
+        "Each cycle, remove cache entries unused this long (`72h`).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.keep_storage is not None or self.unused_for is not None
+
+
+@dataclass(frozen=True, slots=True)
 class ContainersConfig:
     remove_exited_after: timedelta | None = option(
         None,
@@ -695,6 +717,12 @@ class Config:
         Boolean(),
         "`false`",
         "Untag expired tags that sit on an image kept for another reason.",
+    )
+    build_cache: BuildCacheConfig = option(
+        BuildCacheConfig(),
+        Section(BuildCacheConfig),
+        "",
+        "BuildKit's build cache, pruned each cycle (below).",
     )
     containers: ContainersConfig = option(
         ContainersConfig(),
@@ -871,6 +899,7 @@ def docs_tables() -> dict[str, str]:
         "rules": table(rule_rows),
         "dangling": table(rows(DanglingConfig)),
         "containers": table(rows(ContainersConfig)),
+        "build_cache": table(rows(BuildCacheConfig)),
         "containers.protect": entries(_ContainerProtectEntry),
     }
 

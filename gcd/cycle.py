@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from gcd import containers, executor, policy
+from gcd import buildcache, containers, executor, policy
 from gcd.config import Config
 from gcd.engine import DockerEngine, Engine
 from gcd.model import ContainerDecision, Plan, Report, Snapshot, StateView
@@ -82,7 +82,10 @@ def prepare(
     state = store.observe(snapshot, learned, now)
     wanted = containers.candidates(snapshot, config.containers, now)
     stopped = containers.plan(snapshot, config.containers, engine.stopped(wanted), now)
-    return plan(snapshot, config, state, now, stopped)
+    cache = None
+    if config.build_cache.enabled:
+        cache = buildcache.plan(engine.build_cache(), config.build_cache, now)
+    return dataclasses.replace(plan(snapshot, config, state, now, stopped), build_cache=cache)
 
 
 def run(

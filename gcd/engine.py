@@ -23,6 +23,7 @@ from gcd import layers
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import (
     REMOVABLE_STATES,
+    BuildCacheEntry,
     Container,
     ContainerState,
     Deletion,
@@ -30,6 +31,7 @@ from gcd.model import (
     Image,
     ImageEvent,
     ImageFacts,
+    Pruned,
     Recheck,
     Snapshot,
     split_ref,
@@ -107,6 +109,13 @@ class Engine(Protocol):
 
     def tag(self, image_id: str, ref: str) -> None:
         """Put the tag `ref` on an image (moving it if it names another)."""
+
+    def build_cache(self) -> tuple[BuildCacheEntry, ...] | None:
+        """BuildKit's cache entries, or None where the engine keeps no such cache (Podman)."""
+
+    def prune_build_cache(self, keep_storage: int | None, unused_for: int | None) -> Pruned:
+        """Remove unused cache entries: those unused for `unused_for` seconds, then the least
+        recently used until the cache holds at most `keep_storage` bytes."""
 
     def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
         """The engine's image events between two times on its clock (both included)."""
@@ -418,7 +427,47 @@ class DockerEngine:
         with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(container_ids))) as pool:
             return {i: s for i, s in pool.map(one, container_ids) if s is not None}
 
+    def build_cache(self) -> tuple[BuildCacheEntry, ...] | None:
+        if self._kind == "podman":
+            return None  # it answers 404 to /build/prune, and lists no cache
+        # `type` (API 1.42) spares the engine sizing every image, container and volume.
+        only_cache = _version_key(self.api_version()) >= (1, 42)
+        raw = self._json("/system/df?type=build-cache" if only_cache else "/system/df")
+        entries = raw.get("BuildCache") if isinstance(raw, dict) else None
+        if not isinstance(entries, list):
+            return ()
+        return tuple(
+            BuildCacheEntry(
+                str(e.get("ID", "")),
+                int(e.get("Size") or 0),
+                bool(e.get("InUse")),
+                _parse_time(e.get("LastUsedAt")) or _parse_time(e.get("CreatedAt")) or _EPOCH,
+            )
+            for e in entries
+            if isinstance(e, dict)
+        )
+
     # --- removing --------------------------------------------------------------------------
+
+    def prune_build_cache(self, keep_storage: int | None, unused_for: int | None) -> Pruned:
+        # all=1: any unused entry may go, not only those no build step names; BuildKit
+        # never removes one in use. Two requests: given both, BuildKit would remove only
+        # entries that are old *and* over the size.
+        asked = []
+        if unused_for is not None:
+            until = urllib.parse.quote(json.dumps({"until": [f"{unused_for}s"]}))
+            asked.append(f"/build/prune?all=1&filters={until}")
+        if keep_storage is not None:
+            asked.append(f"/build/prune?all=1&keep-storage={keep_storage}")
+        deleted: list[str] = []
+        reclaimed = 0
+        for path in asked:
+            answer = self._json(path, "POST")
+            if not isinstance(answer, dict):
+                raise EngineError(f"the Docker engine at {self.url} answered POST {path} oddly")
+            deleted += [str(i) for i in answer.get("CachesDeleted") or ()]
+            reclaimed += int(answer.get("SpaceReclaimed") or 0)
+        return Pruned(tuple(deleted), reclaimed)
 
     def remove_container(self, container_id: str) -> None:
         # force=0: the engine refuses a running container (409). v=0: no volume goes with it.
@@ -608,16 +657,16 @@ def _full_id(value: Any) -> str:
     return f"sha256:{text}" if _HEX_ID.fullmatch(text) else text
 
 
+def _version_key(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split("."))
+    except ValueError:
+        return (0,)
+
+
 def _capped(version: str) -> str:
     """The engine's API version, or MAX_API_VERSION if that is older."""
-
-    def key(text: str) -> tuple[int, ...]:
-        try:
-            return tuple(int(part) for part in text.split("."))
-        except ValueError:
-            return (0,)
-
-    return MAX_API_VERSION if key(version) > key(MAX_API_VERSION) else version
+    return MAX_API_VERSION if _version_key(version) > _version_key(MAX_API_VERSION) else version
 
 
 def _kind(version: Any) -> str:

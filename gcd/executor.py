@@ -32,6 +32,8 @@ from gcd.engine import Engine
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
 from gcd.model import (
     REMOVABLE_STATES,
+    BuildCacheOutcome,
+    BuildCachePlan,
     ContainerDecision,
     ContainerOutcome,
     Decision,
@@ -43,6 +45,7 @@ from gcd.model import (
     short_id,
     split_ref,
 )
+from gcd.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +160,39 @@ def execute(
             code="unplanned",
         )
         _log(d, outcomes[d.image_id])
-    report = Report(plan, False, started_at, outcomes, container_outcomes=container_outcomes)
+    report = Report(
+        plan,
+        False,
+        started_at,
+        outcomes,
+        container_outcomes=container_outcomes,
+        build_cache=_prune_build_cache(run, plan.build_cache),
+    )
     reclaimed = sum(plan.snapshot.freed_bytes(report.removed()).values())
     return dataclasses.replace(report, reclaimed_bytes=reclaimed)
+
+
+def _prune_build_cache(run: _Run, cache: BuildCachePlan | None) -> BuildCacheOutcome | None:
+    """Last, BuildKit's cache (`build_cache`): the engine removes only unused entries."""
+    if cache is None or not cache.available:
+        return None
+    try:
+        run.check()
+        pruned = run.engine.prune_build_cache(cache.keep_storage, cache.unused_for)
+    except _Halt:
+        return BuildCacheOutcome("skipped")
+    except EngineUnavailable as e:
+        run.engine_lost()
+        return BuildCacheOutcome("failed", error=str(e))
+    except EngineError as e:
+        log.error("failed to prune the build cache: %s", e)
+        return BuildCacheOutcome("failed", error=str(e))
+    log.info(
+        "pruned the build cache: %d entries, %s",
+        len(pruned.deleted),
+        format_bytes(pruned.reclaimed),
+    )
+    return BuildCacheOutcome("done", len(pruned.deleted), pruned.reclaimed)
 
 
 def _remove_container(run: _Run, c: ContainerDecision) -> ContainerOutcome:

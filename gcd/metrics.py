@@ -183,6 +183,16 @@ class Metrics:
             "Stopped containers removed (containers.remove_exited_after).",
             registry=r,
         )
+        self.build_cache_bytes = Gauge(
+            "gcd_build_cache_bytes",
+            "Bytes of BuildKit's build cache after the last cycle (build_cache set).",
+            registry=r,
+        )
+        self.build_cache_reclaimed = Counter(
+            "gcd_build_cache_reclaimed_bytes",
+            "Bytes the engine freed pruning the build cache (build_cache).",
+            registry=r,
+        )
         self.state_errors = Counter(
             "gcd_state_errors",
             "Cycles whose state store could not be read, trusted or written (a full disk, a "
@@ -264,6 +274,10 @@ class Metrics:
         self.images.labels("dangling").set(sum(1 for d in plan.decisions if d.dangling))
         self.store_bytes.set(sum(snapshot.freed_bytes({i.id for i in snapshot.images}).values()))
         self.reclaimable.set(plan.reclaimable_bytes)
+        cache, pruned = plan.build_cache, report.build_cache
+        if cache is not None and cache.available:
+            freed = pruned.reclaimed if pruned is not None and not report.dry_run else 0
+            self.build_cache_bytes.set(max(0, cache.bytes - freed))
         if report.dry_run:
             return
         for d in plan.decisions:
@@ -291,6 +305,8 @@ class Metrics:
         self.tags_restored.inc(len(report.restored()))
         self.bytes_reclaimed.inc(report.reclaimed_bytes)
         self.containers_removed.inc(report.containers_removed())
+        if report.build_cache is not None:
+            self.build_cache_reclaimed.inc(report.build_cache.reclaimed)
         failed = report.failed()
         result = "failure" if failed else "success"
         self.cycle_ended(result, duration, ended)

@@ -101,6 +101,43 @@ class Container:
         return short_id(self.id)
 
 
+class BuildCacheEntry(NamedTuple):
+    """One record of BuildKit's cache (`/system/df`)."""
+
+    id: str
+    size: int
+    in_use: bool
+    last_used: datetime  # or when it was made, if never used since
+
+
+class BuildCachePlan(NamedTuple):
+    """The build cache as the snapshot found it, and what `build_cache` would prune: an
+    estimate (BuildKit decides entry by entry; the report gives what it did)."""
+
+    entries: int
+    bytes: int
+    keep_storage: int | None
+    unused_for: int | None  # seconds
+    # (entries, bytes) it would prune for being unused long, then for the size.
+    unused: tuple[int, int] = (0, 0)
+    over: tuple[int, int] = (0, 0)
+    available: bool = True  # False: the engine keeps no BuildKit cache (Podman)
+
+
+class Pruned(NamedTuple):
+    """What one build cache prune removed, as the engine says."""
+
+    deleted: tuple[str, ...]
+    reclaimed: int
+
+
+class BuildCacheOutcome(NamedTuple):
+    status: OutcomeKind
+    entries: int = 0
+    reclaimed: int = 0
+    error: str | None = None
+
+
 # The container states `containers.remove_exited_after` may remove: run and ended, or never
 # started. Never running, paused, restarting, removing or dead ones.
 REMOVABLE_STATES = ("exited", "created")
@@ -265,6 +302,8 @@ class Plan:
     reclaimable_bytes: int
     # Stopped containers, when `containers.remove_exited_after` is set; removed first.
     containers: tuple[ContainerDecision, ...] = ()
+    # BuildKit's cache, when `build_cache` is set; pruned last.
+    build_cache: BuildCachePlan | None = None
     _by_id: Mapping[str, Decision] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -319,6 +358,7 @@ class Report:
     state_problem: str | None = None
     # By container ID, for the plan's container removals.
     container_outcomes: Mapping[str, ContainerOutcome] = field(default_factory=dict)
+    build_cache: BuildCacheOutcome | None = None
 
     def outcome(self, image_id: str) -> Outcome:
         return self.outcomes[image_id]
@@ -334,8 +374,13 @@ class Report:
         """Whether the cycle failed (exit 1): a removal failed, the engine deleted what the
         plan did not remove, or the state store had a problem."""
         container_failed = any(o.status == "failed" for o in self.container_outcomes.values())
+        cache_failed = self.build_cache is not None and self.build_cache.status == "failed"
         return bool(
-            self.count("failed") or container_failed or self.unplanned() or self.state_problem
+            self.count("failed")
+            or container_failed
+            or cache_failed
+            or self.unplanned()
+            or self.state_problem
         )
 
     def unplanned(self) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import yaml
 
 from gcd.patterns import Pattern, PatternError
-from gcd.units import parse_duration
+from gcd.units import SIZE_PATTERN, parse_duration, parse_size
 
 STANDARD = "tag:yaml.org,2002:"
 MAX_DURATION = timedelta(days=3650)  # ten years: a schedule or an age longer means a typo
@@ -142,6 +142,17 @@ class Reader:
             return None
         return value
 
+    def size(self, node: yaml.Node, path: str) -> int | None:
+        expected = "a size such as 500MB, 10GB, 2GiB or a number of bytes"
+        value = self.typed(node, path, ("str", "int"), expected)
+        if value is None:
+            return None
+        try:
+            return parse_size(str(value))
+        except ValueError:
+            self.problem(node, path, f"expected {expected}, got {cut(json.dumps(str(value)))}")
+            return None
+
     def choice(self, node: yaml.Node, path: str, options: tuple[str, ...]) -> str | None:
         value = self.typed(node, path, ("str",), f"one of {' | '.join(options)}")
         if value is not None and value not in options:
@@ -238,6 +249,18 @@ class Duration:
         if self.positive:
             text["not"] = {"pattern": "^(0+[smhdw])+$"}
         return {"anyOf": [text, {"type": "null"}]} if self.nullable else text
+
+
+@dataclass(frozen=True)
+class Size:
+    """Bytes: `10GB`, `512MiB`, `4096`; null for none."""
+
+    def read(self, r: Reader, node: yaml.Node, path: str) -> int | None:
+        return None if is_null(node) else r.size(node, path)
+
+    def schema(self) -> dict[str, Any]:
+        sizes = {"type": "string", "pattern": SIZE_PATTERN}
+        return {"anyOf": [sizes, {"type": "integer", "minimum": 0}, {"type": "null"}]}
 
 
 @dataclass(frozen=True)

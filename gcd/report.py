@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gcd import __version__, policy
 from gcd.model import ContainerDecision, ContainerOutcome, Decision, Outcome, Plan, Report, short_id
-from gcd.units import format_bytes
+from gcd.units import format_bytes, format_duration
 
 _COLUMNS = ("IMAGE", "TAGS", "DECISION", "SIZE", "REASON")
 # A kept container's outcome, as a kept image's: planned in a dry run, else done.
@@ -61,8 +61,54 @@ def to_json(report: Report) -> str:
         "summary": summary(report),
         "decisions": [_decision(report, d) for d in _ordered(plan)],
         "containers": [_container(report, c) for c in plan.containers],
+        "build_cache": _build_cache(report),
     }
     return json.dumps(document, indent=2)
+
+
+def _build_cache(report: Report) -> dict[str, Any] | None:
+    cache = report.plan.build_cache
+    if cache is None:
+        return None
+    o = report.build_cache
+    return {
+        "available": cache.available,
+        "entries": cache.entries,
+        "bytes": cache.bytes,
+        "planned_entries": cache.unused[0] + cache.over[0],
+        "planned_bytes": cache.unused[1] + cache.over[1],
+        "outcome": "planned" if report.dry_run or o is None else o.status,
+        "pruned_entries": 0 if o is None else o.entries,
+        "reclaimed_bytes": 0 if o is None else o.reclaimed,
+        "error": None if o is None else o.error,
+    }
+
+
+def build_cache_line(report: Report) -> str | None:
+    """One line on BuildKit's cache, when `build_cache` is set."""
+    cache = report.plan.build_cache
+    if cache is None:
+        return None
+    if not cache.available:
+        return "build cache: this engine keeps none (Podman); build_cache has nothing to prune"
+    text = f"build cache: {cache.entries} entries, {format_bytes(cache.bytes)}; "
+    o = report.build_cache
+    if not report.dry_run and o is not None and o.status == "done":
+        return text + f"pruned {o.entries} entries, {format_bytes(o.reclaimed)}"
+    if not report.dry_run and o is not None:
+        return text + f"prune {o.status}" + (f": {o.error}" if o.error else "")
+    parts = []
+    if cache.unused[0]:
+        parts.append(
+            f"{cache.unused[0]} unused for {format_duration(timedelta(seconds=cache.unused_for or 0))} or more"
+        )
+    if cache.over[0]:
+        parts.append(f"{cache.over[0]} over keep_storage {format_bytes(cache.keep_storage or 0)}")
+    if not parts:
+        return text + "nothing to prune"
+    entries = cache.unused[0] + cache.over[0]
+    size = format_bytes(cache.unused[1] + cache.over[1])
+    return text + f"would prune {entries} entries, {size} ({', '.join(parts)})"
 
 
 def _container(report: Report, c: ContainerDecision) -> dict[str, Any]:
@@ -125,6 +171,9 @@ def to_text(report: Report) -> str:
     if plan.containers:
         lines += ["", *_aligned(_container_rows(report))]
     lines.append("")
+    cache = build_cache_line(report)
+    if cache is not None:
+        lines.append(cache)
     lines.append(summary_line(report))
     return "\n".join(line.rstrip() for line in lines) + "\n"
 

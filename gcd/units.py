@@ -17,6 +17,28 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _PART.findall(text)))
 
 
+_SIZE_UNITS = {
+    "": 1, "B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}  # fmt: skip
+SIZE_PATTERN = r"^([0-9]+(\.[0-9]+)?) ?(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$"
+_SIZE = re.compile(SIZE_PATTERN)
+# No disk holds more (and a float of more loses bytes).
+MAX_SIZE = 2**60
+
+
+def parse_size(text: str) -> int:
+    """`10GB` (decimal, as `docker images` prints), `512MiB` (binary), `1.5TB`, `4096` (bytes),
+    as a whole number of bytes; raise ValueError."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(text)
+    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(3) or ""])
+    if value > MAX_SIZE:
+        raise ValueError(text)
+    return value
+
+
 def format_duration(delta: timedelta) -> str:
     """The largest two units of a duration: `3d4h`, `12m`, `45s`, `0s`."""
     seconds = max(0, int(delta.total_seconds()))

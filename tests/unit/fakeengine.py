@@ -18,6 +18,7 @@ from datetime import datetime
 
 from gcd.errors import ConflictError, NotFoundError
 from gcd.model import (
+    BuildCacheEntry,
     Container,
     ContainerState,
     Deletion,
@@ -25,6 +26,7 @@ from gcd.model import (
     Image,
     ImageEvent,
     ImageFacts,
+    Pruned,
     Recheck,
     Snapshot,
     short_id,
@@ -59,6 +61,10 @@ class FakeEngine:
         self.refs: dict[str, str] = {}  # tag or digest reference -> image ID
         self.containers: dict[str, tuple[str, str]] = {}  # name -> (image ID, state)
         self.finished: dict[str, datetime] = {}  # name -> when it exited
+        # BuildKit's cache as /system/df lists it (None: the engine has none, as Podman),
+        # and what a prune answers.
+        self.cache: tuple[BuildCacheEntry, ...] | None = ()
+        self.pruned = Pruned((), 0)
         self.log: list[ImageEvent] = []
         self.requests: list[tuple[str, str]] = []
         self.before: Callable[[str, str], None] = lambda method, target: None
@@ -154,6 +160,14 @@ class FakeEngine:
                         self.containers[name][1], self.finished.get(name)
                     )
         return found
+
+    def build_cache(self) -> tuple[BuildCacheEntry, ...] | None:
+        self._request("GET", "/system/df")
+        return self.cache
+
+    def prune_build_cache(self, keep_storage: int | None, unused_for: int | None) -> Pruned:
+        self._request("POST", f"/build/prune keep_storage={keep_storage} unused_for={unused_for}")
+        return self.pruned
 
     def remove_container(self, container_id: str) -> None:
         self._request("DELETE", container_id)
