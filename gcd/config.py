@@ -718,6 +718,14 @@ class Config:
         "`false`",
         "Untag expired tags that sit on an image kept for another reason.",
     )
+    regret_window: timedelta = option(
+        timedelta(hours=24),
+        Duration(),
+        "`24h`",
+        "A tag of an image gcd removed that comes back within this (built, pulled, loaded or "
+        "tagged again) is a regret: counted in `gcd_regret_total{rule}` and logged with what "
+        "removed it. `0s`: none are tracked.",
+    )
     build_cache: BuildCacheConfig = option(
         BuildCacheConfig(),
         Section(BuildCacheConfig),

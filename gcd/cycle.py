@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,6 +15,9 @@ from gcd.config import Config
 from gcd.engine import DockerEngine, Engine
 from gcd.model import ContainerDecision, Plan, Report, Snapshot, StateView
 from gcd.state import Store
+from gcd.units import format_duration
+
+log = logging.getLogger(__name__)
 
 # What a state store problem means for the cycle it happened in (after the problem itself).
 STATE_PROBLEM_EFFECT = (
@@ -99,8 +103,18 @@ def run(
     """A whole cycle under the state lock: prepare, then carry the plan out."""
     with store.lock(lock_wait, stop):
         plan = prepare(config, engine, store, now, stop)
+        regrets = store.regrets(plan.snapshot, config.regret_window, now)
         report = executor.execute(plan, engine, now, stop)
-    return dataclasses.replace(report, state_problem=store.cycle_problem)
+        if config.regret_window:
+            store.record_removed(report, now)
+    for r in regrets:
+        log.warning(
+            "regret: %s is back %s after gcd removed it (rule %s)",
+            r.tag,
+            format_duration(r.seen_at - r.removed_at),
+            r.rule,
+        )
+    return dataclasses.replace(report, state_problem=store.cycle_problem, regrets=regrets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -183,6 +183,13 @@ class Metrics:
             "Stopped containers removed (containers.remove_exited_after).",
             registry=r,
         )
+        self.regrets = Counter(
+            "gcd_regret",
+            "Tags of images gcd removed that came back within regret_window, by the rule "
+            "that expired them.",
+            ["rule"],
+            registry=r,
+        )
         self.build_cache_bytes = Gauge(
             "gcd_build_cache_bytes",
             "Bytes of BuildKit's build cache after the last cycle (build_cache set).",
@@ -305,6 +312,8 @@ class Metrics:
         self.tags_restored.inc(len(report.restored()))
         self.bytes_reclaimed.inc(report.reclaimed_bytes)
         self.containers_removed.inc(report.containers_removed())
+        for regret in report.regrets:
+            self.regrets.labels(regret.rule).inc()
         if report.build_cache is not None:
             self.build_cache_reclaimed.inc(report.build_cache.reclaimed)
         failed = report.failed()

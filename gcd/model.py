@@ -101,6 +101,15 @@ class Container:
         return short_id(self.id)
 
 
+class Regret(NamedTuple):
+    """A tag gcd removed (with its image) that came back within `regret_window`."""
+
+    tag: str
+    rule: str  # the rule that expired it, or "unmatched"
+    removed_at: datetime
+    seen_at: datetime
+
+
 class BuildCacheEntry(NamedTuple):
     """One record of BuildKit's cache (`/system/df`)."""
 
@@ -359,6 +368,8 @@ class Report:
     # By container ID, for the plan's container removals.
     container_outcomes: Mapping[str, ContainerOutcome] = field(default_factory=dict)
     build_cache: BuildCacheOutcome | None = None
+    # Tags removed within regret_window that this cycle found back.
+    regrets: tuple[Regret, ...] = ()
 
     def outcome(self, image_id: str) -> Outcome:
         return self.outcomes[image_id]

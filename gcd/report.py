@@ -62,6 +62,15 @@ def to_json(report: Report) -> str:
         "decisions": [_decision(report, d) for d in _ordered(plan)],
         "containers": [_container(report, c) for c in plan.containers],
         "build_cache": _build_cache(report),
+        "regrets": [
+            {
+                "tag": r.tag,
+                "rule": r.rule,
+                "removed_at": _iso(r.removed_at),
+                "seen_at": _iso(r.seen_at),
+            }
+            for r in report.regrets
+        ],
     }
     return json.dumps(document, indent=2)
 

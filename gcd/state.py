@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from gcd.errors import LockBusy, StateError, Stopped
-from gcd.model import ImageFacts, Snapshot, StateView
+from gcd.model import ImageFacts, Regret, Report, Snapshot, StateView
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS images (
     last_tag_time REAL,
     seal TEXT,
     created REAL
+);
+CREATE TABLE IF NOT EXISTS removed_tags (
+    tag TEXT PRIMARY KEY,
+    removed_at REAL NOT NULL,
+    rule TEXT NOT NULL
 );
 """
 # The columns a row is written and sealed with, in this order.
@@ -400,6 +405,59 @@ class Store:
             first_seen_dangling=_times(self._rows, "first_seen_dangling", stamp),
             last_used=_times(self._rows, "last_used", stamp),
         )
+
+    def regrets(self, snapshot: Snapshot, window: timedelta, now: datetime) -> tuple[Regret, ...]:
+        """The tags gcd removed within `window` that this snapshot shows again; each is
+        reported once. Records older than the window are dropped. A store that cannot be
+        read or written for this only loses regrets (said in the log), never a removal's
+        safety: nothing here decides what is kept."""
+        if self._db is None or not self.writable:
+            return ()
+        stamp, oldest = now.timestamp(), (now - window).timestamp()
+        present = {t for image in snapshot.images for t in image.tags}
+        found: list[Regret] = []
+        try:
+            rows = self._db.execute("SELECT tag, removed_at, rule FROM removed_tags").fetchall()
+            self._db.execute("BEGIN")
+            for tag, removed_at, rule in rows:
+                if not isinstance(removed_at, float | int) or not oldest <= removed_at <= stamp:
+                    self._db.execute("DELETE FROM removed_tags WHERE tag = ?", (tag,))
+                elif tag in present:
+                    when = datetime.fromtimestamp(removed_at, UTC)
+                    found.append(Regret(str(tag), str(rule), when, now))
+                    self._db.execute("DELETE FROM removed_tags WHERE tag = ?", (tag,))
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            log.warning(
+                "cannot read the removed tags in %s (regrets go uncounted): %s", self.path, e
+            )
+        return tuple(sorted(found))
+
+    def record_removed(self, report: Report, now: datetime) -> None:
+        """Remember the tags of the images this cycle removed, for regrets."""
+        if self._db is None or not self.writable:
+            return
+        removed = report.removed()
+        rows = [
+            (tag, now.timestamp(), dict(d.expired).get(tag, "unmatched"))
+            for d in report.plan.decisions
+            if d.image_id in removed
+            for tag in d.tags
+        ]
+        if not rows:
+            return
+        try:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO removed_tags VALUES (?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            log.warning(
+                "cannot record the removed tags in %s (regrets go uncounted): %s", self.path, e
+            )
 
     def _write(self) -> None:
         """Write what changed since the last write that succeeded, in one transaction. A

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from gcd import policy
 from gcd.errors import StateError
-from gcd.model import ImageFacts
+from gcd.model import ImageFacts, Outcome, Regret, Report
 from gcd.state import FILENAME, Store
-from tests.unit.snapshots import NOW, container, iid, image, snapshot
+from tests.unit.snapshots import NOW, cfg, container, iid, image, snapshot, state
 
 LATER = NOW + timedelta(hours=1)
 
@@ -290,3 +291,30 @@ def test_a_store_whose_first_cycle_never_came_is_still_new_not_lost(tmp_path: Pa
     assert store.new and store.problem is None
     view = store.observe(snapshot([image("x")]), {}, NOW)
     assert view.new_store and store.cycle_problem is None
+
+
+def test_a_removed_tag_that_comes_back_within_the_window_is_one_regret(tmp_path: Path) -> None:
+
+    before = snapshot([image("old", ["app:1", "app:x"]), image("new", ["app:2"]), image("d")])
+    config = cfg("unmatched: expire\nrules:\n  - {name: ci, match: {tag: '\\d+'}, keep_last: 1}\n")
+    plan = policy.plan(before, config, state(), NOW)
+    assert plan.decision(iid("old")).action == "remove"
+    outcomes = {d.image_id: Outcome(d.image_id, "done") for d in plan.decisions}
+    store = Store(str(tmp_path))
+    store.observe(before, {}, NOW)
+    store.record_removed(Report(plan, False, NOW, outcomes), NOW)
+    store.close()
+
+    store = Store(str(tmp_path))
+    later = NOW + timedelta(hours=2)
+    back = snapshot([image("rebuilt", ["app:1"]), image("new", ["app:2"])])
+    store.observe(back, {}, later)
+    assert store.regrets(back, timedelta(hours=24), later) == (Regret("app:1", "ci", NOW, later),)
+    assert store.regrets(back, timedelta(hours=24), later) == ()  # counted once
+    # app:x (unmatched: expire) comes back after the window: no regret, and forgotten.
+    again = snapshot([image("other", ["app:x"])])
+    store.observe(again, {}, NOW + timedelta(days=2))
+    assert store.regrets(again, timedelta(hours=24), NOW + timedelta(days=2)) == ()
+    assert store.regrets(again, timedelta(days=30), NOW + timedelta(days=2)) == ()
+    # A dry run's read-only store neither counts nor forgets.
+    assert Store(str(tmp_path), writable=False).regrets(back, timedelta(days=1), later) == ()
