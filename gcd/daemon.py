@@ -32,6 +32,7 @@ from gcd import cycle, report
 from gcd.config import Config
 from gcd.engine import DockerEngine
 from gcd.errors import ConfigError, EngineUnavailable, GcdError, LockBusy, Stopped
+from gcd.events import Follower
 from gcd.metrics import Metrics, Server
 from gcd.model import Report
 from gcd.signals import HELD, Held
@@ -103,6 +104,7 @@ class Daemon:
         self.engine: DockerEngine = cycle.connect(config)
         self.store: Store | None = None
         self.server: Server | None = None
+        self.follower: Follower | None = None
         self._bind_retry_at = 0.0  # when to try metrics.listen again; 0: never failed
         self.engine_down_since: datetime | None = None
         self.in_cycle = False
@@ -131,6 +133,8 @@ class Daemon:
         before (a SIGTERM then means no cycle at all, a SIGHUP a reload)."""
         self.store = Store(self.config.state_dir)
         self._serve_metrics()
+        self.follower = Follower(self.config, self.metrics)
+        self.follower.start()
         previous = {s: signal.getsignal(s) for s in HELD}
         if held is None:
             held = Held()
@@ -155,6 +159,7 @@ class Daemon:
             if self.scheduler.running:
                 self.scheduler.shutdown(wait=True)
             self.scheduler_thread.join()
+            self.follower.stop()
             if self.server is not None:
                 self.server.close()
             self.engine.close()
@@ -325,6 +330,10 @@ class Daemon:
             self.engine.close()
             self.engine = cycle.connect(new)
             log.info("engine is now %s", self.engine.url)
+            if self.follower is not None:  # it follows the new engine's events
+                self.follower.stop()
+                self.follower = Follower(new, self.metrics)
+                self.follower.start()
         for key, a, b in (
             ("metrics.listen", old.metrics.listen, new.metrics.listen),
             ("state_dir", old.state_dir, new.state_dir),

@@ -26,6 +26,7 @@ from gcd.model import (
     BuildCacheEntry,
     Container,
     ContainerState,
+    ContainerUse,
     Deletion,
     EngineInfo,
     Image,
@@ -36,7 +37,7 @@ from gcd.model import (
     Snapshot,
     split_ref,
 )
-from gcd.transport import Tls, open_transport
+from gcd.transport import Stream, Tls, open_transport
 
 T = TypeVar("T")
 _NO_TAG = "<none>:<none>"
@@ -550,6 +551,41 @@ class DockerEngine:
             e for e in map(_event, raw) if e is not None and since_ns <= e.time_ns <= until_ns
         )
 
+    # --- following (the daemon's event follower; not part of a cycle) -----------------------
+
+    def follow_uses(self, since_ns: int | None) -> Stream:
+        """The engine's container events from `since_ns` (replayed from the engine's recent
+        log) on, as they come: read them with `container_use`."""
+        self.api_version()  # the engine's kind is known from here
+        query: dict[str, str] = {}
+        if self._kind == "podman":
+            if since_ns is not None:  # whole seconds only (see events())
+                query["since"] = str(since_ns // 10**9)
+        else:
+            query["filters"] = json.dumps({"type": ["container"], "event": list(USE_ACTIONS)})
+            if since_ns is not None:
+                query["since"] = _api_time(since_ns)
+        return self.transport.stream(
+            f"/v{self.api_version()}/events?{urllib.parse.urlencode(query)}"
+        )
+
+    def container_image(self, container_id: str, name: str) -> str | None:
+        """The ID of the image a container was made from: its inspect says, or, once it is
+        gone (`docker run --rm`), the image its image name names now."""
+        try:
+            raw = self._json(f"/containers/{container_id}/json")
+        except EngineUnavailable:
+            raise
+        except EngineError:  # 404; Podman answers 500 "no such container"
+            try:
+                return self.target(name) if name else None
+            except EngineUnavailable:
+                raise
+            except EngineError:
+                return None
+        image = raw.get("Image") if isinstance(raw, dict) else None
+        return _full_id(image) if isinstance(image, str) and image else None
+
 
 class Fresh(Generic[T]):
     """A read shared by the threads that need it at the same time, and never older than the
@@ -602,6 +638,31 @@ class Fresh(Generic[T]):
 def _quoted(ref: str) -> str:
     """A reference or ID in a request path."""
     return urllib.parse.quote(ref, safe="/:@")
+
+
+# Container events that use an image.
+USE_ACTIONS = ("create", "start")
+
+
+def container_use(line: bytes) -> ContainerUse | None:
+    """A container create or start in an event stream's line (either format), else None."""
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(raw, dict) or (raw.get("Type") or "container") != "container":
+        return None
+    actor = raw.get("Actor")
+    actor = actor if isinstance(actor, dict) else {}
+    attributes = actor.get("Attributes")
+    attributes = attributes if isinstance(attributes, dict) else {}
+    action = raw.get("Action") or raw.get("status")
+    container_id = actor.get("ID") or raw.get("id")
+    if action not in USE_ACTIONS or not isinstance(container_id, str):
+        return None
+    when = raw.get("timeNano") or int(raw.get("time") or 0) * 1_000_000_000
+    image = attributes.get("image") or raw.get("from") or ""
+    return ContainerUse(int(when), container_id, str(image))
 
 
 def _api_time(ns: int) -> str:

@@ -183,6 +183,11 @@ class Metrics:
             "Stopped containers removed (containers.remove_exited_after).",
             registry=r,
         )
+        self.events_up = Gauge(
+            "gcd_events_up",
+            "1 while the daemon follows the engine's event stream (container uses), else 0.",
+            registry=r,
+        )
         self.regrets = Counter(
             "gcd_regret",
             "Tags of images gcd removed that came back within regret_window, by the rule "

@@ -101,6 +101,14 @@ class Container:
         return short_id(self.id)
 
 
+class ContainerUse(NamedTuple):
+    """A container created or started (an engine event): its image was used then."""
+
+    time_ns: int
+    container_id: str
+    image: str  # the image as the container names it (a tag, or an ID)
+
+
 class Regret(NamedTuple):
     """A tag gcd removed (with its image) that came back within `regret_window`."""
 

@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS images (
     seal TEXT,
     created REAL
 );
+CREATE TABLE IF NOT EXISTS usage (image_id TEXT PRIMARY KEY, last_used REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS removed_tags (
     tag TEXT PRIMARY KEY,
     removed_at REAL NOT NULL,
@@ -53,6 +54,8 @@ _COLUMNS = (
     " last_tag_time, created"
 )
 _RUNNING = frozenset({"running", "restarting", "paused"})
+# A recorded use a little ahead of this cycle's clock (the engine's clock, events in flight).
+USE_SLACK = 300.0
 
 
 @dataclass(slots=True)
@@ -83,6 +86,9 @@ class Store:
         self._unsaved: set[str] = set()
         self._gone: set[str] = set()
         self._released = False
+        self._observed_at = 0.0
+        self._uses: dict[str, float] = {}
+        self._stale_uses: list[str] = []
         self._cycles = 0
         self._db: sqlite3.Connection | None = None
         self._key: bytes | None = None
@@ -285,6 +291,7 @@ class Store:
             else:
                 rows[r[0]] = parsed
         self._rows, self._cycles = rows, max(cycles, 0)
+        self._uses = self._read_uses()
         if legacy:
             self._unsaved.update(rows)  # sealed at the next write
         if bad:
@@ -361,7 +368,11 @@ class Store:
         self._reload()
         new_store = self.new
         stamp = now.timestamp()
-        used: dict[str, float] = {}
+        self._observed_at = stamp
+        used = self._usage(stamp)
+        # Uses of images this snapshot does not hold (run and removed between two cycles),
+        # recorded before it: dropped with this cycle's write.
+        self._stale_uses = [i for i, t in used.items() if i not in snapshot and t < stamp]
         for c in snapshot.containers:
             when = stamp if c.state in _RUNNING else c.created.timestamp()
             used[c.image_id] = max(when, used.get(c.image_id, when))
@@ -405,6 +416,23 @@ class Store:
             first_seen_dangling=_times(self._rows, "first_seen_dangling", stamp),
             last_used=_times(self._rows, "last_used", stamp),
         )
+
+    def _usage(self, now: float) -> dict[str, float]:
+        """Last uses the daemon's event follower recorded (UsageLog): containers created or
+        started between two snapshots, `docker run --rm` ones included; read again now
+        (the follower writes while the daemon idles), or as loaded by a read-only store. A
+        time that cannot be true (before 1970, after now) is ignored."""
+        uses = self._read_uses() if self._db is not None else self._uses
+        return {i: t for i, t in uses.items() if 0 < t <= now + USE_SLACK}
+
+    def _read_uses(self) -> dict[str, float]:
+        assert self._db is not None
+        try:
+            rows = self._db.execute("SELECT image_id, last_used FROM usage").fetchall()
+        except sqlite3.Error as e:  # a store of an older gcd, opened read-only: none
+            log.debug("no recorded uses in %s: %s", self.path, e)
+            return {}
+        return {str(i): float(t) for i, t in rows if isinstance(t, float | int)}
 
     def regrets(self, snapshot: Snapshot, window: timedelta, now: datetime) -> tuple[Regret, ...]:
         """The tags gcd removed within `window` that this snapshot shows again; each is
@@ -472,6 +500,11 @@ class Store:
                 [self._values(i) for i in sorted(self._unsaved) if i in self._rows],
             )
             db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in sorted(self._gone)])
+            # A use recorded after this snapshot may be an image it does not show yet: kept.
+            db.executemany(
+                "DELETE FROM usage WHERE image_id = ? AND last_used < ?",
+                [(i, self._observed_at) for i in sorted(self._gone | set(self._stale_uses))],
+            )
             db.execute("INSERT OR REPLACE INTO meta VALUES ('cycles', ?)", (str(self._cycles),))
             db.execute("COMMIT")
         except sqlite3.Error as e:
@@ -574,3 +607,43 @@ def _times(rows: dict[str, _Row], column: str, now: float) -> dict[str, datetime
         if value is not None:
             out[image_id] = datetime.fromtimestamp(min(value, now), UTC)
     return out
+
+
+class UsageLog:
+    """Where the daemon's event follower records last uses, on a connection of its own (the
+    cycle's Store merges them at its next snapshot). A write that fails (a full disk) is
+    said once and the use is lost: the next snapshot still sees containers that exist."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, FILENAME)
+        self._db: sqlite3.Connection | None = None
+        self._failing = False
+
+    def record(self, image_id: str, when: float) -> None:
+        try:
+            if self._db is None:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self._db = Store._connect(self.path)
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "INSERT INTO usage VALUES (?, ?) ON CONFLICT(image_id) DO UPDATE"
+                " SET last_used = max(last_used, excluded.last_used)",
+                (image_id, when),
+            )
+        except (sqlite3.Error, OSError) as e:
+            if not self._failing:
+                log.warning(
+                    "cannot record a use in %s (it counts from the next cycle): %s", self.path, e
+                )
+            self._failing = True
+            self.close()
+            return
+        if self._failing:
+            log.info("recording uses in %s again", self.path)
+        self._failing = False
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None

@@ -13,6 +13,7 @@ text; 404 is NotFoundError, 409 ConflictError, any other status EngineError.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import json
@@ -21,7 +22,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -91,6 +92,38 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Close every connection (the calling thread's and the workers')."""
+
+    def stream(self, path: str) -> Stream:
+        """A GET whose answer streams (`/events`), on a connection of its own: its lines
+        as they come, until the engine ends it or `Stream.close()` is called."""
+
+
+class Stream:
+    """A streamed answer, read a line at a time. close() may come from another thread: it
+    shuts the socket down, which ends a read that waits."""
+
+    def __init__(self, url: str, lines: Iterator[bytes], shut: Callable[[], None]) -> None:
+        self.url = url
+        self._lines = lines
+        self._shut = shut
+        self._closed = False
+
+    def lines(self) -> Iterator[bytes]:
+        """The answer's lines, until the engine ends it (or close() does); EngineUnavailable
+        when the connection breaks."""
+        try:
+            yield from self._lines
+        except Exception as e:  # http.client's own errors, half-closed mid-read, included
+            if self._closed:
+                return
+            raise EngineUnavailable(
+                f"cannot reach the Docker engine at {self.url}: {reason(e, 0)}"
+            ) from None
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._shut()
 
 
 def open_transport(url: str, timeout: float, tls: Tls | None = None) -> Transport:
@@ -204,6 +237,33 @@ class HttpTransport:
         for conn in connections:
             conn.close()
 
+    def stream(self, path: str) -> Stream:
+        conn = self._new()
+        try:
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.settimeout(None)  # a stream may be quiet for hours
+            conn.request("GET", path, headers={"Host": "docker"})
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise EngineUnavailable(
+                f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}"
+            ) from None
+        if response.status >= 400:
+            body = response.read()
+            conn.close()
+            answer(self.url, response.status, body)
+        sock = conn.sock
+
+        def shut() -> None:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+        return Stream(self.url, iter(response.readline, b""), shut)
+
 
 class SessionTransport:
     """ssh:// through docker-py's SSH adapter (paramiko), a requests session: thread-safe,
@@ -248,6 +308,21 @@ class SessionTransport:
                 f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}"
             ) from None
         return answer(self.url, response.status_code, response.content)
+
+    def stream(self, path: str) -> Stream:
+        session = self._session()
+        import paramiko
+        import requests
+
+        try:
+            response = session.get(f"{session.base_url}{path}", stream=True, timeout=None)
+        except (requests.RequestException, OSError, paramiko.SSHException) as e:
+            raise EngineUnavailable(
+                f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}"
+            ) from None
+        if response.status_code >= 400:
+            answer(self.url, response.status_code, response.content)
+        return Stream(self.url, response.iter_lines(delimiter=b"\n"), response.close)
 
     def forget(self) -> None:
         if self._client is not None:

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
@@ -18,8 +19,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dockerd import PrivateEngine
-from tests.images import Layer, Spec, load
-from tests.integration.conftest import NO_AGE_GUARDS, WHEN, ids_now, store_bytes, tags_now
+from tests.images import Layer, Spec, busybox_layer, load
+from tests.integration.conftest import (
+    NO_AGE_GUARDS,
+    WHEN,
+    Gcd,
+    ids_now,
+    store_bytes,
+    tags_now,
+)
 
 RULES = (
     NO_AGE_GUARDS
@@ -429,3 +437,62 @@ def test_signals_in_the_daemons_first_moments_wait_for_it(
     assert "gcd daemon stopped" in d.logs()
     assert not d.saw("STATUS=last cycle")
     assert len(tags_now(client)) == 3  # KEEP 1 would have removed two: no cycle ran
+
+
+def test_a_container_run_between_two_cycles_counts_as_a_use_also_after_an_engine_restart(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    engine = PrivateEngine()
+    engine.start()
+    try:
+        client = docker.APIClient(base_url=engine.url, version="auto", timeout=60)
+        ids = load(
+            client,
+            [
+                Spec(["app:1"], [busybox_layer(), Layer("one")], datetime(2026, 1, 1, tzinfo=UTC)),
+                Spec(["app:2"], [busybox_layer(), Layer("two")], datetime(2026, 2, 1, tzinfo=UTC)),
+            ],
+        )
+        # The daemon keeps both (its first cycle at start, the next in an hour).
+        d = Daemon(tmp_path, engine.url, "rules:\n  - {name: all, keep_last: 2}\n")
+        daemons.append(d)
+        wait_for(lambda: d.value("gcd_cycles_total", result="success") >= 1, what="a cycle")
+        wait_for(lambda: d.value("gcd_events_up") == 1, what="events followed")
+        plan = tmp_path / "plan.yaml"
+        plan.write_text(
+            f"version: 1\nengine: {{url: '{engine.url}'}}\nstate_dir: {tmp_path / 'state'}\n"
+            "safety: {min_age: 0s, max_removal_fraction: 1.0}\n"
+            "rules:\n  - {name: lru, order_by: last_used, keep_last: 1}\n"
+        )
+
+        def kept() -> list[str]:
+            document = Gcd(engine.url, tmp_path).json("plan", "--config", str(plan))
+            return [d["tags"][0] for d in document["decisions"] if d["decision"] == "keep"]
+
+        assert kept() == ["app:2"]  # never used: the younger one
+        run_and_remove(client, "app:1")  # no snapshot ever sees this container
+        wait_for(lambda: kept() == ["app:1"], what="app:1 ranked as just used")
+
+        engine.stop()
+        wait_for(lambda: d.value("gcd_events_up") == 0, what="events lost")
+        engine.start()
+        wait_for(lambda: d.value("gcd_events_up") == 1, timeout=30, what="events followed again")
+        client = docker.APIClient(base_url=engine.url, version="auto", timeout=60)
+        run_and_remove(client, "app:2")
+        wait_for(lambda: kept() == ["app:2"], what="app:2 ranked as just used")
+        assert d.logs().count("lost the engine's events") == 1
+        assert d.logs().count("following the engine's events again") == 1
+        assert d.stop() == 0
+        assert set(ids) <= ids_now(client)
+    finally:
+        engine.stop()
+        engine.remove()
+
+
+def run_and_remove(client: docker.APIClient, image: str) -> None:
+    """`docker run --rm --network none IMAGE true`."""
+    none = client.create_host_config(network_mode="none")
+    container = client.create_container(image, ["/bin/busybox", "true"], host_config=none)
+    client.start(container)
+    client.wait(container)
+    client.remove_container(container)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gcd import engine
-from gcd.engine import DockerEngine
+from gcd.engine import DockerEngine, container_use
 from gcd.errors import EngineError
-from gcd.model import ImageFacts
+from gcd.model import ContainerUse, ImageFacts
 
 
 def test_ids_without_sha256_get_it_as_docker_writes_them() -> None:
@@ -108,3 +108,33 @@ def test_a_first_sight_inspect_the_engine_fails_is_asked_again(
     answers[:] = [EngineError("boom")] * 5  # it gives up in the end
     with pytest.raises(EngineError, match="boom"):
         engine._inspect_all(["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # API 1.52 and later: Action and Actor only.
+        b'{"Type":"container","Action":"start","Actor":{"ID":"c1","Attributes":{"image":"app:1"}},'
+        b'"scope":"local","time":1700000000,"timeNano":1700000000123456789}',
+        # Older: status, id and from only.
+        b'{"status":"start","id":"c1","from":"app:1","time":1700000000,'
+        b'"timeNano":1700000000123456789}',
+    ],
+)
+def test_a_container_start_reads_in_either_event_format(line: bytes) -> None:
+    assert container_use(line) == ContainerUse(1700000000123456789, "c1", "app:1")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"Type":"container","Action":"die","Actor":{"ID":"c1"},"timeNano":1}',
+        b'{"Type":"image","Action":"tag","Actor":{"ID":"sha256:ab"},"timeNano":1}',
+        b'{"Type":"container","Action":"create","Actor":{"ID":7},"timeNano":1}',
+        b"[1, 2]",
+        b"not json",
+        b"",
+    ],
+)
+def test_other_events_and_garbage_are_no_use(line: bytes) -> None:
+    assert container_use(line) is None

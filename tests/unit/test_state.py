@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from gcd import policy
 from gcd.errors import StateError
 from gcd.model import ImageFacts, Outcome, Regret, Report
-from gcd.state import FILENAME, Store
+from gcd.state import FILENAME, Store, UsageLog
 from tests.unit.snapshots import NOW, cfg, container, iid, image, snapshot, state
 
 LATER = NOW + timedelta(hours=1)
@@ -318,3 +319,26 @@ def test_a_removed_tag_that_comes_back_within_the_window_is_one_regret(tmp_path:
     assert store.regrets(again, timedelta(days=30), NOW + timedelta(days=2)) == ()
     # A dry run's read-only store neither counts nor forgets.
     assert Store(str(tmp_path), writable=False).regrets(back, timedelta(days=1), later) == ()
+
+
+def test_uses_the_event_follower_recorded_count_at_the_next_snapshot(tmp_path: Path) -> None:
+    images = snapshot([image("a", ["app:1"]), image("b", ["app:2"])])
+    store = Store(str(tmp_path))
+    store.observe(images, {}, NOW)
+    usage = UsageLog(str(tmp_path))
+    used = NOW + timedelta(minutes=5)
+    usage.record(iid("a"), used.timestamp())
+    usage.record(iid("a"), (NOW - timedelta(days=1)).timestamp())  # an older one: no change
+    usage.record(iid("gone"), used.timestamp())
+    usage.record(iid("b"), (NOW + timedelta(days=9)).timestamp())  # cannot be true yet
+    later = NOW + timedelta(minutes=10)
+    assert store.observe(images, {}, later).last_used == {iid("a"): used}
+    # A dry run's read-only store sees them too.
+    assert Store(str(tmp_path), writable=False).observe(images, {}, later).last_used == {
+        iid("a"): used
+    }
+    # The use of an image no snapshot showed is dropped once a snapshot has passed it.
+    rows = sqlite3.connect(tmp_path / FILENAME).execute("SELECT image_id FROM usage").fetchall()
+    assert sorted(r[0] for r in rows) == sorted([iid("a"), iid("b")])
+    usage.close()
+    store.close()

@@ -1,0 +1,100 @@
+"""The daemon's event follower: each container created or started marks its image used.
+
+Snapshots see only the containers that exist at cycle time, so a `docker run --rm` between
+two cycles would leave no trace, and `order_by: last_used` would rank by sampling. The
+follower reads the engine's event stream on a thread and a connection of its own and records
+each use in the state store (state.UsageLog), which the next cycle merges. After a lost
+connection (an engine restart) it follows again from the last event it saw: the engine
+replays what it still holds, and the next snapshot covers the containers that exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+from gcd.config import Config
+from gcd.engine import DockerEngine, container_use
+from gcd.errors import EngineError
+from gcd.metrics import Metrics
+from gcd.state import UsageLog
+from gcd.transport import Stream
+
+log = logging.getLogger(__name__)
+
+# Waits between attempts to follow again after a lost connection: growing, then steady.
+RETRY_DELAYS = (1.0, 2.0, 5.0)
+# Containers whose image is remembered (create tells it; a start follows soon).
+REMEMBERED = 1024
+
+
+class Follower:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.engine = DockerEngine(
+            config.engine_url(), config.engine.timeout.total_seconds(), config.engine_tls()
+        )
+        self.metrics = metrics
+        self.usage = UsageLog(config.state_dir)
+        self.stopping = threading.Event()
+        self._stream: Stream | None = None
+        self._since: int | None = None  # the last event's time (ns), to follow on from
+        self._images: OrderedDict[str, str] = OrderedDict()  # container ID -> image ID
+        self._thread = threading.Thread(target=self._run, name="events", daemon=True)
+        self.recorded = 0  # uses recorded, for tests and logs
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        stream = self._stream
+        if stream is not None:
+            stream.close()  # ends the read that waits
+        self._thread.join(10)
+        self.engine.close()
+        self.usage.close()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                self._stream = self.engine.follow_uses(self._since)
+                self.metrics.events_up.set(1)
+                if failures:
+                    log.info("following the engine's events again")
+                failures = 0
+                self._follow(self._stream)
+                if not self.stopping.is_set():
+                    raise EngineError("the engine ended its event stream")
+            except EngineError as e:  # EngineUnavailable included
+                self.metrics.events_up.set(0)
+                if self.stopping.is_set():
+                    break
+                if failures == 0:
+                    log.warning("lost the engine's events (%s); following again when it answers", e)
+                delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
+                failures += 1
+                self.stopping.wait(delay)
+            except Exception:  # a bug must not end the following for good: log, go on
+                log.exception("the event follower crashed; following again")
+                self.metrics.events_up.set(0)
+                self.stopping.wait(RETRY_DELAYS[-1])
+        self.metrics.events_up.set(0)
+
+    def _follow(self, stream: Stream) -> None:
+        for line in stream.lines():
+            use = container_use(line)
+            if use is None:
+                continue
+            self._since = use.time_ns
+            image_id = self._images.get(use.container_id)
+            if image_id is None:
+                image_id = self.engine.container_image(use.container_id, use.image)
+                if image_id is None:
+                    continue
+                self._images[use.container_id] = image_id
+                while len(self._images) > REMEMBERED:
+                    self._images.popitem(last=False)
+            self.usage.record(image_id, use.time_ns / 1e9)
+            self.recorded += 1
