@@ -131,7 +131,7 @@ def test_bad_config_exits_2_names_every_problem_and_removes_nothing(
         f'{config}:14: rules[1].keep_last: expected an integer >= 1, got "three"\n'
         f'{config}:15: rules[1].order_by: unknown group "version"; match.tag has no group of that name\n'
         f"{config}:16: unmatchd: unknown key (expected one of: version, engine, schedule, metrics, "
-        "state_dir, safety, protect, rules, dangling, unmatched, untag_expired, build_cache, containers)\n"
+        "state_dir, safety, protect, rules, dangling, unmatched, untag_expired, regret_window, build_cache, containers)\n"
     )
     assert ids_now(client) == before
     check = gcd("check-config", str(config))
