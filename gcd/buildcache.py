@@ -48,3 +48,30 @@ def plan(
         (len(old), sum(e.size for e in old)),
         (len(over), sum(e.size for e in over)),
     )
+
+
+def under_pressure(
+    entries: tuple[BuildCacheEntry, ...] | None,
+    config: BuildCacheConfig,
+    now: datetime,
+    still: int,
+) -> tuple[BuildCachePlan | None, int]:
+    """Disk pressure's second step: beyond what `build_cache` prunes, the least recently
+    used unused entries until `still` more bytes go (or the cache has no more). The plan to
+    carry out, and the bytes it adds."""
+    base = plan(entries, config, now) if config.enabled else None
+    if entries is None:
+        return base, 0
+    planned = 0 if base is None else base.unused[1] + base.over[1]
+    idle = sum(e.size for e in entries if not e.in_use)
+    extra = min(still, max(0, idle - planned))
+    if extra <= 0:
+        return base, 0
+    total = sum(e.size for e in entries)
+    keep = max(0, total - planned - extra)
+    if config.keep_storage is not None:
+        keep = min(keep, config.keep_storage)
+    squeezed = plan(entries, BuildCacheConfig(keep, config.unused_for), now)
+    assert squeezed is not None
+    added = squeezed.unused[1] + squeezed.over[1] - planned
+    return squeezed, max(0, added)

@@ -25,6 +25,7 @@ from gcd.options import (
     Duration,
     Fraction,
     Integer,
+    Percent,
     Reader,
     Regex,
     Section,
@@ -629,6 +630,57 @@ class DanglingConfig:
     )
 
 
+def _low_below_high(r: Reader, found: dict[str, yaml.Node], values: dict[str, Any]) -> None:
+    defaults = DiskConfig()
+    for low, high in (("low", "high"), ("inodes_low", "inodes_high")):
+        a, b = values.get(low, getattr(defaults, low)), values.get(high, getattr(defaults, high))
+        if a >= b:
+            node = found.get(low) or found.get(high)
+            assert node is not None  # one of them was set, or the defaults would hold
+            r.problem(node, f"disk.{low}", f"expected below disk.{high} ({b:.0%}), got {a:.0%}")
+
+
+@dataclass(frozen=True, slots=True)
+class DiskConfig:
+    path: str = option(
+        "auto",
+        Text(),
+        "`auto`",
+        "The filesystem to watch: `auto` is the engine's data root (`/info` `DockerRootDir`); "
+        "or a path on it.",
+    )
+    high: float = option(
+        0.85, Percent(), "`85%`", "Used share of the filesystem's bytes that starts pressure."
+    )
+    low: float = option(0.75, Percent(), "`75%`", "Used share that pressure frees down to.")
+    inodes_high: float = option(
+        0.90, Percent(), "`90%`", "Used share of the filesystem's inodes that starts pressure."
+    )
+    inodes_low: float = option(
+        0.80, Percent(), "`80%`", "Used share of inodes that pressure frees down to."
+    )
+    budget: int | None = option(
+        None,
+        Size(),
+        "none",
+        "A cap on the engine's own bytes (images and build cache), e.g. `60GB`: over it is "
+        "pressure too, freed down to 90 % of it.",
+    )
+    check_every: timedelta = option(
+        timedelta(seconds=15),
+        Duration(positive=True),
+        "`15s`",
+        "Daemon: measure the filesystem this often (one `statvfs`); `gcd run` measures once.",
+    )
+    evict: Literal["lru", "none"] = option(
+        "lru",
+        Choice(("lru", "none")),
+        "`lru`",
+        "What pressure may take beyond retention: `lru`, images the rules keep, least "
+        "recently used first (never protected ones); `none`, nothing more.",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BuildCacheConfig:
     keep_storage: int | None = option(
@@ -717,6 +769,12 @@ class Config:
         Boolean(),
         "`false`",
         "Untag expired tags that sit on an image kept for another reason.",
+    )
+    disk: DiskConfig = option(
+        DiskConfig(),
+        Section(DiskConfig, check=_low_below_high),
+        "",
+        "Disk pressure: when a full filesystem starts a cycle, and what it frees (below).",
     )
     regret_window: timedelta = option(
         timedelta(hours=24),
@@ -908,6 +966,7 @@ def docs_tables() -> dict[str, str]:
         "dangling": table(rows(DanglingConfig)),
         "containers": table(rows(ContainersConfig)),
         "build_cache": table(rows(BuildCacheConfig)),
+        "disk": table(rows(DiskConfig)),
         "containers.protect": entries(_ContainerProtectEntry),
     }
 

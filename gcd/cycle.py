@@ -6,16 +6,18 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from gcd import buildcache, containers, executor, policy
+from gcd import buildcache, containers, disk, executor, policy
 from gcd.config import Config
 from gcd.engine import DockerEngine, Engine
-from gcd.model import ContainerDecision, Plan, Report, Snapshot, StateView
+from gcd.errors import GcdError
+from gcd.model import ContainerDecision, Plan, Report, Snapshot, StateView, Usage
 from gcd.state import Store
-from gcd.units import format_duration
+from gcd.units import format_bytes, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,11 @@ def plan(
     state: StateView,
     now: datetime,
     stopped: tuple[ContainerDecision, ...] = (),
+    evict: dict[str, str] | None = None,
 ) -> Plan:
     """policy.plan, with the collector paused."""
     with collector_paused():
-        return policy.plan(snapshot, config, state, now, stopped)
+        return policy.plan(snapshot, config, state, now, stopped, evict)
 
 
 def prepare(
@@ -86,10 +89,57 @@ def prepare(
     state = store.observe(snapshot, learned, now)
     wanted = containers.candidates(snapshot, config.containers, now)
     stopped = containers.plan(snapshot, config.containers, engine.stopped(wanted), now)
-    cache = None
-    if config.build_cache.enabled:
-        cache = buildcache.plan(engine.build_cache(), config.build_cache, now)
-    return dataclasses.replace(plan(snapshot, config, state, now, stopped), build_cache=cache)
+    entries = engine.build_cache() if config.build_cache.enabled else None
+    cache = buildcache.plan(entries, config.build_cache, now)
+    first = plan(snapshot, config, state, now, stopped)
+    usage = watched(config, engine)
+    if usage is None:
+        return dataclasses.replace(first, build_cache=cache)
+    engine_bytes = sum(snapshot.freed_bytes({i.id for i in snapshot.images}).values())
+    if cache is not None:
+        engine_bytes += cache.bytes
+    pressure = disk.pressure(usage, config.disk, engine_bytes)
+    result = dataclasses.replace(first, build_cache=cache, disk=usage, pressure=pressure)
+    if pressure is None:
+        return result
+    # What the rules remove anyway, then the build cache, then (evict: lru) kept images.
+    still = pressure.needed - first.reclaimable_bytes
+    if still > 0:
+        if entries is None:
+            entries = engine.build_cache()
+        cache, freed = buildcache.under_pressure(entries, config.build_cache, now, still)
+        still -= freed
+        result = dataclasses.replace(result, build_cache=cache)
+    if config.disk.evict == "lru" and still > 0:
+        keep_one = config.safety.keep_one_per_repository
+        evict = policy.evictions(first, state, pressure, still, now, keep_one)
+        if evict:
+            again = plan(snapshot, config, state, now, stopped, evict)
+            result = dataclasses.replace(again, build_cache=cache, disk=usage, pressure=pressure)
+    return result
+
+
+# Why disk pressure is not measured, said once per process (not once a cycle).
+_UNMEASURED: set[str] = set()
+
+
+def watched(config: Config, engine: Engine) -> Usage | None:
+    """The watched filesystem now (`disk.path`), or None where it cannot be measured: an
+    engine on another host with `disk.path: auto` (said once)."""
+    path = config.disk.path
+    if path == "auto":
+        root = engine.data_root() if config.engine_url().startswith("unix://") else None
+        if root is None or not os.path.isdir(root):
+            why = (
+                f"disk pressure is not watched: the engine's data root ({root or 'unknown'}) "
+                "is not on this host; set disk.path"
+            )
+            if why not in _UNMEASURED:
+                _UNMEASURED.add(why)
+                log.warning("%s", why)
+            return None
+        path = root
+    return disk.measure(path)
 
 
 def run(
@@ -105,6 +155,17 @@ def run(
         plan = prepare(config, engine, store, now, stop)
         regrets = store.regrets(plan.snapshot, config.regret_window, now)
         report = executor.execute(plan, engine, now, stop)
+        if plan.disk is not None:
+            with contextlib.suppress(GcdError):  # gone since: no measured bytes, said so
+                report = dataclasses.replace(report, disk_after=disk.measure(plan.disk.path))
+            if report.short_of_low():
+                log.warning(
+                    "%s: %s still to free after all gcd may remove (the rest is protected, "
+                    "kept by a guard, or not gcd's: other files on %s)",
+                    plan.pressure.reason if plan.pressure else "disk pressure",
+                    format_bytes(report.short_of_low()),
+                    plan.disk.path,
+                )
         if config.regret_window:
             store.record_removed(report, now)
     for r in regrets:

@@ -28,7 +28,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sdnotify import SystemdNotifier
 
 from gcd import config as gcd_config
-from gcd import cycle, report
+from gcd import cycle, disk, report
 from gcd.config import Config
 from gcd.engine import DockerEngine
 from gcd.errors import ConfigError, EngineUnavailable, GcdError, LockBusy, Stopped
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 IDLE_TICK = 1.0
 # How often a metrics.listen that could not be bound is tried again.
 METRICS_RETRY = 5.0
+# After a pressure cycle that could not free enough, more use by this share of the
+# filesystem starts another before the schedule does.
+PRESSURE_MARGIN = 0.01
 # How long one sd_notify message may wait for systemd to take it.
 NOTIFY_TIMEOUT = 0.1
 
@@ -105,6 +108,8 @@ class Daemon:
         self.store: Store | None = None
         self.server: Server | None = None
         self.follower: Follower | None = None
+        self.engine_bytes = 0  # images and build cache at the last cycle (disk.budget)
+        self.stuck_at: int | None = None  # used bytes a pressure cycle could not free
         self._bind_retry_at = 0.0  # when to try metrics.listen again; 0: never failed
         self.engine_down_since: datetime | None = None
         self.in_cycle = False
@@ -145,6 +150,11 @@ class Daemon:
             self.trigger,
             id="cycle",
             next_run_time=None if self.stopping.is_set() else datetime.now(UTC),
+        )
+        self.scheduler.add_job(
+            self._check_disk,
+            IntervalTrigger(seconds=self.config.disk.check_every.total_seconds(), timezone=UTC),
+            id="disk",
         )
         log.info("gcd daemon started: %s, engine %s", self._schedule_text(), self.engine.url)
         self.scheduler_thread.start()
@@ -252,6 +262,30 @@ class Daemon:
             self.wake.set()  # a SIGHUP after the last pass: the main loop queues another
             self._after_job()
 
+    def _check_disk(self) -> None:
+        """Every disk.check_every: one statvfs; over a high mark (or the budget), a cycle now.
+        After a cycle that could not get back under the low mark (the rest is protected, or
+        not gcd's), only more use (by PRESSURE_MARGIN of the filesystem) starts another: the
+        scheduled cycles still come, and nothing loops."""
+        try:
+            usage = cycle.watched(self.config, self.engine)
+        except GcdError as e:  # the engine away (its cycle says so), a disk.path gone
+            log.debug("disk check: %s", e)
+            return
+        if usage is None:
+            return
+        self.metrics.disk(usage)
+        pressure = disk.pressure(usage, self.config.disk, self.engine_bytes)
+        if pressure is None:
+            self.stuck_at = None
+            self.metrics.pressure_active.set(0)
+            return
+        margin = PRESSURE_MARGIN * (usage.used_bytes + usage.avail_bytes)
+        if self.stuck_at is not None and usage.used_bytes < self.stuck_at + margin:
+            return
+        log.info("%s on %s: a cycle now", pressure.reason, usage.path)
+        self._cycle()
+
     def _after_job(self) -> None:
         """Idle small: drop the store's rows and give a job's memory back to the system."""
         if self.store is not None:
@@ -291,10 +325,26 @@ class Daemon:
             log.info("the Docker engine at %s answers again", self.engine.url)
             self.engine_down_since = None
         self.metrics.record(result, time.monotonic() - started, time.time())
+        self._after_pressure(result)
         log.info("%s", report.summary_line(result))
         if result.state_problem:
             log.error("%s; %s", result.state_problem, cycle.STATE_PROBLEM_EFFECT)
         self._notify(f"STATUS={self._status(result)}")
+
+    def _after_pressure(self, result: Report) -> None:
+        """What the next disk checks compare with: the engine's bytes (for disk.budget) and,
+        if this cycle could not get back under the low mark, the use it started from."""
+        plan = result.plan
+        if self.config.disk.budget is not None:
+            every = {i.id for i in plan.snapshot.images}
+            stored = sum(plan.snapshot.freed_bytes(every).values())
+            self.engine_bytes = stored - result.reclaimed_bytes
+            if plan.build_cache is not None:
+                self.engine_bytes += plan.build_cache.bytes
+        # Measured at its snapshot: what arrived while it removed is growth, and may start
+        # another cycle.
+        usage = plan.disk
+        self.stuck_at = usage.used_bytes if usage is not None and result.short_of_low() else None
 
     def _engine_lost(self, error: EngineUnavailable, started: float) -> None:
         self.metrics.engine_up.set(0)
@@ -337,6 +387,7 @@ class Daemon:
         for key, a, b in (
             ("metrics.listen", old.metrics.listen, new.metrics.listen),
             ("state_dir", old.state_dir, new.state_dir),
+            ("disk.check_every", old.disk.check_every, new.disk.check_every),
         ):
             if a != b:
                 log.warning("reload: %s changed from %r to %r; restart gcd to apply it", key, a, b)

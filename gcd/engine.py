@@ -85,6 +85,9 @@ class Engine(Protocol):
     def target(self, ref: str) -> str | None:
         """The ID of the image a tag names now, or None if it names none."""
 
+    def data_root(self) -> str | None:
+        """Where the engine keeps its data (`/info` DockerRootDir), as the engine sees it."""
+
     def stopped(self, container_ids: Sequence[str]) -> dict[str, ContainerState]:
         """Each container's state and finish time as an inspect shows it now (one gone is
         left out)."""
@@ -133,6 +136,7 @@ class DockerEngine:
         self.transport = open_transport(url, timeout, tls)
         self._api_version: str | None = None
         self._store_name: str | None = None
+        self._data_root: str | None = None
         self._kind = "docker"  # from /version: at negotiation, then each snapshot's
         # Podman before 5: deletes untagged parents despite noprune, loses concurrent untags.
         self._podman4 = False
@@ -255,8 +259,16 @@ class DockerEngine:
         was lost, since it may come back with another store)."""
         if self._store_name is None:
             info = self._json("/info")
-            self._store_name = _store(info if isinstance(info, dict) else {})
+            info = info if isinstance(info, dict) else {}
+            self._store_name = _store(info)
+            root = info.get("DockerRootDir")
+            self._data_root = root if isinstance(root, str) and root else None
         return self._store_name
+
+    def data_root(self) -> str | None:
+        """Where the engine keeps its data (`/info` DockerRootDir), as the engine sees it."""
+        self._store()
+        return self._data_root
 
     def _inspect_all(
         self,

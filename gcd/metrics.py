@@ -24,10 +24,10 @@ from prometheus_client import (
 
 from gcd import __version__
 from gcd.errors import GcdError
-from gcd.model import Report
+from gcd.model import Report, Usage
 
 CYCLE_RESULTS = ("success", "failure", "error", "skipped")
-REMOVAL_REASONS = ("expired", "dangling", "intermediate")
+REMOVAL_REASONS = ("expired", "dangling", "intermediate", "pressure")
 SKIP_REASONS = (
     "gone",
     "in_use",
@@ -139,7 +139,8 @@ class Metrics:
         self.images_removed = Counter(
             "gcd_images_removed",
             "Images removed, by why: expired (every tag expired), dangling, "
-            "intermediate (deleted by the engine with its last child).",
+            "intermediate (deleted by the engine with its last child), pressure (disk "
+            "pressure took an image the rules keep).",
             ["reason"],
             registry=r,
         )
@@ -181,6 +182,30 @@ class Metrics:
         self.containers_removed = Counter(
             "gcd_containers_removed",
             "Stopped containers removed (containers.remove_exited_after).",
+            registry=r,
+        )
+        self.disk_used = Gauge(
+            "gcd_disk_used_ratio",
+            "Used share of the watched filesystem (disk.path) at the last measure, by resource: "
+            "bytes (as df counts them) or inodes.",
+            ["resource"],
+            registry=r,
+        )
+        self.disk_free = Gauge(
+            "gcd_disk_free_bytes",
+            "Bytes available on the watched filesystem at the last measure.",
+            registry=r,
+        )
+        self.pressure_active = Gauge(
+            "gcd_pressure_active",
+            "1 while the last measure was over a high mark (or the budget) and the last "
+            "cycle could not plan its way back under the low mark, or has not run yet; else 0.",
+            registry=r,
+        )
+        self.freed_measured = Counter(
+            "gcd_bytes_freed_measured",
+            "How much the watched filesystem's used bytes dropped over each cycle's "
+            "removals (statvfs before and after).",
             registry=r,
         )
         self.events_up = Gauge(
@@ -286,6 +311,8 @@ class Metrics:
         self.images.labels("dangling").set(sum(1 for d in plan.decisions if d.dangling))
         self.store_bytes.set(sum(snapshot.freed_bytes({i.id for i in snapshot.images}).values()))
         self.reclaimable.set(plan.reclaimable_bytes)
+        self.disk(report.disk_after or plan.disk)
+        self.pressure_active.set(1 if plan.pressure is not None and report.short_of_low() else 0)
         cache, pruned = plan.build_cache, report.build_cache
         if cache is not None and cache.available:
             freed = pruned.reclaimed if pruned is not None and not report.dry_run else 0
@@ -306,7 +333,9 @@ class Metrics:
                 self.tags_removed.labels(rule_of.get(tag, "unmatched")).inc()
             if o.status == "done" and d.action == "remove":
                 reason = (
-                    "expired"
+                    "pressure"
+                    if d.evicted
+                    else "expired"
                     if d.tags
                     else ("intermediate" if snapshot.children(d.image_id) else "dangling")
                 )
@@ -317,6 +346,7 @@ class Metrics:
         self.tags_restored.inc(len(report.restored()))
         self.bytes_reclaimed.inc(report.reclaimed_bytes)
         self.containers_removed.inc(report.containers_removed())
+        self.freed_measured.inc(report.freed_measured())
         for regret in report.regrets:
             self.regrets.labels(regret.rule).inc()
         if report.build_cache is not None:
@@ -324,6 +354,13 @@ class Metrics:
         failed = report.failed()
         result = "failure" if failed else "success"
         self.cycle_ended(result, duration, ended)
+
+    def disk(self, usage: Usage | None) -> None:
+        """The watched filesystem's gauges, from a measure (a cycle's or the daemon's)."""
+        if usage is not None:
+            self.disk_used.labels("bytes").set(usage.bytes_ratio)
+            self.disk_used.labels("inodes").set(usage.inodes_ratio)
+            self.disk_free.set(usage.avail_bytes)
 
     def cycle_ended(self, result: str, duration: float, ended: float) -> None:
         self.cycles.labels(result).inc()

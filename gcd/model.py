@@ -101,6 +101,43 @@ class Container:
         return short_id(self.id)
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One statvfs of `path`, as `df` reads it: the used share is used / (used + available
+    to unprivileged users), so the blocks reserved for root count as full."""
+
+    path: str
+    used_bytes: int
+    avail_bytes: int
+    total_inodes: int
+    used_inodes: int
+
+    @property
+    def bytes_ratio(self) -> float:
+        size = self.used_bytes + self.avail_bytes
+        return self.used_bytes / size if size else 0.0
+
+    @property
+    def inodes_ratio(self) -> float:
+        return self.used_inodes / self.total_inodes if self.total_inodes else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """What is over its mark, and what freeing must reach: bytes to free (the filesystem's
+    and the budget's, whichever is more) and inodes to free."""
+
+    usage: Usage
+    over: tuple[str, ...]  # "used 91% >= high 85%", ...
+    bytes_to_free: int
+    inodes_to_free: int
+    needed: int = 0  # bytes to free in all, inodes counted as bytes (disk.bytes_needed)
+
+    @property
+    def reason(self) -> str:
+        return f"disk pressure: {'; '.join(self.over)}"
+
+
 class ContainerUse(NamedTuple):
     """A container created or started (an engine event): its image was used then."""
 
@@ -309,6 +346,9 @@ class Decision(NamedTuple):
     dangling: bool = False
     # (tag, rule name or "unmatched") for every tag that expired on this image.
     expired: tuple[tuple[str, str], ...] = ()
+    evicted: bool = False  # taken by disk pressure beyond what the rules remove
+    # Protected itself (in use, young, `protect`), not only as a parent of a kept image.
+    pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +361,9 @@ class Plan:
     containers: tuple[ContainerDecision, ...] = ()
     # BuildKit's cache, when `build_cache` is set; pruned last.
     build_cache: BuildCachePlan | None = None
+    # The watched filesystem (`disk`) at planning time, and its pressure if any.
+    disk: Usage | None = None
+    pressure: Pressure | None = None
     _by_id: Mapping[str, Decision] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -378,6 +421,8 @@ class Report:
     build_cache: BuildCacheOutcome | None = None
     # Tags removed within regret_window that this cycle found back.
     regrets: tuple[Regret, ...] = ()
+    # The watched filesystem measured again after the removals (plan.disk is before).
+    disk_after: Usage | None = None
 
     def outcome(self, image_id: str) -> Outcome:
         return self.outcomes[image_id]
@@ -385,6 +430,25 @@ class Report:
     def count(self, kind: OutcomeKind) -> int:
         """Images whose outcome is `kind`."""
         return sum(1 for o in self.outcomes.values() if o.status == kind)
+
+    def planned_to_free(self) -> int:
+        """What the plan frees on disk, as predicted: images (each layer once) and build
+        cache."""
+        planned = self.plan.reclaimable_bytes
+        if self.plan.build_cache is not None:
+            planned += self.plan.build_cache.unused[1] + self.plan.build_cache.over[1]
+        return planned
+
+    def short_of_low(self) -> int:
+        """Bytes disk pressure still had to free after all it planned (0: none)."""
+        pressure = self.plan.pressure
+        return 0 if pressure is None else max(0, pressure.needed - self.planned_to_free())
+
+    def freed_measured(self) -> int:
+        """How much the watched filesystem's used bytes dropped over the removals."""
+        if self.plan.disk is None or self.disk_after is None:
+            return 0
+        return max(0, self.plan.disk.used_bytes - self.disk_after.used_bytes)
 
     def containers_removed(self) -> int:
         return sum(1 for o in self.container_outcomes.values() if o.status == "done")

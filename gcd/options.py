@@ -264,6 +264,30 @@ class Size:
 
 
 @dataclass(frozen=True)
+class Percent:
+    """A share: `85%`, or a number in (0, 1]."""
+
+    def read(self, r: Reader, node: yaml.Node, path: str) -> float | None:
+        expected = "a percentage such as 85% (or a number in (0, 1])"
+        value = r.typed(node, path, ("str", "float", "int"), expected)
+        if value is None:
+            return None
+        text = str(value).strip()
+        try:
+            share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            r.problem(node, path, f"expected {expected}, got {cut(json.dumps(text))}")
+            return None
+        return share
+
+    def schema(self) -> dict[str, Any]:
+        percent = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?%$"}
+        return {"anyOf": [percent, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}]}
+
+
+@dataclass(frozen=True)
 class Choice:
     options: tuple[str, ...]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 from typing import Any
@@ -24,6 +24,7 @@ from gcd.model import (
     Decision,
     Image,
     Plan,
+    Pressure,
     Snapshot,
     StateView,
     familiar,
@@ -78,6 +79,7 @@ class _Verdict:
 
     __slots__ = (
         "age",
+        "evicted",
         "expire_reasons",
         "expired",
         "first_seen",
@@ -115,6 +117,7 @@ class _Verdict:
         self.guard: str | None = None
         self.parent_of: str | None = None
         self.remove = False
+        self.evicted: str | None = None  # why disk pressure takes it
 
 
 # (verdict, tag, name): a tag of a repository, split once.
@@ -127,10 +130,13 @@ def plan(
     state: StateView,
     now: datetime,
     containers: tuple[ContainerDecision, ...] = (),
+    evict: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide, for every image of the snapshot, whether it is kept or removed, and why.
     `containers` is the plan for stopped containers (gcd/containers.py): those it removes
-    keep no image."""
+    keep no image. `evict` names images disk pressure takes (see `evictions`), each with its
+    reason: removed unless protected, and `max_removal_fraction` does not hold them back."""
+    evict = evict or {}
     verdicts = {
         i.id: _Verdict(
             i, image_age(i, state, now), state.first_seen.get(i.id), state.last_used.get(i.id)
@@ -142,6 +148,11 @@ def plan(
     _protect(snapshot, config, verdicts, leaving)
     _apply_rules(config, verdicts, repositories, now, snapshot.engine.full_names)
     _mark_candidates(snapshot, config, state, now, verdicts)
+    for image_id, why in evict.items():
+        v = verdicts.get(image_id)
+        if v is not None and not v.protections:
+            v.remove, v.evicted = True, why
+            v.expired = tuple((tag, PRESSURE_RULE) for tag in v.image.tags)
     # Images whose parent is in the store: the legacy builder's, or none at all. The sweeps
     # visit only these, not every image's record again.
     children = [v for v in verdicts.values() if v.image.parent in verdicts]
@@ -581,7 +592,7 @@ def _guard(
         by_repository = _merged_by_familiar_name(by_repository)
     refusals: list[tuple[_Verdict, str]] = []
     for repository, members in by_repository:
-        removing = [v for v in members if v.remove]
+        removing = [v for v in members if v.remove and v.evicted is None]
         if removing and len(removing) / len(members) > safety.max_removal_fraction:
             why = (
                 f"guard safety.max_removal_fraction: would remove {len(removing)} of "
@@ -693,7 +704,7 @@ def _decide(
     expired = v.expired  # sorted by _apply_rules
     dangling = not tags and snapshot.is_dangling(image.id)
     if v.remove:
-        removal = v.expire_reasons
+        removal = v.expire_reasons if v.evicted is None else (v.evicted,)
         if not tags and snapshot.children(image.id):
             child = sorted(snapshot.children(image.id))[0]
             removal += (f"intermediate: goes with its last child {short_id(child)}",)
@@ -706,6 +717,7 @@ def _decide(
             implied=_is_implied(snapshot, image),
             dangling=dangling,
             expired=expired,
+            evicted=v.evicted is not None,
         )
     guard, parent_of = v.guard, v.parent_of
     reasons = v.protections
@@ -733,4 +745,84 @@ def _decide(
         protected=bool(v.protections) or parent_of is not None,
         dangling=dangling,
         expired=expired,
+        pinned=bool(v.protections),
     )
+
+
+# The rule name pressure's removals count under (gcd_tags_removed_total, regrets).
+PRESSURE_RULE = "disk pressure"
+
+
+def evictions(
+    plan: Plan,
+    state: StateView,
+    pressure: Pressure,
+    still: int,
+    now: datetime,
+    keep_one: bool,
+) -> dict[str, str]:
+    """Images the rules keep that pressure takes, least recently used first, until the
+    bytes left to free (`still`, inodes counted as bytes: disk.bytes_needed) are predicted
+    freed: each step's
+    bytes are the layers no image that stays holds any more. Never a protected image (in
+    use, young, matched by `protect`), never an image with a child that stays, never the
+    last tagged image of a repository under keep_one_per_repository (the plan's guard
+    refuses those again). Images never used rank by their age."""
+    snapshot = plan.snapshot
+    removing = {d.image_id for d in plan.removals()}
+    staying = [i for i in snapshot.images if i.id not in removing]
+    holders: dict[str, int] = defaultdict(int)
+    for image in staying:
+        for layer, _ in image.layer_bytes():
+            holders[layer] += 1
+    children: dict[str, int] = defaultdict(int)
+    for image in staying:
+        if image.parent:
+            children[image.parent] += 1
+    tagged: dict[str, int] = defaultdict(int)
+    for image in staying:
+        for repository in {split_ref(t)[0] for t in image.tags}:
+            tagged[repository] += 1
+
+    def last_use(image: Image) -> tuple[datetime, str]:
+        used = state.last_used.get(image.id)
+        if used is not None:
+            return used, image.id
+        age = image_age(image, state, now)
+        return (now - age if age is not None else _OLDEST), image.id
+
+    chosen: dict[str, str] = {}
+    ordered = sorted(staying, key=last_use)
+    # A parent can go once its children have: passes until one takes nothing more.
+    while still > 0:
+        taken = len(chosen)
+        for image in ordered:
+            if still <= 0:
+                break
+            if image.id in chosen:
+                continue
+            if plan.decision(image.id).pinned or children[image.id]:
+                continue
+            repositories = {split_ref(t)[0] for t in image.tags}
+            if keep_one and any(tagged[r] <= 1 for r in repositories):
+                continue
+            freed = 0
+            for layer, size in image.layer_bytes():
+                holders[layer] -= 1
+                if holders[layer] == 0:
+                    freed += size
+            for r in repositories:
+                tagged[r] -= 1
+            if image.parent:
+                children[image.parent] -= 1
+            used = state.last_used.get(image.id)
+            when = (
+                f"last used {format_duration(now - used)} ago"
+                if used is not None
+                else f"never seen in use, age {format_duration(now - last_use(image)[0])}"
+            )
+            chosen[image.id] = f"{pressure.reason}; least recently used ({when})"
+            still -= freed
+        if len(chosen) == taken:
+            break
+    return chosen

@@ -62,6 +62,7 @@ def to_json(report: Report) -> str:
         "decisions": [_decision(report, d) for d in _ordered(plan)],
         "containers": [_container(report, c) for c in plan.containers],
         "build_cache": _build_cache(report),
+        "disk": _disk(report),
         "regrets": [
             {
                 "tag": r.tag,
@@ -73,6 +74,22 @@ def to_json(report: Report) -> str:
         ],
     }
     return json.dumps(document, indent=2)
+
+
+def _disk(report: Report) -> dict[str, Any] | None:
+    usage, pressure = report.plan.disk, report.plan.pressure
+    if usage is None:
+        return None
+    return {
+        "path": usage.path,
+        "used_ratio": round(usage.bytes_ratio, 4),
+        "inodes_used_ratio": round(usage.inodes_ratio, 4),
+        "available_bytes": usage.avail_bytes,
+        "pressure": None if pressure is None else list(pressure.over),
+        "to_free_bytes": 0 if pressure is None else pressure.needed,
+        "short_bytes": report.short_of_low(),
+        "freed_measured_bytes": None if report.dry_run else report.freed_measured(),
+    }
 
 
 def _build_cache(report: Report) -> dict[str, Any] | None:
@@ -91,6 +108,24 @@ def _build_cache(report: Report) -> dict[str, Any] | None:
         "reclaimed_bytes": 0 if o is None else o.reclaimed,
         "error": None if o is None else o.error,
     }
+
+
+def pressure_line(report: Report) -> str | None:
+    """One line when the watched filesystem was under pressure: what it had to free, what
+    the plan frees, and (after a run) what statvfs saw go."""
+    plan = report.plan
+    if plan.pressure is None or plan.disk is None:
+        return None
+    text = (
+        f"{plan.pressure.reason} on {plan.disk.path}: to free {format_bytes(plan.pressure.needed)}"
+    )
+    short = report.short_of_low()
+    text += f", planned {format_bytes(report.planned_to_free())}"
+    if short:
+        text += f" ({format_bytes(short)} short: the rest is protected or not gcd's)"
+    if not report.dry_run and report.disk_after is not None:
+        text += f"; freed {format_bytes(report.freed_measured())} (measured)"
+    return text
 
 
 def build_cache_line(report: Report) -> str | None:
@@ -180,9 +215,9 @@ def to_text(report: Report) -> str:
     if plan.containers:
         lines += ["", *_aligned(_container_rows(report))]
     lines.append("")
-    cache = build_cache_line(report)
-    if cache is not None:
-        lines.append(cache)
+    for extra in (build_cache_line(report), pressure_line(report)):
+        if extra is not None:
+            lines.append(extra)
     lines.append(summary_line(report))
     return "\n".join(line.rstrip() for line in lines) + "\n"
 

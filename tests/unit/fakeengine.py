@@ -161,6 +161,9 @@ class FakeEngine:
                     )
         return found
 
+    def data_root(self) -> str | None:
+        return None  # not on this host: pressure is not watched
+
     def build_cache(self) -> tuple[BuildCacheEntry, ...] | None:
         self._request("GET", "/system/df")
         return self.cache
