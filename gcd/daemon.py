@@ -109,6 +109,7 @@ class Daemon:
         self.server: Server | None = None
         self.follower: Follower | None = None
         self.engine_bytes = 0  # images and build cache at the last cycle (disk.budget)
+        self.started_cycles = 0
         self.stuck_at: int | None = None  # used bytes a pressure cycle could not free
         self._bind_retry_at = 0.0  # when to try metrics.listen again; 0: never failed
         self.engine_down_since: datetime | None = None
@@ -243,9 +244,13 @@ class Daemon:
 
     # --- jobs (on the scheduler's single worker) ---------------------------------------------
 
-    def _cycle(self) -> None:
+    def _cycle(self, trigger: str | None = None) -> None:
+        """A cycle: the first at start, then on schedule, or for disk pressure."""
+        if trigger is None:
+            trigger = "schedule" if self.started_cycles else "start"
+        self.started_cycles += 1
         try:
-            self._run_cycle()
+            self._run_cycle(trigger)
         finally:
             self._after_job()
 
@@ -284,7 +289,7 @@ class Daemon:
         if self.stuck_at is not None and usage.used_bytes < self.stuck_at + margin:
             return
         log.info("%s on %s: a cycle now", pressure.reason, usage.path)
-        self._cycle()
+        self._cycle("pressure")
 
     def _after_job(self) -> None:
         """Idle small: drop the store's rows and give a job's memory back to the system."""
@@ -292,7 +297,7 @@ class Daemon:
             self.store.release()
         _release_memory()
 
-    def _run_cycle(self) -> None:
+    def _run_cycle(self, trigger: str) -> None:
         assert self.store is not None
         self.in_cycle = True
         started = time.monotonic()
@@ -301,30 +306,30 @@ class Daemon:
                 self.config, self.engine, self.store, cycle.utcnow(), stop=self._poll_stop
             )
         except EngineUnavailable as e:
-            self._engine_lost(e, started)
+            self._engine_lost(e, started, trigger)
             return
         except Stopped as e:
             log.info("cycle %s", e)
             return
         except LockBusy as e:
             log.warning("cycle skipped: %s", e)
-            self.metrics.cycle_ended("skipped", time.monotonic() - started, time.time())
+            self.metrics.cycle_ended("skipped", time.monotonic() - started, time.time(), trigger)
             return
         except GcdError as e:
             log.error("cycle failed: %s", e)
-            self.metrics.cycle_ended("error", time.monotonic() - started, time.time())
+            self.metrics.cycle_ended("error", time.monotonic() - started, time.time(), trigger)
             self._notify(f"STATUS=last cycle failed: {e}; next {self._next_run()}")
             return
         except Exception:  # a bug must not stop the service: log it, count it, go on
             log.exception("cycle crashed")
-            self.metrics.cycle_ended("error", time.monotonic() - started, time.time())
+            self.metrics.cycle_ended("error", time.monotonic() - started, time.time(), trigger)
             return
         finally:
             self.in_cycle = False
         if self.engine_down_since is not None:
             log.info("the Docker engine at %s answers again", self.engine.url)
             self.engine_down_since = None
-        self.metrics.record(result, time.monotonic() - started, time.time())
+        self.metrics.record(result, time.monotonic() - started, time.time(), trigger)
         self._after_pressure(result)
         log.info("%s", report.summary_line(result))
         if result.state_problem:
@@ -346,9 +351,9 @@ class Daemon:
         usage = plan.disk
         self.stuck_at = usage.used_bytes if usage is not None and result.short_of_low() else None
 
-    def _engine_lost(self, error: EngineUnavailable, started: float) -> None:
+    def _engine_lost(self, error: EngineUnavailable, started: float, trigger: str) -> None:
         self.metrics.engine_up.set(0)
-        self.metrics.cycle_ended("error", time.monotonic() - started, time.time())
+        self.metrics.cycle_ended("error", time.monotonic() - started, time.time(), trigger)
         if self.engine_down_since is None:
             # Once, not once a cycle: the next cycles retry quietly until it answers again.
             self.engine_down_since = datetime.now(UTC)

@@ -27,6 +27,9 @@ from gcd.errors import GcdError
 from gcd.model import Report, Usage
 
 CYCLE_RESULTS = ("success", "failure", "error", "skipped")
+# What started a cycle: the daemon's first, its schedule (and every `gcd run`), disk
+# pressure, or a reload (none yet: a reload only compares plans).
+CYCLE_TRIGGERS = ("start", "schedule", "pressure", "reload")
 REMOVAL_REASONS = ("expired", "dangling", "intermediate", "pressure")
 SKIP_REASONS = (
     "gone",
@@ -116,8 +119,9 @@ class Metrics:
         self.cycles = Counter(
             "gcd_cycles",
             "Cycles run, by result: success; failure (some removals failed); "
-            "error (the cycle could not run, e.g. engine unreachable); skipped (another cycle held the lock).",
-            ["result"],
+            "error (the cycle could not run, e.g. engine unreachable); skipped (another cycle held the lock); "
+            "by trigger: start, schedule, pressure, reload.",
+            ["result", "trigger"],
             registry=r,
         )
         self.cycle_duration = Histogram(
@@ -284,7 +288,8 @@ class Metrics:
         self.build_info.labels(__version__, "", "").set(1)
         # Every label value exists from the start, so rate() and absent() behave.
         for result in CYCLE_RESULTS:
-            self.cycles.labels(result)
+            for trigger in CYCLE_TRIGGERS:
+                self.cycles.labels(result, trigger)
         for reason in REMOVAL_REASONS:
             self.images_removed.labels(reason)
         for reason in SKIP_REASONS:
@@ -294,7 +299,9 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
 
-    def record(self, report: Report, duration: float, ended: float) -> None:
+    def record(
+        self, report: Report, duration: float, ended: float, trigger: str = "schedule"
+    ) -> None:
         """Count one completed cycle (a dry run only sets the plan gauges)."""
         plan = report.plan
         snapshot = plan.snapshot
@@ -353,7 +360,7 @@ class Metrics:
             self.build_cache_reclaimed.inc(report.build_cache.reclaimed)
         failed = report.failed()
         result = "failure" if failed else "success"
-        self.cycle_ended(result, duration, ended)
+        self.cycle_ended(result, duration, ended, trigger)
 
     def disk(self, usage: Usage | None) -> None:
         """The watched filesystem's gauges, from a measure (a cycle's or the daemon's)."""
@@ -362,8 +369,10 @@ class Metrics:
             self.disk_used.labels("inodes").set(usage.inodes_ratio)
             self.disk_free.set(usage.avail_bytes)
 
-    def cycle_ended(self, result: str, duration: float, ended: float) -> None:
-        self.cycles.labels(result).inc()
+    def cycle_ended(
+        self, result: str, duration: float, ended: float, trigger: str = "schedule"
+    ) -> None:
+        self.cycles.labels(result, trigger).inc()
         self.cycle_duration.observe(duration)
         self.last_cycle.set(ended)
         if result == "success":

@@ -131,7 +131,7 @@ def test_bad_config_exits_2_names_every_problem_and_removes_nothing(
         f'{config}:14: rules[1].keep_last: expected an integer >= 1, got "three"\n'
         f'{config}:15: rules[1].order_by: unknown group "version"; match.tag has no group of that name\n'
         f"{config}:16: unmatchd: unknown key (expected one of: version, engine, schedule, metrics, "
-        "state_dir, safety, protect, rules, dangling, unmatched, untag_expired, regret_window, build_cache, containers)\n"
+        "state_dir, safety, protect, rules, dangling, unmatched, untag_expired, disk, regret_window, build_cache, containers)\n"
     )
     assert ids_now(client) == before
     check = gcd("check-config", str(config))
@@ -236,7 +236,7 @@ def test_run_writes_the_metrics_textfile_atomically(
     }
     assert values[("gcd_images_removed_total", (("reason", "expired"),))] == 1
     assert values[("gcd_tags_removed_total", (("rule", "ci"),))] == 1
-    assert values[("gcd_cycles_total", (("result", "success"),))] == 1
+    assert values[("gcd_cycles_total", (("result", "success"), ("trigger", "schedule")))] == 1
     # The one layer app:1 held alone (on the containerd store, its size on disk, in blocks).
     assert values[("gcd_bytes_reclaimed_total", ())] == pytest.approx(2_000_000, rel=0.01)
     assert values[("gcd_engine_up", ())] == 1
@@ -252,7 +252,10 @@ def test_run_writes_the_metrics_textfile_atomically(
     )
     assert gcd("run", "--config", str(down)).returncode == 3
     assert "gcd_engine_up 0.0" in textfile.read_text().splitlines()
-    assert 'gcd_cycles_total{result="error"} 1.0' in textfile.read_text().splitlines()
+    assert (
+        'gcd_cycles_total{result="error",trigger="schedule"} 1.0'
+        in textfile.read_text().splitlines()
+    )
 
 
 def test_logs_under_journald_carry_priorities_instead_of_timestamps(

@@ -125,13 +125,17 @@ class Daemon:
             return str(response.read().decode())
 
     def value(self, name: str, **labels: str) -> float:
-        for family in text_string_to_metric_families(self.scrape()):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return float(sample.value)
-        raise KeyError(name)
+        """The sum of the series of `name` whose labels include `labels` (cycles by result
+        count every trigger)."""
+        found = [
+            float(sample.value)
+            for family in text_string_to_metric_families(self.scrape())
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        ]
+        if not found:
+            raise KeyError(name)
+        return sum(found)
 
     def stop(self, timeout: float = 15) -> int:
         if self.process.poll() is None:

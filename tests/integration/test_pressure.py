@@ -159,6 +159,9 @@ def test_the_daemon_reacts_to_pressure_between_cycles_and_never_loops(
         wait_for(lambda: d.value("gcd_pressure_active") == 0, what="pressure_active 0")
         assert "keep:1" in tags_now(client)
         assert "a cycle now" in d.logs()
+        assert d.value("gcd_cycles_total", trigger="start") == 1
+        assert d.value("gcd_cycles_total", trigger="pressure") >= 1
+        assert d.value("gcd_cycles_total", trigger="schedule") == 0
 
         # Everything left protected (young now): said once a cycle, no loop.
         said = d.logs().count("still to free after all gcd may remove")

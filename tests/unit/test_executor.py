@@ -200,7 +200,12 @@ def test_a_tag_moved_mid_removal_onto_an_image_with_no_other_tag_is_an_unplanned
     metrics = Metrics()
     metrics.record(report, 1.0, 0.0)
     assert metrics.registry.get_sample_value("gcd_unplanned_removals_total") == 1
-    assert metrics.registry.get_sample_value("gcd_cycles_total", {"result": "failure"}) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "gcd_cycles_total", {"result": "failure", "trigger": "schedule"}
+        )
+        == 1
+    )
 
 
 def test_a_tag_taken_from_another_image_mid_removal_is_put_back() -> None:

@@ -27,6 +27,10 @@ from tests.unit.snapshots import NOW, cfg, iid, image, snapshot, state
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    """The series with exactly `labels`; for gcd_cycles_total, `trigger` is `schedule` unless
+    given."""
+    if name == "gcd_cycles_total":
+        labels = {"trigger": "schedule", **labels}
     return metrics.registry.get_sample_value(name, labels)
 
 
@@ -102,7 +106,7 @@ def test_every_metric_has_help_and_every_label_value_exists_from_the_start() -> 
     ):
         family = name.removesuffix("_total")
         assert f"# HELP {family}" in text or f"# HELP {name}" in text, name
-    assert 'gcd_cycles_total{result="skipped"} 0.0' in text
+    assert 'gcd_cycles_total{result="skipped",trigger="pressure"} 0.0' in text
     assert 'gcd_removals_skipped_total{reason="engine_down"} 0.0' in text
     assert 'gcd_config_reloads_total{result="failure"} 0.0' in text
 
