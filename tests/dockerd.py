@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from types import TracebackType
 
 import docker
@@ -246,6 +247,29 @@ def make_certificates(folder: str, names: str = "IP:127.0.0.1,DNS:localhost") ->
                 "-extfile", f"{name}.ext")  # fmt: skip
     shutil.copy(os.path.join(folder, "client-cert.pem"), os.path.join(folder, "cert.pem"))
     shutil.copy(os.path.join(folder, "client-key.pem"), os.path.join(folder, "key.pem"))
+
+
+@contextlib.contextmanager
+def engine_on_a_small_filesystem(size: str = "400M") -> Iterator[PrivateEngine]:
+    """A private engine whose folder (socket, data root, storage) is an ext4 loop mount."""
+    kind = engines.chosen()
+    base = None
+    if kind.in_root:
+        engines.ensure()
+        base = str(engines.ROOT / "var/tmp")
+    root = tempfile.mkdtemp(prefix="gcd-pressure-", dir=base)
+    image = f"{root}.ext4"
+    subprocess.run(["truncate", "-s", size, image], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], check=True)
+    subprocess.run(["mount", "-o", "loop", image, root], check=True)
+    engine = PrivateEngine(root=root, kind=kind)
+    try:
+        engine.start()
+        yield engine
+    finally:
+        engine.cleanup()  # unmounts the loop mount too
+        with contextlib.suppress(OSError):
+            os.unlink(image)
 
 
 if __name__ == "__main__":  # manual use: python -m tests.dockerd, Ctrl-C stops it

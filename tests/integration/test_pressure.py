@@ -6,12 +6,9 @@ repository, and not far past the low mark."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,35 +19,12 @@ import pytest
 
 from gcd.disk import measure
 from tests import engines
-from tests.dockerd import PrivateEngine
+from tests.dockerd import engine_on_a_small_filesystem
 from tests.images import Layer, Spec, busybox_layer, load, tarball
 from tests.integration.conftest import Gcd, ids_now, tags_now
 from tests.integration.test_daemon import Daemon, wait_for
 
 MB = 1_000_000
-
-
-@contextlib.contextmanager
-def engine_on_a_small_filesystem(size: str = "400M") -> Iterator[PrivateEngine]:
-    """A private engine whose folder (socket, data root, storage) is an ext4 loop mount."""
-    kind = engines.chosen()
-    base = None
-    if kind.in_root:
-        engines.ensure()
-        base = str(engines.ROOT / "var/tmp")
-    root = tempfile.mkdtemp(prefix="gcd-pressure-", dir=base)
-    image = f"{root}.ext4"
-    subprocess.run(["truncate", "-s", size, image], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], check=True)
-    subprocess.run(["mount", "-o", "loop", image, root], check=True)
-    engine = PrivateEngine(root=root, kind=kind)
-    try:
-        engine.start()
-        yield engine
-    finally:
-        engine.cleanup()  # unmounts the loop mount too
-        with contextlib.suppress(OSError):
-            os.unlink(image)
 
 
 def test_pressure_frees_back_to_the_low_mark_oldest_first_never_the_protected(
