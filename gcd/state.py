@@ -444,24 +444,31 @@ class Store:
         stamp, oldest = now.timestamp(), (now - window).timestamp()
         present = {t for image in snapshot.images for t in image.tags}
         found: list[Regret] = []
-        try:
-            rows = self._db.execute("SELECT tag, removed_at, rule FROM removed_tags").fetchall()
-            self._db.execute("BEGIN")
+        with self._regret_records("read") as db:
+            rows = db.execute("SELECT tag, removed_at, rule FROM removed_tags").fetchall()
             for tag, removed_at, rule in rows:
                 if not isinstance(removed_at, float | int) or not oldest <= removed_at <= stamp:
-                    self._db.execute("DELETE FROM removed_tags WHERE tag = ?", (tag,))
+                    db.execute("DELETE FROM removed_tags WHERE tag = ?", (tag,))
                 elif tag in present:
                     when = datetime.fromtimestamp(removed_at, UTC)
                     found.append(Regret(str(tag), str(rule), when, now))
-                    self._db.execute("DELETE FROM removed_tags WHERE tag = ?", (tag,))
+                    db.execute("DELETE FROM removed_tags WHERE tag = ?", (tag,))
+        return tuple(sorted(found))
+
+    @contextmanager
+    def _regret_records(self, verb: str) -> Iterator[sqlite3.Connection]:
+        """One transaction on the removed tags. Failing, it only loses regrets (said)."""
+        assert self._db is not None
+        try:
+            self._db.execute("BEGIN")
+            yield self._db
             self._db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
             log.warning(
-                "cannot read the removed tags in %s (regrets go uncounted): %s", self.path, e
+                "cannot %s the removed tags in %s (regrets go uncounted): %s", verb, self.path, e
             )
-        return tuple(sorted(found))
 
     def record_removed(self, report: Report, now: datetime) -> None:
         """Remember the tags of the images this cycle removed, for regrets."""
@@ -474,18 +481,9 @@ class Store:
             if d.image_id in removed
             for tag in d.tags
         ]
-        if not rows:
-            return
-        try:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO removed_tags VALUES (?, ?, ?)", rows)
-            self._db.execute("COMMIT")
-        except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            log.warning(
-                "cannot record the removed tags in %s (regrets go uncounted): %s", self.path, e
-            )
+        if rows:
+            with self._regret_records("record") as db:
+                db.executemany("INSERT OR REPLACE INTO removed_tags VALUES (?, ?, ?)", rows)
 
     def _write(self) -> None:
         """Write what changed since the last write that succeeded, in one transaction. A

@@ -257,3 +257,15 @@ def full_id(image_id: str) -> str:
 
 def ids_now(api: docker.APIClient) -> set[str]:
     return {full_id(i["Id"]) for i in listed(api)}
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Any]]:
+    """`gcd daemon` processes a test started (tests/integration/test_daemon.Daemon): killed
+    at the end if the test left them running."""
+    started: list[Any] = []
+    yield started
+    for d in started:
+        if d.process.poll() is None:
+            d.process.kill()
+            d.process.wait()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -145,16 +145,6 @@ class Daemon:
         self.log.close()
         self.notify.close()
         return code
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        if d.process.poll() is None:
-            d.process.kill()
-            d.process.wait()
 
 
 def test_notify_protocol_schedule_and_scraped_metrics(

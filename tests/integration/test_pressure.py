@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -88,16 +87,6 @@ def test_pressure_frees_back_to_the_low_mark_oldest_first_never_the_protected(
         assert {"app:2", "tool:1", "app:8"} <= set(left)
         assert {ids["app:2"], ids["tool:1"]} <= ids_now(client)
         assert len(left) == len(specs) - len(evicted)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        if d.process.poll() is None:
-            d.process.kill()
-            d.process.wait()
 
 
 def test_the_daemon_reacts_to_pressure_between_cycles_and_never_loops(
