@@ -250,8 +250,11 @@ def make_certificates(folder: str, names: str = "IP:127.0.0.1,DNS:localhost") ->
 
 
 @contextlib.contextmanager
-def engine_on_a_small_filesystem(size: str = "400M") -> Iterator[PrivateEngine]:
-    """A private engine whose folder (socket, data root, storage) is an ext4 loop mount."""
+def engine_on_a_small_filesystem(
+    size: str = "400M", inodes: int | None = None
+) -> Iterator[PrivateEngine]:
+    """A private engine whose folder (socket, data root, storage) is an ext4 loop mount, with
+    `inodes` inodes if given (mkfs.ext4 -N)."""
     kind = engines.chosen()
     base = None
     if kind.in_root:
@@ -260,7 +263,8 @@ def engine_on_a_small_filesystem(size: str = "400M") -> Iterator[PrivateEngine]:
     root = tempfile.mkdtemp(prefix="gcd-pressure-", dir=base)
     image = f"{root}.ext4"
     subprocess.run(["truncate", "-s", size, image], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], check=True)
+    count = ["-N", str(inodes)] if inodes else []
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", *count, image], check=True)
     subprocess.run(["mount", "-o", "loop", image, root], check=True)
     engine = PrivateEngine(root=root, kind=kind)
     try:

@@ -25,11 +25,13 @@ BUSYBOX = "/bin/busybox"
 
 @dataclass
 class Layer:
-    """One layer: a file `/name` with `size` bytes of content derived from `name`."""
+    """One layer: a file `/name` with `size` bytes of content derived from `name` (or, with
+    `files`, that many small files under `/name/`: a layer heavy on inodes)."""
 
     name: str
     size: int = 1024
     binary: str | None = None  # a host file to put at /bin/busybox instead (runnable images)
+    files: int = 0
 
     def tar(self) -> bytes:
         out = io.BytesIO()
@@ -42,6 +44,10 @@ class Layer:
                     link = tarfile.TarInfo(f"bin/{applet}")
                     link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "busybox", 0
                     tar.addfile(link)
+            elif self.files:
+                folder = self.name.strip("/").replace("/", "_")
+                for n in range(self.files):
+                    _add(tar, f"{folder}/{n}", f"{self.name} {n}".encode(), 0o644)
             else:
                 seed = hashlib.sha256(self.name.encode()).digest()
                 data = (seed * (self.size // len(seed) + 1))[: self.size]

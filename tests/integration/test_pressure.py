@@ -140,3 +140,38 @@ def test_the_daemon_reacts_to_pressure_between_cycles_and_never_loops(
         assert d.value("gcd_cycles_total", result="success") == cycles
         assert d.logs().count("still to free after all gcd may remove") == said + 1
         assert d.stop() == 0
+
+
+def test_inode_pressure_frees_images_heavy_on_files(tmp_path: Path) -> None:
+    # 4,096 inodes: eight images of 300 small files each push it past inodes_high.
+    with engine_on_a_small_filesystem(inodes=4096) as engine:
+        client = docker.APIClient(base_url=engine.url, version="auto", timeout=120)
+        specs = [
+            Spec([f"many:{n}"], [Layer(f"many-{n}", files=300)], datetime(2026, 1, n, tzinfo=UTC))
+            for n in range(1, 9)
+        ]
+        load(client, specs)
+        before = measure(engine.root)
+        assert before.bytes_ratio < 0.5  # bytes are no concern here
+        high = before.inodes_ratio - 0.02
+        low = before.inodes_ratio - 600 / before.total_inodes  # two images' files, about
+        gcd = Gcd(engine.url, tmp_path)
+        config = str(
+            gcd.config(
+                f"disk: {{path: {engine.root}, inodes_high: {high:.4f}, inodes_low: {low:.4f}}}\n"
+                "safety: {min_age: 0s}\nrules:\n  - {name: all, keep_last: 10}\n"
+            )
+        )
+        run = gcd.json("run", "--config", config)
+        assert run["disk"]["pressure"] == [
+            f"inodes used {before.inodes_ratio:.0%} >= inodes_high {high:.0%}"
+        ]
+        gone = [
+            d["tags"][0]
+            for d in run["decisions"]
+            if d["outcome"] == "done" and d["decision"] == "remove"
+        ]
+        assert gone[:2] == ["many:1", "many:2"]  # the oldest first
+        after = measure(engine.root)
+        assert after.inodes_ratio <= low + 0.01, (after, low)
+        assert "many:8" in tags_now(client)
