@@ -124,22 +124,31 @@ _UNMEASURED: set[str] = set()
 
 
 def watched(config: Config, engine: Engine) -> Usage | None:
-    """The watched filesystem now (`disk.path`), or None where it cannot be measured: an
-    engine on another host with `disk.path: auto` (said once)."""
+    """The watched filesystem now (`disk.path`), or None where it cannot be measured (said
+    once): an engine on another host with `disk.path: auto`, or a path this user cannot
+    read (a docker-group user and the 0710 /var/lib/docker). Disk pressure is then not
+    watched; retention goes on."""
     path = config.disk.path
     if path == "auto":
         root = engine.data_root() if config.engine_url().startswith("unix://") else None
-        if root is None or not os.path.isdir(root):
-            why = (
+        if root is None or not os.path.exists(root):
+            _say_once(
                 f"disk pressure is not watched: the engine's data root ({root or 'unknown'}) "
                 "is not on this host; set disk.path"
             )
-            if why not in _UNMEASURED:
-                _UNMEASURED.add(why)
-                log.warning("%s", why)
             return None
         path = root
-    return disk.measure(path)
+    try:
+        return disk.measure(path)
+    except GcdError as e:
+        _say_once(f"disk pressure is not watched: {e}; set disk.path to a path gcd can read")
+        return None
+
+
+def _say_once(why: str) -> None:
+    if why not in _UNMEASURED:
+        _UNMEASURED.add(why)
+        log.warning("%s", why)
 
 
 def run(

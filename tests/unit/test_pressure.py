@@ -5,10 +5,15 @@ On a real engine and a real filesystem: tests/integration/test_pressure.py."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
+from pathlib import Path
 
-from gcd import disk, policy
+import pytest
+
+from gcd import cycle, disk, policy
 from gcd.model import Usage
+from tests.unit.fakeengine import FakeEngine
 from tests.unit.snapshots import NOW, cfg, container, iid, image, snapshot, state
 
 GB = 10**9
@@ -96,3 +101,20 @@ def test_a_parent_whose_child_stays_is_never_taken() -> None:
     assert list(chosen) == [iid("app"), iid("base")]
     # Enough once app is gone (its own layer): base stays.
     assert list(policy.evictions(first, used, pressure, GB, NOW, keep_one=False)) == [iid("app")]
+
+
+def test_a_filesystem_gcd_cannot_measure_is_said_once_and_retention_goes_on(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    engine = FakeEngine()
+    engine.add(iid("a"), "app:1")
+    missing = tmp_path / "nowhere"
+    config = cfg(f"disk: {{path: {missing}}}\n")
+    with caplog.at_level(logging.WARNING):
+        assert cycle.watched(config, engine) is None
+        assert cycle.watched(config, engine) is None
+    said = [r.getMessage() for r in caplog.records if "not watched" in r.getMessage()]
+    assert said == [
+        f"disk pressure is not watched: cannot measure disk.path {missing}: No such file or "
+        "directory; set disk.path to a path gcd can read"
+    ]
