@@ -565,16 +565,17 @@ class DockerEngine:
 
     # --- following (the daemon's event follower; not part of a cycle) -----------------------
 
-    def follow_uses(self, since_ns: int | None) -> Stream:
-        """The engine's container events from `since_ns` (replayed from the engine's recent
-        log) on, as they come: read them with `container_use`."""
+    def follow(self, since_ns: int | None) -> Stream:
+        """The engine's container and image events from `since_ns` (replayed from the
+        engine's recent log) on, as they come: read them with `followed`."""
         self.api_version()  # the engine's kind is known from here
         query: dict[str, str] = {}
         if self._kind == "podman":
             if since_ns is not None:  # whole seconds only (see events())
                 query["since"] = str(since_ns // 10**9)
         else:
-            query["filters"] = json.dumps({"type": ["container"], "event": list(USE_ACTIONS)})
+            events = [*USE_ACTIONS, *ARRIVAL_ACTIONS]
+            query["filters"] = json.dumps({"type": ["container", "image"], "event": events})
             if since_ns is not None:
                 query["since"] = _api_time(since_ns)
         return self.transport.stream(
@@ -654,14 +655,25 @@ def _quoted(ref: str) -> str:
 
 # Container events that use an image.
 USE_ACTIONS = ("create", "start")
+# Image events that bring a name onto the engine (a regret, if gcd removed it lately).
+ARRIVAL_ACTIONS = ("tag", "load", "pull", "import")
 
 
-def container_use(line: bytes) -> ContainerUse | None:
-    """A container create or start in an event stream's line (either format), else None."""
+def followed(line: bytes) -> ContainerUse | ImageEvent | None:
+    """A container create or start, or an image's arrival (tag, load, pull, import), in an
+    event stream's line (either format); else None."""
     try:
         raw = json.loads(line)
     except ValueError:
         return None
+    if isinstance(raw, dict) and raw.get("Type") == "image":
+        event = _event(raw)
+        return event if event is not None and event.action in ARRIVAL_ACTIONS else None
+    return container_use(raw)
+
+
+def container_use(raw: Any) -> ContainerUse | None:
+    """A container create or start (an event's JSON, either format), else None."""
     if not isinstance(raw, dict) or (raw.get("Type") or "container") != "container":
         return None
     actor = raw.get("Actor")

@@ -1,4 +1,5 @@
-"""The daemon's event follower: each container created or started marks its image used.
+"""The daemon's event follower: each container created or started marks its image used, and
+a tag gcd removed lately that comes back (tagged, loaded, pulled, imported) is a regret at once.
 
 Snapshots see only the containers that exist at cycle time, so a `docker run --rm` between
 two cycles would leave no trace, and `order_by: last_used` would rank by sampling. The
@@ -13,13 +14,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from datetime import UTC, datetime
 
 from gcd.config import Config
-from gcd.engine import DockerEngine, container_use
-from gcd.errors import EngineError
+from gcd.engine import DockerEngine, followed
+from gcd.errors import EngineError, EngineUnavailable
 from gcd.metrics import Metrics
+from gcd.model import ContainerUse, ImageEvent
 from gcd.state import UsageLog
 from gcd.transport import Stream
+from gcd.units import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class Follower:
         )
         self.metrics = metrics
         self.usage = UsageLog(config.state_dir)
+        self.regret_window = config.regret_window
         self.stopping = threading.Event()
         self._stream: Stream | None = None
         self._since: int | None = None  # the last event's time (ns), to follow on from
@@ -59,7 +64,7 @@ class Follower:
         failures = 0
         while not self.stopping.is_set():
             try:
-                self._stream = self.engine.follow_uses(self._since)
+                self._stream = self.engine.follow(self._since)
                 self.metrics.events_up.set(1)
                 if failures:
                     log.info("following the engine's events again")
@@ -84,17 +89,47 @@ class Follower:
 
     def _follow(self, stream: Stream) -> None:
         for line in stream.lines():
-            use = container_use(line)
-            if use is None:
-                continue
-            self._since = use.time_ns
-            image_id = self._images.get(use.container_id)
+            event = followed(line)
+            if isinstance(event, ImageEvent):
+                self._since = event.time_ns
+                self._arrived(event)
+            elif isinstance(event, ContainerUse):
+                self._since = event.time_ns
+                self._used(event)
+
+    def _arrived(self, event: ImageEvent) -> None:
+        """A name came onto the engine: a regret if gcd removed it within regret_window."""
+        if not self.regret_window:
+            return
+        if ":" in event.name and not event.name.startswith("sha256:"):
+            tags: tuple[str, ...] = (event.name,)
+        else:  # a load names only the image: its tags now
+            try:
+                now = self.engine.current(event.image_id)
+            except EngineUnavailable:
+                raise
+            except EngineError:
+                return
+            tags = now[0] if now is not None else ()
+        when = datetime.fromtimestamp(event.time_ns / 1e9, UTC)
+        for r in self.usage.came_back(tags, self.regret_window, when):
+            self.metrics.regrets.labels(r.rule).inc()
+            log.warning(
+                "regret: %s is back %s after gcd removed it (rule %s)",
+                r.tag,
+                format_duration(r.seen_at - r.removed_at),
+                r.rule,
+            )
+
+    def _used(self, use: ContainerUse) -> None:
+        """A container created or started: its image was used then."""
+        image_id = self._images.get(use.container_id)
+        if image_id is None:
+            image_id = self.engine.container_image(use.container_id, use.image)
             if image_id is None:
-                image_id = self.engine.container_image(use.container_id, use.image)
-                if image_id is None:
-                    continue
-                self._images[use.container_id] = image_id
-                while len(self._images) > REMEMBERED:
-                    self._images.popitem(last=False)
-            self.usage.record(image_id, use.time_ns / 1e9)
-            self.recorded += 1
+                return
+            self._images[use.container_id] = image_id
+            while len(self._images) > REMEMBERED:
+                self._images.popitem(last=False)
+        self.usage.record(image_id, use.time_ns / 1e9)
+        self.recorded += 1

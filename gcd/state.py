@@ -14,7 +14,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -608,9 +608,10 @@ def _times(rows: dict[str, _Row], column: str, now: float) -> dict[str, datetime
 
 
 class UsageLog:
-    """Where the daemon's event follower records last uses, on a connection of its own (the
-    cycle's Store merges them at its next snapshot). A write that fails (a full disk) is
-    said once and the use is lost: the next snapshot still sees containers that exist."""
+    """The daemon's event follower's records, on a connection of its own: the last uses it
+    sees (the cycle's Store merges them at its next snapshot), and the removed tags it sees
+    come back (regrets, counted at once). A write that fails (a full disk) is said once and
+    the use is lost: the next snapshot still sees containers that exist."""
 
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, FILENAME)
@@ -639,6 +640,27 @@ class UsageLog:
         if self._failing:
             log.info("recording uses in %s again", self.path)
         self._failing = False
+
+    def came_back(self, tags: Iterable[str], window: timedelta, now: datetime) -> list[Regret]:
+        """The tags among `tags` gcd removed within `window`: each a regret, counted here
+        once (its record goes, so the next cycle does not count it again)."""
+        found: list[Regret] = []
+        try:
+            if self._db is None:
+                self._db = Store._connect(self.path)
+            oldest = (now - window).timestamp()
+            for tag in sorted(set(tags)):
+                row = self._db.execute(
+                    "SELECT removed_at, rule FROM removed_tags WHERE tag = ?", (tag,)
+                ).fetchone()
+                if row is None or not isinstance(row[0], float | int):
+                    continue
+                self._db.execute("DELETE FROM removed_tags WHERE tag = ?", (tag,))
+                if oldest <= row[0] <= now.timestamp():
+                    found.append(Regret(tag, str(row[1]), datetime.fromtimestamp(row[0], UTC), now))
+        except (sqlite3.Error, OSError) as e:
+            log.debug("cannot read the removed tags in %s: %s", self.path, e)
+        return found
 
     def close(self) -> None:
         if self._db is not None:

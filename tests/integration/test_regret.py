@@ -7,8 +7,10 @@ from pathlib import Path
 
 import docker
 
+from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
-from tests.integration.conftest import NO_AGE_GUARDS, WHEN, Gcd, report_of, short
+from tests.integration.conftest import NO_AGE_GUARDS, WHEN, Gcd, report_of, short, tags_now
+from tests.integration.test_daemon import Daemon, wait_for
 
 POLICY = (
     NO_AGE_GUARDS
@@ -46,3 +48,29 @@ def test_a_removed_tag_loaded_again_is_a_regret_once(
 
     third = gcd.json("run", "--config", config)
     assert third["regrets"] == []  # counted once; the second run removed it again
+
+
+def test_the_daemon_counts_a_regret_as_the_tag_comes_back(
+    dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    old = Spec(["app:1"], [Layer("app-1")], WHEN)
+    load(client, [old, Spec(["app:2"], [Layer("app-2")], WHEN.replace(day=2))])
+    d = Daemon(tmp_path, dockerd.url, POLICY)  # its next cycle in an hour
+    daemons.append(d)
+    wait_for(lambda: d.value("gcd_cycles_total", result="success") == 1, what="first cycle")
+    assert "app:1" not in {short(t) for t in tags_now(client)}
+    wait_for(lambda: d.value("gcd_events_up") == 1, what="events followed")
+    load(client, [old])
+
+    def regrets() -> float:
+        try:
+            return d.value("gcd_regret_total", rule="ci")
+        except KeyError:  # no regret yet: no series
+            return 0
+
+    wait_for(lambda: regrets() == 1, what="the regret")
+    assert d.value("gcd_cycles_total", result="success") == 1  # no cycle needed for it
+    assert re.search(
+        r"WARNING regret: app:1 is back \ds after gcd removed it \(rule ci\)\n", short(d.logs())
+    )
+    assert d.stop() == 0

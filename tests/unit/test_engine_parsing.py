@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gcd import engine
-from gcd.engine import DockerEngine, container_use
+from gcd.engine import DockerEngine, followed
 from gcd.errors import EngineError
-from gcd.model import ContainerUse, ImageFacts
+from gcd.model import ContainerUse, ImageEvent, ImageFacts
 
 
 def test_ids_without_sha256_get_it_as_docker_writes_them() -> None:
@@ -122,14 +122,14 @@ def test_a_first_sight_inspect_the_engine_fails_is_asked_again(
     ],
 )
 def test_a_container_start_reads_in_either_event_format(line: bytes) -> None:
-    assert container_use(line) == ContainerUse(1700000000123456789, "c1", "app:1")
+    assert followed(line) == ContainerUse(1700000000123456789, "c1", "app:1")
 
 
 @pytest.mark.parametrize(
     "line",
     [
         b'{"Type":"container","Action":"die","Actor":{"ID":"c1"},"timeNano":1}',
-        b'{"Type":"image","Action":"tag","Actor":{"ID":"sha256:ab"},"timeNano":1}',
+        b'{"Type":"image","Action":"untag","Actor":{"ID":"sha256:ab"},"timeNano":1}',
         b'{"Type":"container","Action":"create","Actor":{"ID":7},"timeNano":1}',
         b"[1, 2]",
         b"not json",
@@ -137,4 +137,15 @@ def test_a_container_start_reads_in_either_event_format(line: bytes) -> None:
     ],
 )
 def test_other_events_and_garbage_are_no_use(line: bytes) -> None:
-    assert container_use(line) is None
+    assert followed(line) is None
+
+
+def test_an_image_tagged_or_loaded_is_an_arrival() -> None:
+    tag = b'{"Type":"image","Action":"tag","Actor":{"ID":"sha256:ab","Attributes":{"name":"app:1"}},"timeNano":5}'
+    assert followed(tag) == ImageEvent(5, "tag", "sha256:ab", "app:1")
+    podman = (
+        b'{"Type":"image","Action":"loadfromarchive","Actor":{"ID":"'
+        + b"c" * 64
+        + b'"},"timeNano":6}'
+    )
+    assert followed(podman) == ImageEvent(6, "load", "sha256:" + "c" * 64, "")
