@@ -48,6 +48,9 @@ METRICS_RETRY = 5.0
 # After a pressure cycle that could not free enough, more use by this share of the
 # filesystem starts another before the schedule does.
 PRESSURE_MARGIN = 0.01
+# ... or this long (at least four disk checks) passing: an engine may list an image a moment
+# after it says it loaded it (Docker 26's containerd store), so a cycle can miss what came.
+STUCK_RETRY = 30.0
 # How long one sd_notify message may wait for systemd to take it.
 NOTIFY_TIMEOUT = 0.1
 
@@ -110,6 +113,8 @@ class Daemon:
         self.follower: Follower | None = None
         self.engine_bytes = 0  # images and build cache at the last cycle (disk.budget)
         self.started_cycles = 0
+        self.arrivals = 0  # images the event follower saw come
+        self.stuck_since = 0.0
         self.stuck_at: int | None = None  # used bytes a pressure cycle could not free
         self._bind_retry_at = 0.0  # when to try metrics.listen again; 0: never failed
         self.engine_down_since: datetime | None = None
@@ -139,7 +144,7 @@ class Daemon:
         before (a SIGTERM then means no cycle at all, a SIGHUP a reload)."""
         self.store = Store(self.config.state_dir)
         self._serve_metrics()
-        self.follower = Follower(self.config, self.metrics)
+        self.follower = Follower(self.config, self.metrics, self._image_arrived)
         self.follower.start()
         previous = {s: signal.getsignal(s) for s in HELD}
         if held is None:
@@ -270,8 +275,9 @@ class Daemon:
     def _check_disk(self) -> None:
         """Every disk.check_every: one statvfs; over a high mark (or the budget), a cycle now.
         After a cycle that could not get back under the low mark (the rest is protected, or
-        not gcd's), only more use (by PRESSURE_MARGIN of the filesystem) starts another: the
-        scheduled cycles still come, and nothing loops."""
+        not gcd's), only more use (by PRESSURE_MARGIN of the filesystem), a new image, or
+        STUCK_RETRY passing starts another: the scheduled cycles still come, and nothing
+        loops."""
         try:
             usage = cycle.watched(self.config, self.engine)
         except GcdError as e:  # the engine away (its cycle says so), a disk.path gone
@@ -286,10 +292,22 @@ class Daemon:
             self.metrics.pressure_active.set(0)
             return
         margin = PRESSURE_MARGIN * (usage.used_bytes + usage.avail_bytes)
-        if self.stuck_at is not None and usage.used_bytes < self.stuck_at + margin:
+        retry = max(STUCK_RETRY, 4 * self.config.disk.check_every.total_seconds())
+        if (
+            self.stuck_at is not None
+            and usage.used_bytes < self.stuck_at + margin
+            and time.monotonic() - self.stuck_since < retry
+        ):
             return
         log.info("%s on %s: a cycle now", pressure.reason, usage.path)
         self._cycle("pressure")
+
+    def _image_arrived(self) -> None:
+        """From the event follower: an image came (a load, pull, tag). A pressure cycle that
+        could not free enough may have run before it was all there (its upload still on
+        disk, its tags not yet made): the next disk check judges afresh."""
+        self.arrivals += 1
+        self.stuck_at = None
 
     def _after_job(self) -> None:
         """Idle small: drop the store's rows and give a job's memory back to the system."""
@@ -299,6 +317,7 @@ class Daemon:
 
     def _run_cycle(self, trigger: str) -> None:
         assert self.store is not None
+        arrivals = self.arrivals
         self.in_cycle = True
         started = time.monotonic()
         try:
@@ -330,15 +349,16 @@ class Daemon:
             log.info("the Docker engine at %s answers again", self.engine.url)
             self.engine_down_since = None
         self.metrics.record(result, time.monotonic() - started, time.time(), trigger)
-        self._after_pressure(result)
+        self._after_pressure(result, arrivals)
         log.info("%s", report.summary_line(result))
         if result.state_problem:
             log.error("%s; %s", result.state_problem, cycle.STATE_PROBLEM_EFFECT)
         self._notify(f"STATUS={self._status(result)}")
 
-    def _after_pressure(self, result: Report) -> None:
+    def _after_pressure(self, result: Report, arrivals: int) -> None:
         """What the next disk checks compare with: the engine's bytes (for disk.budget) and,
-        if this cycle could not get back under the low mark, the use it started from."""
+        if this cycle could not get back under the low mark, the use it started from (unless
+        an image came while it ran: `arrivals` is the count when it began)."""
         plan = result.plan
         if self.config.disk.budget is not None:
             every = {i.id for i in plan.snapshot.images}
@@ -349,7 +369,9 @@ class Daemon:
         # Measured at its snapshot: what arrived while it removed is growth, and may start
         # another cycle.
         usage = plan.disk
-        self.stuck_at = usage.used_bytes if usage is not None and result.short_of_low() else None
+        stuck = usage is not None and result.short_of_low() and self.arrivals == arrivals
+        self.stuck_at = usage.used_bytes if stuck and usage is not None else None
+        self.stuck_since = time.monotonic()
 
     def _engine_lost(self, error: EngineUnavailable, started: float, trigger: str) -> None:
         self.metrics.engine_up.set(0)
@@ -387,7 +409,7 @@ class Daemon:
             log.info("engine is now %s", self.engine.url)
             if self.follower is not None:  # it follows the new engine's events
                 self.follower.stop()
-                self.follower = Follower(new, self.metrics)
+                self.follower = Follower(new, self.metrics, self._image_arrived)
                 self.follower.start()
         for key, a, b in (
             ("metrics.listen", old.metrics.listen, new.metrics.listen),

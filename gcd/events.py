@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from gcd.config import Config
@@ -34,13 +35,16 @@ REMEMBERED = 1024
 
 
 class Follower:
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics, arrived: Callable[[], None] = lambda: None
+    ) -> None:
         self.engine = DockerEngine(
             config.engine_url(), config.engine.timeout.total_seconds(), config.engine_tls()
         )
         self.metrics = metrics
         self.usage = UsageLog(config.state_dir)
         self.regret_window = config.regret_window
+        self.arrived = arrived  # an image came onto the engine (the daemon's disk watch)
         self.stopping = threading.Event()
         self._stream: Stream | None = None
         self._since: int | None = None  # the last event's time (ns), to follow on from
@@ -99,6 +103,7 @@ class Follower:
 
     def _arrived(self, event: ImageEvent) -> None:
         """A name came onto the engine: a regret if gcd removed it within regret_window."""
+        self.arrived()
         if not self.regret_window:
             return
         if ":" in event.name and not event.name.startswith("sha256:"):
