@@ -66,6 +66,15 @@ LIST_ATTEMPTS = 5
 LIST_RETRY_DELAY = 0.2
 
 
+class _Unpacked(Exception):
+    """An image the engine lists and inspects but whose layers it has not unpacked: its
+    history answers 404. `facts` are what gcd knows of it without the history."""
+
+    def __init__(self, facts: ImageFacts) -> None:
+        super().__init__("layers not unpacked")
+        self.facts = facts
+
+
 class Engine(Protocol):
     url: str
     calls: int
@@ -208,10 +217,13 @@ class DockerEngine:
             for known in facts.values()
             for layer, size in zip(known.layers, known.layer_sizes, strict=True)
         }
-        learned = self._inspect_all(unknown, tags_of, facts, sized, stop)
+        learned, provisional = self._inspect_all(unknown, tags_of, facts, sized, stop)
         images = []
         for raw in raw_images:
-            known = learned.get(raw["Id"]) if raw["Id"] in unknown_set else facts[raw["Id"]]
+            if raw["Id"] in unknown_set:
+                known = learned.get(raw["Id"]) or provisional.get(raw["Id"])
+            else:
+                known = facts[raw["Id"]]
             if known is not None:  # None: deleted between the list and the inspect
                 images.append(_image(raw, tags_of[raw["Id"]], known, self._names_only()))
         containers = tuple(_container(c) for c in raw_containers)
@@ -277,12 +289,13 @@ class DockerEngine:
         facts: Mapping[str, ImageFacts],
         sized: dict[str, int],
         stop: Callable[[], bool],
-    ) -> dict[str, ImageFacts]:
+    ) -> tuple[dict[str, ImageFacts], dict[str, ImageFacts]]:
         """Inspect the images the cache lacks, a few at a time (the engine answers inspects
         concurrently; one at a time leaves it idle between round trips). `sized` gains the
-        layer sizes learned, for the inspects that follow."""
+        layer sizes learned, for the inspects that follow. Returns the facts learned and the
+        provisional ones (images whose layers are not unpacked: not to be cached)."""
         if not ids:
-            return {}
+            return {}, {}
 
         def one(image_id: str) -> tuple[str, ImageFacts | None]:
             for attempt in range(LIST_ATTEMPTS):
@@ -292,6 +305,9 @@ class DockerEngine:
                     return image_id, self._inspect(
                         image_id, tags_of[image_id], facts.get(image_id), sized
                     )
+                except _Unpacked as e:
+                    provisional[image_id] = e.facts
+                    return image_id, None
                 except NotFoundError:
                     return image_id, None  # deleted between the list and the inspect
                 except EngineUnavailable:
@@ -307,11 +323,12 @@ class DockerEngine:
 
         self.api_version()  # negotiated once, before the threads start
         learned: dict[str, ImageFacts] = {}
+        provisional: dict[str, ImageFacts] = {}  # one key per thread: safe across threads
         with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(ids))) as pool:
             for image_id, found in pool.map(one, ids):
                 if found is not None:
                     learned[image_id] = found
-        return learned
+        return learned, provisional
 
     def _inspect(
         self,
@@ -339,7 +356,14 @@ class DockerEngine:
         classic = self._classic()
         sizes = layers.derived_sizes(chain, total, sized) if classic else None
         if sizes is None:
-            history = self._json(f"/images/{image_id}/history")
+            try:
+                history = self._json(f"/images/{image_id}/history")
+            except NotFoundError:
+                # The image is there (its inspect answered) but its layers are not unpacked:
+                # Docker 26's containerd store unpacks only the first image of a `docker
+                # load` ("snapshot sha256:… does not exist"). It is kept in the snapshot,
+                # charged its listed size, and read again next cycle (not cached).
+                raise _Unpacked(ImageFacts(tags, (), (), last_tag_time, created)) from None
             sizes = layers.history_sizes(len(chain), history, total, exact=classic)
             if sizes is None:
                 return ImageFacts(tags, (), (), last_tag_time, created)

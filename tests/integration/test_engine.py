@@ -18,7 +18,7 @@ from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundEr
 from gcd.model import ImageFacts
 from gcd.transport import Tls
 from tests.dockerd import PrivateEngine, make_certificates
-from tests.images import Layer, Spec, busybox_layer, load
+from tests.images import Layer, Spec, busybox_layer, load, tarball
 from tests.integration.conftest import podman, short_refs
 
 
@@ -82,6 +82,33 @@ def test_layer_sizes_come_from_history_only_where_they_cannot_be_derived(
     for image_id in [*fresh, pair]:
         history = [e["Size"] for e in reversed(client.history(image_id)) if e["Size"]]
         assert layer_sizes(learned[image_id]) == history
+
+
+def test_an_image_listed_before_its_layers_are_unpacked_is_in_the_snapshot(
+    dockerd: PrivateEngine, client: docker.APIClient
+) -> None:
+    """Docker 26's containerd store lists every image of a `docker load` whose progress
+    nobody has read yet, but has unpacked only the first: the others' history answers 404.
+    gcd once read that 404 as "deleted since the list" and left them out of the snapshot.
+    Each image must be there, charged its listed size, and learned once it is unpacked."""
+    specs = [Spec([f"u:{n}"], [Layer(f"u{n}", 3_000_000 + n)]) for n in range(1, 5)]
+    progress = client.load_image(tarball(specs))  # the engine's answer, not read yet
+    try:
+        deadline = time.monotonic() + 30
+        while len(listed := [i["Id"] for i in client.images(all=True)]) < 4:
+            assert time.monotonic() < deadline, f"the engine listed {len(listed)} of 4"
+            time.sleep(0.1)
+        snapshot, learned = DockerEngine(dockerd.url, 30).snapshot({})
+        assert {i.id for i in snapshot.images} == set(listed)
+        for image in snapshot.images:
+            if image.id not in learned:  # not unpacked: no layers known, its size charged
+                assert image.layers == ()
+    finally:
+        for _ in progress or ():
+            pass
+    snapshot, learned = DockerEngine(dockerd.url, 30).snapshot(learned)
+    assert len(snapshot.images) == 4
+    assert all(image.layers for image in snapshot.images)
 
 
 def test_the_unix_socket_and_tcp_with_tls_read_and_remove_alike(

@@ -92,12 +92,6 @@ def test_pressure_frees_back_to_the_low_mark_oldest_first_never_the_protected(
 def test_the_daemon_reacts_to_pressure_between_cycles_and_never_loops(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    kind = engines.chosen()
-    if kind.containerd_store and not kind.sid:
-        # Found here, not fixed yet: after this multi-image load, gcd's snapshots on Docker
-        # 26's containerd store held 2 of the 5 images for 30 s and more, so pressure had
-        # nothing to take (the issue's note).
-        pytest.skip("Docker 26's containerd store: gcd's snapshot misses loaded images")
     with engine_on_a_small_filesystem() as engine:
         client = docker.APIClient(base_url=engine.url, version="auto", timeout=120)
         load(client, [Spec(["keep:1"], [Layer("keep", 4 * MB)], datetime(2026, 1, 1, tzinfo=UTC))])

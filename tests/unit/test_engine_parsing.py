@@ -102,9 +102,10 @@ def test_a_first_sight_inspect_the_engine_fails_is_asked_again(
     monkeypatch.setattr(engine, "_inspect", inspect)
     monkeypatch.setattr(engine, "api_version", lambda: "1.41")
     monkeypatch.setattr("gcd.engine.LIST_RETRY_DELAY", 0)
-    assert engine._inspect_all(["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False) == {
-        "sha256:a": facts
-    }
+    assert engine._inspect_all(["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False) == (
+        {"sha256:a": facts},
+        {},
+    )
     answers[:] = [EngineError("boom")] * 5  # it gives up in the end
     with pytest.raises(EngineError, match="boom"):
         engine._inspect_all(["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False)
