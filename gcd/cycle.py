@@ -145,6 +145,16 @@ def watched(config: Config, engine: Engine) -> Usage | None:
         return None
 
 
+def _accounted(engine: Engine) -> int | None:
+    """The engine's count of its image store's bytes; None if it keeps none or cannot say
+    now (a figure for the report, never a reason to fail the cycle)."""
+    try:
+        return engine.accounted()
+    except GcdError as e:
+        log.debug("the engine's byte count is not known: %s", e)
+        return None
+
+
 def _say_once(why: str) -> None:
     if why not in _UNMEASURED:
         _UNMEASURED.add(why)
@@ -163,7 +173,12 @@ def run(
     with store.lock(lock_wait, stop):
         plan = prepare(config, engine, store, now, stop)
         regrets = store.regrets(plan.snapshot, config.regret_window, now)
+        before = _accounted(engine) if plan.removals() else None
         report = executor.execute(plan, engine, now, stop)
+        if before is not None:
+            report = dataclasses.replace(
+                report, accounted_before=before, accounted_after=_accounted(engine)
+            )
         if plan.disk is not None:
             with contextlib.suppress(GcdError):  # gone since: no measured bytes, said so
                 report = dataclasses.replace(report, disk_after=disk.measure(plan.disk.path))

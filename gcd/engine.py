@@ -126,6 +126,10 @@ class Engine(Protocol):
     def build_cache(self) -> tuple[BuildCacheEntry, ...] | None:
         """BuildKit's cache entries, or None where the engine keeps no such cache (Podman)."""
 
+    def accounted(self) -> int | None:
+        """The engine's own count of its image store's bytes (`/system/df` LayersSize), or
+        None where it keeps none (Podman 4 answers 0)."""
+
     def prune_build_cache(self, keep_storage: int | None, unused_for: int | None) -> Pruned:
         """Remove unused cache entries: those unused for `unused_for` seconds, then the least
         recently used until the cache holds at most `keep_storage` bytes."""
@@ -463,6 +467,15 @@ class DockerEngine:
         self.api_version()  # negotiated once, before the threads start
         with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(container_ids))) as pool:
             return {i: s for i, s in pool.map(one, container_ids) if s is not None}
+
+    def accounted(self) -> int | None:
+        if self._podman4:
+            return None  # its /system/df says 0 whatever it holds
+        # `type` (API 1.42) spares the engine sizing every container and volume.
+        only_images = _version_key(self.api_version()) >= (1, 42)
+        raw = self._json("/system/df?type=image" if only_images else "/system/df")
+        value = raw.get("LayersSize") if isinstance(raw, dict) else None
+        return value if isinstance(value, int) and value >= 0 else None
 
     def build_cache(self) -> tuple[BuildCacheEntry, ...] | None:
         if self._kind == "podman":

@@ -212,6 +212,12 @@ class Metrics:
             "removals (statvfs before and after).",
             registry=r,
         )
+        self.freed_accounted = Counter(
+            "gcd_bytes_freed_accounted",
+            "How much the engine's own count of its image store (/system/df LayersSize) "
+            "dropped over each cycle's removals.",
+            registry=r,
+        )
         self.events_up = Gauge(
             "gcd_events_up",
             "1 while the daemon follows the engine's event stream (container uses), else 0.",
@@ -354,6 +360,7 @@ class Metrics:
         self.bytes_reclaimed.inc(report.reclaimed_bytes)
         self.containers_removed.inc(report.containers_removed())
         self.freed_measured.inc(report.freed_measured())
+        self.freed_accounted.inc(report.freed_accounted() or 0)
         for regret in report.regrets:
             self.regrets.labels(regret.rule).inc()
         if report.build_cache is not None:

@@ -423,6 +423,10 @@ class Report:
     regrets: tuple[Regret, ...] = ()
     # The watched filesystem measured again after the removals (plan.disk is before).
     disk_after: Usage | None = None
+    # The engine's own count of its image store's bytes right before and after the
+    # removals (Engine.accounted); None where it keeps none or was not asked (no removals).
+    accounted_before: int | None = None
+    accounted_after: int | None = None
 
     def outcome(self, image_id: str) -> Outcome:
         return self.outcomes[image_id]
@@ -449,6 +453,12 @@ class Report:
         if self.plan.disk is None or self.disk_after is None:
             return 0
         return max(0, self.plan.disk.used_bytes - self.disk_after.used_bytes)
+
+    def freed_accounted(self) -> int | None:
+        """How much the engine's own count of its image store dropped over the removals."""
+        if self.accounted_before is None or self.accounted_after is None:
+            return None
+        return max(0, self.accounted_before - self.accounted_after)
 
     def containers_removed(self) -> int:
         return sum(1 for o in self.container_outcomes.values() if o.status == "done")

@@ -23,7 +23,7 @@ def planned(plan: Plan, started_at: datetime) -> Report:
     return Report(plan, True, started_at, outcomes, 0, container_outcomes=stopped)
 
 
-def summary(report: Report) -> dict[str, int]:
+def summary(report: Report) -> dict[str, int | None]:
     plan = report.plan
     snap = plan.snapshot
     return {
@@ -41,7 +41,17 @@ def summary(report: Report) -> dict[str, int]:
         "reclaimed_bytes": report.reclaimed_bytes,
         "containers_to_remove": len(plan.container_removals()),
         "containers_removed": report.containers_removed(),
+        # Side by side with reclaimed_bytes (gcd's count): the engine's own and statvfs's.
+        "freed_accounted_bytes": report.freed_accounted(),
+        "freed_measured_bytes": _measured(report),
     }
+
+
+def _measured(report: Report) -> int | None:
+    """The watched filesystem's drop over a run; None in a dry run or where not watched."""
+    if report.dry_run or report.plan.disk is None or report.disk_after is None:
+        return None
+    return report.freed_measured()
 
 
 def to_json(report: Report) -> str:
@@ -126,6 +136,29 @@ def pressure_line(report: Report) -> str | None:
     if not report.dry_run and report.disk_after is not None:
         text += f"; freed {format_bytes(report.freed_measured())} (measured)"
     return text
+
+
+def bytes_line(report: Report) -> str | None:
+    """After a run that removed images: the bytes freed as predicted, as gcd counts what it
+    removed, as the engine counts its store, and as the filesystem measures."""
+    if report.dry_run or not report.removed():
+        return None
+    accounted = report.freed_accounted()
+    measured = _measured(report)
+    return (
+        f"bytes freed: {format_bytes(report.plan.reclaimable_bytes)} planned, "
+        f"{format_bytes(report.reclaimed_bytes)} reclaimed, "
+        + (
+            "the engine keeps no count"
+            if accounted is None
+            else f"{format_bytes(accounted)} by the engine's count"
+        )
+        + (
+            ", disk not watched"
+            if measured is None or report.plan.disk is None
+            else f", {format_bytes(measured)} measured on {report.plan.disk.path}"
+        )
+    )
 
 
 def build_cache_line(report: Report) -> str | None:
@@ -215,7 +248,7 @@ def to_text(report: Report) -> str:
     if plan.containers:
         lines += ["", *_aligned(_container_rows(report))]
     lines.append("")
-    for extra in (build_cache_line(report), pressure_line(report)):
+    for extra in (build_cache_line(report), pressure_line(report), bytes_line(report)):
         if extra is not None:
             lines.append(extra)
     lines.append(summary_line(report))
@@ -265,10 +298,10 @@ def summary_line(report: Report) -> str:
     elif report.plan.containers:
         counts += f"; stopped containers removed: {s['containers_removed']} of {s['containers_to_remove']}"
     if report.dry_run:
-        return f"plan: {counts}; {format_bytes(s['reclaimable_bytes'])} reclaimable (dry run: nothing removed)"
+        return f"plan: {counts}; {format_bytes(report.plan.reclaimable_bytes)} reclaimable (dry run: nothing removed)"
     return (
         f"run: {counts}; removed {len(report.removed())}, skipped {s['skipped']}, failed {s['failed']}; "
-        f"reclaimed {format_bytes(s['reclaimed_bytes'])} of {format_bytes(s['reclaimable_bytes'])} planned"
+        f"reclaimed {format_bytes(report.reclaimed_bytes)} of {format_bytes(report.plan.reclaimable_bytes)} planned"
         + (f"; UNPLANNED removals {s['unplanned']}" if s["unplanned"] else "")
         + (f"; tags put back {s['tags_restored']}" if s["tags_restored"] else "")
     )

@@ -164,6 +164,9 @@ class FakeEngine:
     def data_root(self) -> str | None:
         return None  # not on this host: pressure is not watched
 
+    def accounted(self) -> int | None:
+        return None  # it keeps no sizes
+
     def build_cache(self) -> tuple[BuildCacheEntry, ...] | None:
         self._request("GET", "/system/df")
         return self.cache
