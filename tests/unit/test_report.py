@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from gcd import policy, report
+from gcd.model import Outcome, Report, Usage
 from tests.unit.snapshots import NOW, cfg, iid, image, snapshot, state
 
 
@@ -57,3 +59,32 @@ def test_explain_says_what_removing_each_image_frees_parents_included() -> None:
         f"  size:     1.2MB (removing it would free 200.1kB, with its parent image {iid('kmid')[7:19]})"
     )
     assert _size_line(plan, "lib") == "  size:     1.0MB (removing it would free 0B)"
+
+
+def test_a_run_puts_planned_reclaimed_accounted_and_measured_bytes_side_by_side() -> None:
+    images = [image("old", ["a:1"], layers=[("old", 3_000_000)]), image("new", ["a:2"])]
+    plan = policy.plan(snapshot(images), cfg("unmatched: expire\n"), state(), NOW)
+    done = {d.image_id: Outcome(d.image_id, "done") for d in plan.decisions}
+    before = Usage("/var/lib/docker", 90_000_000, 10_000_000, 1000, 500)
+    after = Usage("/var/lib/docker", 86_500_000, 13_500_000, 1000, 490)
+    ran = Report(dataclasses.replace(plan, disk=before), False, NOW, done, 3_001_000)
+    ran = dataclasses.replace(ran, disk_after=after, accounted_before=9_000_000)
+    ran = dataclasses.replace(ran, accounted_after=5_999_000)
+    lines = report.to_text(ran).splitlines()
+    assert lines[-2] == (
+        "bytes freed: 3.0MB planned, 3.0MB reclaimed, 3.0MB by the engine's count, "
+        "3.5MB measured on /var/lib/docker"
+    )
+    summary = json.loads(report.to_json(ran))["summary"]
+    assert (summary["freed_accounted_bytes"], summary["freed_measured_bytes"]) == (
+        3_001_000,
+        3_500_000,
+    )
+    # An engine that keeps no count (Podman 4), a data root not on this host; a dry run.
+    bare = Report(plan, False, NOW, done, 3_001_000)
+    assert report.to_text(bare).splitlines()[-2] == (
+        "bytes freed: 3.0MB planned, 3.0MB reclaimed, the engine keeps no count, disk not watched"
+    )
+    summary = json.loads(report.to_json(bare))["summary"]
+    assert (summary["freed_accounted_bytes"], summary["freed_measured_bytes"]) == (None, None)
+    assert "bytes freed" not in report.to_text(report.planned(plan, NOW))
