@@ -1,5 +1,6 @@
-"""The daemon's event follower: each container created or started marks its image used, and
-a tag gcd removed lately that comes back (tagged, loaded, pulled, imported) is a regret at once.
+"""The daemon's event follower: each container created or started marks its image used; each
+image that arrives (tagged, loaded, pulled, imported) gets its arrival and tag time recorded,
+and a tag gcd removed lately that comes back is a regret at once.
 
 Snapshots see only the containers that exist at cycle time, so a `docker run --rm` between
 two cycles would leave no trace, and `order_by: last_used` would rank by sampling. The
@@ -102,8 +103,20 @@ class Follower:
                 self._used(event)
 
     def _arrived(self, event: ImageEvent) -> None:
-        """A name came onto the engine: a regret if gcd removed it within regret_window."""
+        """A name came onto the engine: its image's arrival and tag time are recorded, and it
+        is a regret if gcd removed it within regret_window."""
         self.arrived()
+        when = event.time_ns / 1e9
+        image_id = event.image_id
+        if not image_id.startswith("sha256:"):  # a pull names the reference it pulled
+            try:
+                image_id = self.engine.target(image_id) or ""
+            except EngineUnavailable:
+                raise
+            except EngineError:
+                image_id = ""
+        if image_id:
+            self.usage.arrived(image_id, when)
         if not self.regret_window:
             return
         if ":" in event.name and not event.name.startswith("sha256:"):
@@ -116,8 +129,7 @@ class Follower:
             except EngineError:
                 return
             tags = now[0] if now is not None else ()
-        when = datetime.fromtimestamp(event.time_ns / 1e9, UTC)
-        for r in self.usage.came_back(tags, self.regret_window, when):
+        for r in self.usage.came_back(tags, self.regret_window, datetime.fromtimestamp(when, UTC)):
             self.metrics.regrets.labels(r.rule).inc()
             log.warning(
                 "regret: %s is back %s after gcd removed it (rule %s)",

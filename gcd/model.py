@@ -326,6 +326,10 @@ class StateView:
     first_seen: Mapping[str, datetime] = field(default_factory=dict)
     first_seen_dangling: Mapping[str, datetime] = field(default_factory=dict)
     last_used: Mapping[str, datetime] = field(default_factory=dict)
+    # When a tag last came onto the image (or it was loaded, pulled, imported), from the
+    # daemon's event follower: a tag time where the engine keeps none (Podman) or an older
+    # one.
+    tagged: Mapping[str, datetime] = field(default_factory=dict)
 
 
 class Decision(NamedTuple):

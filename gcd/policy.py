@@ -49,7 +49,8 @@ def image_age(image: Image, state: StateView, now: datetime) -> timedelta | None
     """now - youngest(created, last_tag_time, first_seen); None when no signal exists."""
     limit = now + FUTURE_SKEW
     youngest = image.created if CREATED_FLOOR <= image.created <= limit else None
-    for signal in (image.last_tag_time, state.first_seen.get(image.id)):
+    signals = (image.last_tag_time, state.tagged.get(image.id), state.first_seen.get(image.id))
+    for signal in signals:
         if signal is not None and signal <= limit and (youngest is None or signal > youngest):
             youngest = signal
     return None if youngest is None else max(now - youngest, timedelta(0))
@@ -93,6 +94,7 @@ class _Verdict:
         "protections",
         "ranked_out",
         "remove",
+        "tagged",
     )
 
     def __init__(
@@ -101,11 +103,17 @@ class _Verdict:
         age: timedelta | None,
         first_seen: datetime | None = None,
         last_used: datetime | None = None,
+        tagged: datetime | None = None,
     ) -> None:
         self.image = image
         self.age = age
         self.first_seen = first_seen
         self.last_used = last_used
+        # The later of the engine's tag time and the event follower's.
+        engine = image.last_tag_time
+        self.tagged = (
+            engine if tagged is None or (engine is not None and engine > tagged) else tagged
+        )
         self.protections: tuple[str, ...] = ()
         self.min_age_protected = False
         self.keep_reasons: tuple[str, ...] = ()
@@ -139,7 +147,11 @@ def plan(
     evict = evict or {}
     verdicts = {
         i.id: _Verdict(
-            i, image_age(i, state, now), state.first_seen.get(i.id), state.last_used.get(i.id)
+            i,
+            image_age(i, state, now),
+            state.first_seen.get(i.id),
+            state.last_used.get(i.id),
+            state.tagged.get(i.id),
         )
         for i in snapshot.images
     }
@@ -466,7 +478,7 @@ def _image_key_function(rule: Rule, now: datetime) -> Callable[[_Verdict], Any]:
     if kind == "created":
         return created
     if kind == "tagged":
-        return lambda v: t if (t := v.image.last_tag_time) and t <= limit else created(v)
+        return lambda v: t if (t := v.tagged) and t <= limit else created(v)
     return lambda v: v.first_seen or created(v)
 
 

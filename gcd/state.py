@@ -42,6 +42,11 @@ CREATE TABLE IF NOT EXISTS images (
     created REAL
 );
 CREATE TABLE IF NOT EXISTS usage (image_id TEXT PRIMARY KEY, last_used REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS arrivals (
+    image_id TEXT PRIMARY KEY,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS removed_tags (
     tag TEXT PRIMARY KEY,
     removed_at REAL NOT NULL,
@@ -89,6 +94,8 @@ class Store:
         self._observed_at = 0.0
         self._uses: dict[str, float] = {}
         self._stale_uses: list[str] = []
+        # Image arrivals the event follower saw (tag, load, pull, import): (first, last).
+        self._arrivals: dict[str, tuple[float, float]] = {}
         self._cycles = 0
         self._db: sqlite3.Connection | None = None
         self._key: bytes | None = None
@@ -292,6 +299,7 @@ class Store:
                 rows[r[0]] = parsed
         self._rows, self._cycles = rows, max(cycles, 0)
         self._uses = self._read_uses()
+        self._arrivals = self._read_arrivals()
         if legacy:
             self._unsaved.update(rows)  # sealed at the next write
         if bad:
@@ -376,12 +384,16 @@ class Store:
         for c in snapshot.containers:
             when = stamp if c.state in _RUNNING else c.created.timestamp()
             used[c.image_id] = max(when, used.get(c.image_id, when))
+        arrivals = self._recent_arrivals(stamp)
+        self._stale_uses += [i for i, (_, last) in arrivals.items() if i not in snapshot]
         changed: list[str] = []
         for image in snapshot.images:
             row = self._rows.get(image.id)
             dangling = snapshot.is_dangling(image.id)
             if row is None:
                 seen = None if new_store else stamp
+                if image.id in arrivals:  # the follower saw it come: that is when
+                    seen = min(arrivals[image.id][0], stamp)
                 row = _Row(seen, seen if dangling else None, dangling, None, None)
                 self._rows[image.id] = row
                 changed.append(image.id)
@@ -415,6 +427,11 @@ class Store:
             first_seen=_times(self._rows, "first_seen", stamp),
             first_seen_dangling=_times(self._rows, "first_seen_dangling", stamp),
             last_used=_times(self._rows, "last_used", stamp),
+            tagged={
+                i: datetime.fromtimestamp(min(last, stamp), UTC)
+                for i, (_, last) in arrivals.items()
+                if i in snapshot
+            },
         )
 
     def _usage(self, now: float) -> dict[str, float]:
@@ -424,6 +441,25 @@ class Store:
         time that cannot be true (before 1970, after now) is ignored."""
         uses = self._read_uses() if self._db is not None else self._uses
         return {i: t for i, t in uses.items() if 0 < t <= now + USE_SLACK}
+
+    def _recent_arrivals(self, now: float) -> dict[str, tuple[float, float]]:
+        """Image arrivals the daemon's event follower recorded (UsageLog.arrived), read
+        again now; times that cannot be true are ignored."""
+        arrivals = self._read_arrivals() if self._db is not None else self._arrivals
+        return {i: a for i, a in arrivals.items() if 0 < a[0] <= a[1] <= now + USE_SLACK}
+
+    def _read_arrivals(self) -> dict[str, tuple[float, float]]:
+        assert self._db is not None
+        try:
+            rows = self._db.execute("SELECT image_id, first_at, last_at FROM arrivals").fetchall()
+        except sqlite3.Error as e:  # a store of an older gcd, opened read-only: none
+            log.debug("no recorded arrivals in %s: %s", self.path, e)
+            return {}
+        return {
+            str(i): (float(f), float(t))
+            for i, f, t in rows
+            if isinstance(f, float | int) and isinstance(t, float | int)
+        }
 
     def _read_uses(self) -> dict[str, float]:
         assert self._db is not None
@@ -501,6 +537,10 @@ class Store:
             # A use recorded after this snapshot may be an image it does not show yet: kept.
             db.executemany(
                 "DELETE FROM usage WHERE image_id = ? AND last_used < ?",
+                [(i, self._observed_at) for i in sorted(self._gone | set(self._stale_uses))],
+            )
+            db.executemany(
+                "DELETE FROM arrivals WHERE image_id = ? AND last_at < ?",
                 [(i, self._observed_at) for i in sorted(self._gone | set(self._stale_uses))],
             )
             db.execute("INSERT OR REPLACE INTO meta VALUES ('cycles', ?)", (str(self._cycles),))
@@ -619,27 +659,42 @@ class UsageLog:
         self._failing = False
 
     def record(self, image_id: str, when: float) -> None:
+        """A container of this image was created or started at `when`."""
+        self._write(
+            "INSERT INTO usage VALUES (?, ?) ON CONFLICT(image_id) DO UPDATE"
+            " SET last_used = max(last_used, excluded.last_used)",
+            (image_id, when),
+        )
+
+    def _write(self, statement: str, values: tuple[object, ...]) -> None:
         try:
             if self._db is None:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 self._db = Store._connect(self.path)
                 self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
-                "INSERT INTO usage VALUES (?, ?) ON CONFLICT(image_id) DO UPDATE"
-                " SET last_used = max(last_used, excluded.last_used)",
-                (image_id, when),
-            )
+            self._db.execute(statement, values)
         except (sqlite3.Error, OSError) as e:
             if not self._failing:
                 log.warning(
-                    "cannot record a use in %s (it counts from the next cycle): %s", self.path, e
+                    "cannot record an event in %s (the next cycle sees it late): %s", self.path, e
                 )
             self._failing = True
             self.close()
             return
         if self._failing:
-            log.info("recording uses in %s again", self.path)
+            log.info("recording events in %s again", self.path)
         self._failing = False
+
+    def arrived(self, image_id: str, when: float) -> None:
+        """An image came onto the engine, or a tag onto it (tag, load, pull, import): its
+        first arrival is when gcd first saw it, its last one its tag time (Podman records
+        none)."""
+        self._write(
+            "INSERT INTO arrivals VALUES (?, ?, ?) ON CONFLICT(image_id) DO UPDATE"
+            " SET first_at = min(first_at, excluded.first_at),"
+            " last_at = max(last_at, excluded.last_at)",
+            (image_id, when, when),
+        )
 
     def came_back(self, tags: Iterable[str], window: timedelta, now: datetime) -> list[Regret]:
         """The tags among `tags` gcd removed within `window`: each a regret, counted here

@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     WHEN,
     Gcd,
     ids_now,
+    podman,
     store_bytes,
     tags_now,
 )
@@ -481,6 +482,36 @@ def test_a_container_run_between_two_cycles_counts_as_a_use_also_after_an_engine
     finally:
         engine.stop()
         engine.remove()
+
+
+def test_a_tag_the_event_follower_sees_is_the_image_s_tag_time(
+    tmp_path: Path, dockerd: PrivateEngine, client: docker.APIClient, daemons: list[Daemon]
+) -> None:
+    """x:2 was built before x:1 but loaded after it: ranked by tag time it is the newer.
+    Podman records no tag time (docs/engines.md): there only the daemon's event follower
+    knows, and `gcd plan` reads what it recorded."""
+    d = Daemon(tmp_path, dockerd.url, "rules:\n  - {name: all, keep_last: 10}\n")
+    daemons.append(d)
+    wait_for(lambda: d.value("gcd_events_up") == 1, what="events followed")
+    wait_for(lambda: d.value("gcd_cycles_total", result="success") >= 1, what="a cycle")
+    load(client, [Spec(["x:1"], [Layer("x-one")], datetime(2026, 2, 1, tzinfo=UTC))])
+    time.sleep(1.1)  # tag times a second apart, for engines that count whole seconds
+    load(client, [Spec(["x:2"], [Layer("x-two")], datetime(2026, 1, 1, tzinfo=UTC))])
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"version: 1\nengine: {{url: '{dockerd.url}'}}\nstate_dir: {tmp_path / 'state'}\n"
+        "safety: {min_age: 0s, max_removal_fraction: 1.0}\n"
+        "rules:\n  - {name: newest, order_by: tagged, keep_last: 1}\n"
+    )
+
+    def kept() -> list[str]:
+        document = Gcd(dockerd.url, tmp_path, full_names=podman(client)).json(
+            "plan", "--config", str(plan)
+        )
+        return [d["tags"][0] for d in document["decisions"] if d["decision"] == "keep"]
+
+    wait_for(lambda: kept() == ["x:2"], what="x:2 ranked as tagged last")
+    assert d.stop() == 0
 
 
 def run_and_remove(client: docker.APIClient, image: str) -> None:

@@ -66,10 +66,13 @@ def state(
     first_seen: dict[str, timedelta] | None = None,
     dangling_since: dict[str, timedelta] | None = None,
     last_used: dict[str, timedelta] | None = None,
+    tagged: dict[str, timedelta] | None = None,
 ) -> StateView:
     """A state view; times are given as `name: how long ago`."""
 
     def times(d: dict[str, timedelta] | None) -> dict[str, datetime]:
         return {iid(k): NOW - v for k, v in (d or {}).items()}
 
-    return StateView(new_store, times(first_seen), times(dangling_since), times(last_used))
+    return StateView(
+        new_store, times(first_seen), times(dangling_since), times(last_used), times(tagged)
+    )

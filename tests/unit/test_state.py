@@ -342,3 +342,50 @@ def test_uses_the_event_follower_recorded_count_at_the_next_snapshot(tmp_path: P
     assert sorted(r[0] for r in rows) == sorted([iid("a"), iid("b")])
     usage.close()
     store.close()
+
+
+def test_arrivals_the_follower_recorded_give_first_seen_and_tag_times(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    store.observe(snapshot([image("a", ["app:1"])]), {}, NOW)
+    usage = UsageLog(str(tmp_path))
+    loaded, tagged = NOW + timedelta(minutes=2), NOW + timedelta(minutes=7)
+    usage.arrived(iid("b"), (loaded + timedelta(seconds=30)).timestamp())
+    usage.arrived(iid("b"), loaded.timestamp())  # an earlier one: its first arrival
+    usage.arrived(iid("a"), tagged.timestamp())  # a tag onto an image seen before
+    usage.arrived(iid("gone"), loaded.timestamp())
+    usage.arrived(iid("c"), (NOW + timedelta(days=9)).timestamp())  # cannot be true yet
+    images = snapshot([image("a", ["app:1"]), image("b", ["app:2"]), image("c", ["app:3"])])
+    later = NOW + timedelta(minutes=10)
+    view = store.observe(images, {}, later)
+    # b arrived before the snapshot saw it; c has no arrival it can trust: seen now (a was
+    # there at the new store's first cycle: no first_seen).
+    assert view.first_seen == {iid("b"): loaded, iid("c"): later}
+    assert view.tagged == {iid("a"): tagged, iid("b"): loaded + timedelta(seconds=30)}
+    assert Store(str(tmp_path), writable=False).observe(images, {}, later).tagged == view.tagged
+    # An arrival of an image no snapshot showed is dropped once a snapshot has passed it.
+    rows = sqlite3.connect(tmp_path / FILENAME).execute("SELECT image_id FROM arrivals")
+    assert sorted(r[0] for r in rows) == sorted([iid("a"), iid("b"), iid("c")])
+    usage.close()
+    store.close()
+
+
+def test_a_tag_time_from_events_makes_an_image_young_and_ranks_it() -> None:
+    """Podman records no tag time: the follower's is the one signal that an old image was
+    just tagged."""
+    old = image("old", ["app:1"], age=timedelta(days=300))
+    older = image("older", ["app:2"], age=timedelta(days=400))
+    body = (
+        "safety: {min_age: 1h, max_removal_fraction: 1.0}\n"
+        "rules:\n  - {name: r, order_by: tagged, keep_last: 1}\n"
+    )
+    config = cfg(body)
+    view = state(tagged={"older": timedelta(minutes=5)})
+    plan = policy.plan(snapshot([old, older]), config, view, NOW)
+    assert any("younger than safety.min_age" in r for r in plan.decision(iid("older")).reasons)
+    assert plan.decision(iid("old")).action == "remove"
+    # Without the guard, the rule alone: the image tagged last is the newest.
+    plan = policy.plan(snapshot([old, older]), cfg(body.replace("1h", "0s")), view, NOW)
+    assert [d.action for d in (plan.decision(iid("older")), plan.decision(iid("old")))] == [
+        "keep",
+        "remove",
+    ]
