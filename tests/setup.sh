@@ -33,18 +33,23 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
-# promtool (lints /metrics and the example alert rules): taken out of Debian's package
-# without installing it, so no Prometheus server is ever started on this machine. Debian 13
-# ships it as a package of its own; Debian 12 inside prometheus.
-if [ ! -x "$VENV/bin/promtool" ]; then
+# promtool (lints /metrics, unit-tests the example alert rules) and the Prometheus server
+# (tests/integration/test_prometheus.py runs it on a loopback port): taken out of Debian's
+# packages without installing them, so no Prometheus service is ever started on this machine.
+# Debian 13 ships promtool as a package of its own; Debian 12 inside prometheus.
+if [ ! -x "$VENV/bin/promtool" ] || [ ! -x "$VENV/bin/prometheus" ]; then
     deb_dir=$(mktemp -d)
     fetch() { (cd "$deb_dir" && apt-get download -qq "$1" >/dev/null 2>&1); }
-    fetch promtool || fetch prometheus || {
+    fetch prometheus || {
         apt-get update -qq
-        fetch promtool || fetch prometheus
+        fetch prometheus
     }
-    dpkg-deb -x "$deb_dir"/*.deb "$deb_dir/x"
+    fetch promtool || true  # Debian 12: inside prometheus
+    for deb in "$deb_dir"/*.deb; do
+        dpkg-deb -x "$deb" "$deb_dir/x"
+    done
     install -m 0755 "$deb_dir/x/usr/bin/promtool" "$VENV/bin/promtool"
+    install -m 0755 "$deb_dir/x/usr/bin/prometheus" "$VENV/bin/prometheus"
     rm -rf "$deb_dir"
 fi
 
