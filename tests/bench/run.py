@@ -30,6 +30,7 @@ from gcd import cycle, disk
 from gcd.engine import DockerEngine
 from gcd.model import EngineInfo, Image, Snapshot, StateView
 from gcd.state import Store
+from tests.bench import trace
 from tests.bench.store import generate, populate
 from tests.dockerd import PrivateEngine, engine_on_a_small_filesystem
 from tests.images import Layer, Spec, load, tarball
@@ -514,6 +515,11 @@ def main() -> int:
         help="only the disk pressure rows, on a loop filesystem, on GCD_TEST_ENGINE",
     )
     parser.add_argument(
+        "--trace-only",
+        action="store_true",
+        help="only the replayed CI trace (gcd, cron prune, oldest when full), on GCD_TEST_ENGINE",
+    )
+    parser.add_argument(
         "--instructions",
         action="store_true",
         help="only the planner's instruction count, under valgrind: no engine, 6 minutes",
@@ -538,6 +544,8 @@ def main() -> int:
         instructions(rows)
     elif args.pressure_only:
         pressure(args.runs, rows)
+    elif args.trace_only:
+        trace.rows(rows.row)
     elif args.planner_only:
         planner(args.runs, rows)
         if args.rows_json:
