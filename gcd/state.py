@@ -449,12 +449,7 @@ class Store:
         return {i: a for i, a in arrivals.items() if 0 < a[0] <= a[1] <= now + USE_SLACK}
 
     def _read_arrivals(self) -> dict[str, tuple[float, float]]:
-        assert self._db is not None
-        try:
-            rows = self._db.execute("SELECT image_id, first_at, last_at FROM arrivals").fetchall()
-        except sqlite3.Error as e:  # a store of an older gcd, opened read-only: none
-            log.debug("no recorded arrivals in %s: %s", self.path, e)
-            return {}
+        rows = self._follower_rows("SELECT image_id, first_at, last_at FROM arrivals")
         return {
             str(i): (float(f), float(t))
             for i, f, t in rows
@@ -462,13 +457,18 @@ class Store:
         }
 
     def _read_uses(self) -> dict[str, float]:
+        rows = self._follower_rows("SELECT image_id, last_used FROM usage")
+        return {str(i): float(t) for i, t in rows if isinstance(t, float | int)}
+
+    def _follower_rows(self, query: str) -> list[tuple[object, ...]]:
+        """Rows of a table the event follower writes; none from a store of an older gcd
+        (opened read-only, it lacks the table)."""
         assert self._db is not None
         try:
-            rows = self._db.execute("SELECT image_id, last_used FROM usage").fetchall()
-        except sqlite3.Error as e:  # a store of an older gcd, opened read-only: none
-            log.debug("no recorded uses in %s: %s", self.path, e)
-            return {}
-        return {str(i): float(t) for i, t in rows if isinstance(t, float | int)}
+            return list(self._db.execute(query).fetchall())
+        except sqlite3.Error as e:
+            log.debug("nothing recorded by the event follower in %s: %s", self.path, e)
+            return []
 
     def regrets(self, snapshot: Snapshot, window: timedelta, now: datetime) -> tuple[Regret, ...]:
         """The tags gcd removed within `window` that this snapshot shows again; each is

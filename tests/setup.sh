@@ -1,8 +1,8 @@
 # Sourced by tests/check, tests/demo, tests/matrix and tests/bench/run: installs what is
 # missing and leaves $VENV ready.
 # Debian/Ubuntu: docker.io (dockerd), busybox-static (a static /bin/busybox for runnable
-# fixture images), python3-venv, systemd (systemd-analyze), openssl and iproute2 (ss); then a
-# virtualenv with gcd and its test tools.
+# fixture images), python3-venv, systemd (systemd-analyze), openssl and iproute2 (ss),
+# debootstrap; then a virtualenv with gcd and its test tools.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,6 +21,8 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v openssl >/dev/null || missing+=(openssl)
 # ss counts the test process's connections to the engine (sock_diag shows each one's peer).
 command -v ss >/dev/null || missing+=(iproute2)
+# debootstrap makes the clean Debian root the package test installs gcd's .deb into.
+command -v debootstrap >/dev/null || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -453,16 +453,7 @@ def test_a_container_run_between_two_cycles_counts_as_a_use_also_after_an_engine
         daemons.append(d)
         wait_for(lambda: d.value("gcd_cycles_total", result="success") >= 1, what="a cycle")
         wait_for(lambda: d.value("gcd_events_up") == 1, what="events followed")
-        plan = tmp_path / "plan.yaml"
-        plan.write_text(
-            f"version: 1\nengine: {{url: '{engine.url}'}}\nstate_dir: {tmp_path / 'state'}\n"
-            "safety: {min_age: 0s, max_removal_fraction: 1.0}\n"
-            "rules:\n  - {name: lru, order_by: last_used, keep_last: 1}\n"
-        )
-
-        def kept() -> list[str]:
-            document = Gcd(engine.url, tmp_path).json("plan", "--config", str(plan))
-            return [d["tags"][0] for d in document["decisions"] if d["decision"] == "keep"]
+        kept = planned_keeps(engine.url, tmp_path, "last_used", full_names=podman(client))
 
         assert kept() == ["app:2"]  # never used: the younger one
         run_and_remove(client, "app:1")  # no snapshot ever sees this container
@@ -497,21 +488,28 @@ def test_a_tag_the_event_follower_sees_is_the_image_s_tag_time(
     load(client, [Spec(["x:1"], [Layer("x-one")], datetime(2026, 2, 1, tzinfo=UTC))])
     time.sleep(1.1)  # tag times a second apart, for engines that count whole seconds
     load(client, [Spec(["x:2"], [Layer("x-two")], datetime(2026, 1, 1, tzinfo=UTC))])
+    kept = planned_keeps(dockerd.url, tmp_path, "tagged", full_names=podman(client))
+    wait_for(lambda: kept() == ["x:2"], what="x:2 ranked as tagged last")
+    assert d.stop() == 0
+
+
+def planned_keeps(
+    url: str, tmp_path: Path, order_by: str, full_names: bool
+) -> Callable[[], list[str]]:
+    """What `gcd plan` keeps, by first tag, with the daemon's state store and one rule that
+    keeps the newest image by `order_by`."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(
-        f"version: 1\nengine: {{url: '{dockerd.url}'}}\nstate_dir: {tmp_path / 'state'}\n"
+        f"version: 1\nengine: {{url: '{url}'}}\nstate_dir: {tmp_path / 'state'}\n"
         "safety: {min_age: 0s, max_removal_fraction: 1.0}\n"
-        "rules:\n  - {name: newest, order_by: tagged, keep_last: 1}\n"
+        f"rules:\n  - {{name: newest, order_by: {order_by}, keep_last: 1}}\n"
     )
 
     def kept() -> list[str]:
-        document = Gcd(dockerd.url, tmp_path, full_names=podman(client)).json(
-            "plan", "--config", str(plan)
-        )
+        document = Gcd(url, tmp_path, full_names=full_names).json("plan", "--config", str(plan))
         return [d["tags"][0] for d in document["decisions"] if d["decision"] == "keep"]
 
-    wait_for(lambda: kept() == ["x:2"], what="x:2 ranked as tagged last")
-    assert d.stop() == 0
+    return kept
 
 
 def run_and_remove(client: docker.APIClient, image: str) -> None:
