@@ -202,6 +202,18 @@ def run(
     return dataclasses.replace(report, state_problem=store.cycle_problem, regrets=regrets)
 
 
+def observe(
+    engine: Engine, store: Store, now: datetime, lock_wait: float = COMPARE_LOCK_WAIT
+) -> Snapshot:
+    """Snapshot the engine and record what it shows (first seen, containers in use),
+    removing nothing: after a gap in the engine's events, what they would have told. Under
+    the cycle lock, as a cycle's snapshot is (LockBusy if a run holds it long)."""
+    with store.lock(lock_wait):
+        snapshot, learned = engine.snapshot(store.facts())
+        store.observe(snapshot, learned, now)
+    return snapshot
+
+
 @dataclass(frozen=True, slots=True)
 class PlanChange:
     """How a new configuration's plan differs from the old one's, on the same snapshot."""

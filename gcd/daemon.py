@@ -144,7 +144,9 @@ class Daemon:
         before (a SIGTERM then means no cycle at all, a SIGHUP a reload)."""
         self.store = Store(self.config.state_dir)
         self._serve_metrics()
-        self.follower = Follower(self.config, self.metrics, self._image_arrived)
+        self.follower = Follower(
+            self.config, self.metrics, self._image_arrived, self._events_resumed
+        )
         self.follower.start()
         previous = {s: signal.getsignal(s) for s in HELD}
         if held is None:
@@ -309,6 +311,27 @@ class Daemon:
         self.arrivals += 1
         self.stuck_at = None
 
+    def _events_resumed(self) -> None:
+        """From the event follower, following again after a gap: a snapshot records what the
+        events of the gap would have (containers in use, images that came), on the
+        scheduler's worker, between cycles."""
+        self.scheduler.add_job(self._observe, id="observe", replace_existing=True)
+
+    def _observe(self) -> None:
+        assert self.store is not None
+        try:
+            snapshot = cycle.observe(self.engine, self.store, cycle.utcnow())
+        except GcdError as e:  # LockBusy, the engine away again: the next cycle sees it
+            log.info("after the gap in the engine's events, no snapshot: %s", e)
+            return
+        finally:
+            self._after_job()
+        log.info(
+            "after the gap in the engine's events, a snapshot: %d images, %d containers",
+            len(snapshot.images),
+            len(snapshot.containers),
+        )
+
     def _after_job(self) -> None:
         """Idle small: drop the store's rows and give a job's memory back to the system."""
         if self.store is not None:
@@ -409,7 +432,9 @@ class Daemon:
             log.info("engine is now %s", self.engine.url)
             if self.follower is not None:  # it follows the new engine's events
                 self.follower.stop()
-                self.follower = Follower(new, self.metrics, self._image_arrived)
+                self.follower = Follower(
+                    new, self.metrics, self._image_arrived, self._events_resumed
+                )
                 self.follower.start()
         for key, a, b in (
             ("metrics.listen", old.metrics.listen, new.metrics.listen),

@@ -37,7 +37,11 @@ REMEMBERED = 1024
 
 class Follower:
     def __init__(
-        self, config: Config, metrics: Metrics, arrived: Callable[[], None] = lambda: None
+        self,
+        config: Config,
+        metrics: Metrics,
+        arrived: Callable[[], None] = lambda: None,
+        resumed: Callable[[], None] = lambda: None,
     ) -> None:
         self.engine = DockerEngine(
             config.engine_url(), config.engine.timeout.total_seconds(), config.engine_tls()
@@ -46,6 +50,9 @@ class Follower:
         self.usage = UsageLog(config.state_dir)
         self.regret_window = config.regret_window
         self.arrived = arrived  # an image came onto the engine (the daemon's disk watch)
+        # Following again after a lost stream: what the engine no longer holds is lost (a
+        # restart clears its event buffer); the daemon takes a snapshot.
+        self.resumed = resumed
         self.stopping = threading.Event()
         self._stream: Stream | None = None
         self._since: int | None = None  # the last event's time (ns), to follow on from
@@ -73,6 +80,7 @@ class Follower:
                 self.metrics.events_up.set(1)
                 if failures:
                     log.info("following the engine's events again")
+                    self.resumed()
                 failures = 0
                 self._follow(self._stream)
                 if not self.stopping.is_set():
