@@ -71,6 +71,15 @@ def test_the_docs_show_every_option_as_it_is_declared() -> None:
         assert table in docs, f"docs/configuration.md lacks the {section} table:\n{table}"
 
 
+def test_every_configuration_example_in_the_docs_loads() -> None:
+    docs = (ROOT / "docs/configuration.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", docs, re.S)
+    assert len(blocks) >= 5
+    for n, block in enumerate(blocks, 1):
+        text = block if block.startswith("version:") else "version: 1\n" + block
+        config.parse(text, f"docs/configuration.md example {n}")  # raises on a bad one
+
+
 def test_an_unknown_key_lists_the_declared_keys() -> None:
     assert problems("version: 1\nsafety: {min_ag: 1h}\n") == [
         "config.yaml:2: safety.min_ag: unknown key (expected one of: min_age, "
