@@ -154,8 +154,11 @@ def test_the_dashboard_and_the_alerts_evaluate_against_a_real_prometheus(
 
     queries = dashboard_queries()
     assert len(queries) >= 30
-    empty = [(title, expr) for title, expr in queries if not server.query(expr)]
+    # Each query answers (an error fails here); which panels have data:
+    shown = {title for title, expr in queries if server.query(expr)}
     # What this daemon has done shows: a cycle that removed two images, its store, its host.
+    # (Disk series only where the engine's data root is on this host: not for the matrix's
+    # engines in their Debian 13 root.)
     must_show = {
         "Hosts: free space, last success, engine",
         "Cycles by result and trigger",
@@ -166,7 +169,7 @@ def test_the_dashboard_and_the_alerts_evaluate_against_a_real_prometheus(
         "Engine reachable / events followed (hosts)",
         "Since the last successful cycle (worst host)",
     }
-    assert not must_show & {title for title, _ in empty}, empty
+    assert must_show <= shown, must_show - shown
     removed = server.query(
         'sum by (reason) (increase(gcd_images_removed_total{instance=~".*"}[1m]))'
     )
