@@ -385,7 +385,7 @@ class Store:
             when = stamp if c.state in _RUNNING else c.created.timestamp()
             used[c.image_id] = max(when, used.get(c.image_id, when))
         arrivals = self._recent_arrivals(stamp)
-        self._stale_uses += [i for i, (_, last) in arrivals.items() if i not in snapshot]
+        self._stale_uses += [i for i in arrivals if i not in snapshot]
         changed: list[str] = []
         for image in snapshot.images:
             row = self._rows.get(image.id)
