@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,11 +116,12 @@ def execute(
 ) -> Report:
     """Carry out a plan; `stop` is polled before every request (SIGTERM).
 
-    Independent removals run on `workers` threads (by default as many as suit the engine:
-    it deletes concurrently and is the limit). Removals whose images share a
-    planned-removal ancestor form one group, done in one thread children first: the engine
-    prunes a parent along with its last child, and two siblings deleted at once could each
-    leave that work to the other.
+    Removals run on `workers` threads (by default as many as suit the engine: it deletes
+    concurrently and is the limit), children first: a planned parent waits until the
+    removals of all its planned children have ended, then goes on the thread that ended
+    the last of them. Siblings go at once: the legacy builder's intermediates of many
+    builds are one tree under their base image, and one thread for the whole tree took
+    minutes a cycle on the containerd store, where every removal re-reads the image list.
     """
     run = _Run(plan, engine, stop)
     # Stopped containers first: the images they pinned are planned to go after them.
@@ -128,22 +130,24 @@ def execute(
     }
     outcomes: dict[str, Outcome] = {}
 
-    def run_group(group: list[Decision]) -> None:
-        for d in group:
+    order = _Order(plan)
+
+    def run_from(d: Decision | None) -> None:
+        while d is not None:
             outcome = _Action(run, d).carry_out()
             _log(d, outcome)
             with run.lock:
                 outcomes[d.image_id] = outcome
+                d = order.ended(d.image_id)
 
-    groups = _groups(plan)
     if workers is None:
         workers = engine.removal_workers()
-    if len(groups) <= 1 or workers <= 1:
-        for group in groups:
-            run_group(group)
+    if len(order.first) <= 1 or workers <= 1:
+        for d in order.first:
+            run_from(d)
     else:
-        with ThreadPoolExecutor(max_workers=min(workers, len(groups))) as pool:
-            for future in [pool.submit(run_group, g) for g in groups]:
+        with ThreadPoolExecutor(max_workers=min(workers, len(order.first))) as pool:
+            for future in [pool.submit(run_from, d) for d in order.first]:
                 future.result()
     for d in plan.decisions:
         if d.image_id in outcomes:
@@ -237,35 +241,37 @@ def _remove_container(run: _Run, c: ContainerDecision) -> ContainerOutcome:
     return outcome
 
 
-def _groups(plan: Plan) -> list[list[Decision]]:
-    """The actions, in groups that are safe to run at the same time; each group ordered
-    children first. Largest groups first, so the pool finishes together."""
-    snapshot = plan.snapshot
-    removing = {d.image_id for d in plan.removals()}
-    parent_of: dict[str, str] = {}
+class _Order:
+    """Children first: the actions that may start at once (`first`: deepest images first,
+    so the longest chains start early), and for each planned removal the planned parent that
+    waits for it. Not thread-safe: `ended` is called under the run's lock."""
 
-    def root(image_id: str) -> str:
-        while parent_of.get(image_id, image_id) != image_id:
-            image_id = parent_of[image_id]
-        return image_id
+    def __init__(self, plan: Plan) -> None:
+        snapshot = plan.snapshot
+        removing = {d.image_id for d in plan.removals()}
+        actions = {d.image_id: d for d in plan.decisions if d.action == "remove" or d.untag}
+        self._actions = actions
+        self._parent: dict[str, str] = {}
+        self._waiting: Counter[str] = Counter()  # a parent's planned children not yet ended
+        for image_id, d in actions.items():
+            # A kept parent stays (nothing waits for it); a removed one waits for its child.
+            parent = next(snapshot.ancestors(image_id), None)
+            if d.action == "remove" and parent in removing:
+                self._parent[image_id] = parent
+                self._waiting[parent] += 1
+        self.first = sorted(
+            (d for i, d in actions.items() if not self._waiting[i]),
+            key=lambda d: (-snapshot.depth(d.image_id), d.image_id),
+        )
 
-    actions = [d for d in plan.decisions if d.action == "remove" or d.untag]
-    for d in actions:
-        if d.action != "remove":
-            continue
-        for ancestor in snapshot.ancestors(d.image_id):
-            if ancestor not in removing:
-                break  # a kept ancestor stays; nothing above it is pruned by this removal
-            a, b = root(d.image_id), root(ancestor)
-            if a != b:
-                parent_of[a] = b
-    grouped: dict[str, list[Decision]] = {}
-    for d in actions:
-        grouped.setdefault(root(d.image_id), []).append(d)
-    groups = [
-        sorted(g, key=lambda d: (-snapshot.depth(d.image_id), d.image_id)) for g in grouped.values()
-    ]
-    return sorted(groups, key=lambda g: (-len(g), g[0].image_id))
+    def ended(self, image_id: str) -> Decision | None:
+        """The action that may start now that this one ended: its parent, after the last
+        of its planned children."""
+        parent = self._parent.get(image_id)
+        if parent is None:
+            return None
+        self._waiting[parent] -= 1
+        return None if self._waiting[parent] else self._actions[parent]
 
 
 def _names(tags: Sequence[str], shown: int = 3) -> str:

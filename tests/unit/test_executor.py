@@ -575,3 +575,46 @@ def test_an_image_tagged_anew_while_its_own_tag_moved_away_is_reported_if_delete
         "it was tagged app:stable during its removal, and the engine deleted it with that tag"
     )
     assert outcome.untagged == ("app:stable",)
+
+
+@pytest.mark.parametrize("guards_children", [True, False])
+def test_siblings_go_at_once_and_their_planned_parent_after_the_last_of_them(
+    guards_children: bool,
+) -> None:
+    # The legacy builder's intermediates: every build's chain hangs under one base image.
+    # One thread for the whole tree made a cycle on the containerd store take minutes.
+    engine = FakeEngine(guards_children=guards_children)
+    base, middle = iid("base"), iid("middle")
+    engine.add(base)
+    engine.add(middle, parent=base)
+    leaves = [iid(f"leaf{i}") for i in range(6)]
+    for i, leaf in enumerate(leaves):
+        engine.add(leaf, f"app:{i}", parent=middle if i % 2 else base)
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    assert {d.image_id for d in plan.removals()} == {base, middle, *leaves}
+    lock = threading.Lock()
+    running: set[str] = set()
+    during: dict[str, set[str]] = {}  # each delete: what else was being deleted meanwhile
+    ended: list[str] = []
+
+    def slow_delete(method: str, target: str) -> None:
+        if method != "DELETE":
+            return
+        with lock:
+            running.add(target)
+            during[target] = set(running)
+        time.sleep(0.05)
+        with lock:
+            running.discard(target)
+            during[target] |= running
+            ended.append(target)
+
+    engine.before = slow_delete
+    report = executor.execute(plan, engine, NOW, workers=8)
+    assert sorted(report.removed()) == sorted([base, middle, *leaves])
+    assert max(len(others) for others in during.values()) > 2  # siblings at once
+    children = {base: [middle, *leaves[::2]], middle: leaves[1::2]}
+    for parent, kids in children.items():
+        assert ended.index(parent) > max(ended.index(k) for k in kids)
+        assert during[parent] & set(kids) == set()  # not while any child was being deleted
