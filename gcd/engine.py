@@ -130,9 +130,12 @@ class Engine(Protocol):
         """The engine's own count of its image store's bytes (`/system/df` LayersSize), or
         None where it keeps none (Podman 4 answers 0)."""
 
-    def prune_build_cache(self, keep_storage: int | None, unused_for: int | None) -> Pruned:
-        """Remove unused cache entries: those unused for `unused_for` seconds, then the least
-        recently used until the cache holds at most `keep_storage` bytes."""
+    def prune_build_cache(
+        self, keep_storage: int | None, unused_for: int | None, until: datetime | None = None
+    ) -> Pruned:
+        """Remove unused cache entries: those unused for `unused_for` seconds, then BuildKit's
+        choice until the cache holds at most `keep_storage` bytes, then every one last used
+        at or before `until`."""
 
     def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
         """The engine's image events between two times on its clock (both included)."""
@@ -499,19 +502,31 @@ class DockerEngine:
 
     # --- removing --------------------------------------------------------------------------
 
-    def prune_build_cache(self, keep_storage: int | None, unused_for: int | None) -> Pruned:
+    def prune_build_cache(
+        self, keep_storage: int | None, unused_for: int | None, until: datetime | None = None
+    ) -> Pruned:
         # all=1: any unused entry may go, not only those no build step names; BuildKit
-        # never removes one in use. Two requests: given both, BuildKit would remove only
-        # entries that are old *and* over the size.
-        asked = []
+        # never removes one in use. One request each: given both, BuildKit would remove
+        # only entries that are old *and* over the size.
+        def unused_longer_than(seconds: float) -> str:
+            since = urllib.parse.quote(json.dumps({"until": [f"{seconds:.6f}s"]}))
+            return f"/build/prune?all=1&filters={since}"
+
+        asked: list[Callable[[], str]] = []
         if unused_for is not None:
-            until = urllib.parse.quote(json.dumps({"until": [f"{unused_for}s"]}))
-            asked.append(f"/build/prune?all=1&filters={until}")
+            asked.append(lambda: unused_longer_than(unused_for))
         if keep_storage is not None:
-            asked.append(f"/build/prune?all=1&keep-storage={keep_storage}")
+            asked.append(lambda: f"/build/prune?all=1&keep-storage={keep_storage}")
+        if until is not None:
+            # Unused since `until`, counted as the request leaves: counted from the plan,
+            # the cut-off would move on by however long the removals took. (Docker 20.10
+            # takes a duration here, not a time.)
+            cut = until.timestamp()
+            asked.append(lambda: unused_longer_than(max(time.time() - cut, 1e-6)))
         deleted: list[str] = []
         reclaimed = 0
-        for path in asked:
+        for request in asked:
+            path = request()
             answer = self._json(path, "POST")
             if not isinstance(answer, dict):
                 raise EngineError(f"the Docker engine at {self.url} answered POST {path} oddly")

@@ -182,7 +182,7 @@ def _prune_build_cache(run: _Run, cache: BuildCachePlan | None) -> BuildCacheOut
         return None
     try:
         run.check()
-        pruned = run.engine.prune_build_cache(cache.keep_storage, cache.unused_for)
+        pruned = run.engine.prune_build_cache(cache.keep_storage, cache.unused_for, cache.until)
     except _Halt:
         return BuildCacheOutcome("skipped")
     except EngineUnavailable as e:

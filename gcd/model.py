@@ -176,6 +176,15 @@ class BuildCachePlan(NamedTuple):
     unused: tuple[int, int] = (0, 0)
     over: tuple[int, int] = (0, 0)
     available: bool = True  # False: the engine keeps no BuildKit cache (Podman)
+    # Disk pressure: every unused entry last used at or before `until` goes too (strictly
+    # least recently used first), (entries, bytes) beyond the two above.
+    until: datetime | None = None
+    pressed: tuple[int, int] = (0, 0)
+
+    def planned(self) -> tuple[int, int]:
+        """(entries, bytes) the plan expects to prune, all steps together."""
+        parts = (self.unused, self.over, self.pressed)
+        return sum(n for n, _ in parts), sum(b for _, b in parts)
 
 
 class Pruned(NamedTuple):

@@ -111,8 +111,8 @@ def _build_cache(report: Report) -> dict[str, Any] | None:
         "available": cache.available,
         "entries": cache.entries,
         "bytes": cache.bytes,
-        "planned_entries": cache.unused[0] + cache.over[0],
-        "planned_bytes": cache.unused[1] + cache.over[1],
+        "planned_entries": cache.planned()[0],
+        "planned_bytes": cache.planned()[1],
         "outcome": "planned" if report.dry_run or o is None else o.status,
         "pruned_entries": 0 if o is None else o.entries,
         "reclaimed_bytes": 0 if o is None else o.reclaimed,
@@ -181,10 +181,11 @@ def build_cache_line(report: Report) -> str | None:
         )
     if cache.over[0]:
         parts.append(f"{cache.over[0]} over keep_storage {format_bytes(cache.keep_storage or 0)}")
+    if cache.pressed[0]:
+        parts.append(f"{cache.pressed[0]} least recently used, for disk pressure")
     if not parts:
         return text + "nothing to prune"
-    entries = cache.unused[0] + cache.over[0]
-    size = format_bytes(cache.unused[1] + cache.over[1])
+    entries, size = cache.planned()[0], format_bytes(cache.planned()[1])
     return text + f"would prune {entries} entries, {size} ({', '.join(parts)})"
 
 

@@ -19,7 +19,15 @@ import pytest
 from gcd.disk import measure
 from tests import engines
 from tests.dockerd import engine_on_a_small_filesystem
-from tests.images import Layer, Spec, busybox_layer, load, tarball
+from tests.images import (
+    Layer,
+    Spec,
+    buildkit_build,
+    buildkit_builds_offline,
+    busybox_layer,
+    load,
+    tarball,
+)
 from tests.integration.conftest import Gcd, ids_now, tags_now
 from tests.integration.test_daemon import Daemon, wait_for
 
@@ -177,3 +185,77 @@ def test_inode_pressure_frees_images_heavy_on_files(tmp_path: Path) -> None:
         after = measure(engine.root)
         assert after.inodes_ratio <= low + 0.01, (after, low)
         assert "many:8" in tags_now(client)
+
+
+def _cache(client: docker.APIClient) -> dict[str, tuple[str, int]]:
+    """BuildKit's cache records: ID -> (last used, bytes)."""
+    return {
+        e["ID"]: (str(e.get("LastUsedAt") or e.get("CreatedAt")), int(e["Size"]))
+        for e in client.df().get("BuildCache") or []
+    }
+
+
+def test_pressure_prunes_the_build_cache_least_recently_used_first_before_any_kept_image(
+    tmp_path: Path,
+) -> None:
+    with engine_on_a_small_filesystem() as engine:
+        client = docker.APIClient(base_url=engine.url, version="auto", timeout=120)
+        if not buildkit_builds_offline(client):
+            pytest.skip("no offline BuildKit build on this engine (tests/images.buildkit_build)")
+        # Three builds whose images are gone: BuildKit keeps 15 MB of records for each (the
+        # context, the COPY), one build after the other, so least recently used is defined.
+        for n in range(3):
+            buildkit_build(client, f"bk:{n}", {"big": os.urandom(5 * MB)})
+            client.remove_image(f"bk:{n}")
+            time.sleep(1.1)
+        load(
+            client,
+            [
+                Spec([f"app:{n}"], [Layer(f"app-{n}", 12 * MB)], datetime(2026, 1, n, tzinfo=UTC))
+                for n in range(1, 5)
+            ],
+        )
+        cache = _cache(client)
+        cached = sum(size for _, size in cache.values())
+        assert cached >= 40 * MB, cache
+        gcd = Gcd(engine.url, tmp_path)
+
+        def pressed(to_free: int) -> tuple[float, str]:
+            now = measure(engine.root)
+            size = now.used_bytes + now.avail_bytes
+            low = now.bytes_ratio - to_free / size
+            body = (
+                f"disk: {{path: {engine.root}, high: {now.bytes_ratio - 0.01:.4f}, "
+                f"low: {low:.4f}}}\nsafety: {{min_age: 0s}}\n"
+                "rules:\n  - {name: all, keep_last: 10}\n"
+            )
+            return low, str(gcd.config(body))
+
+        # 14 MB to free: the oldest build's entries (15 MB, used at one moment) have it;
+        # every image the rules keep stays.
+        low, config = pressed(14 * MB)
+        run = gcd.json("run", "--config", config)
+        assert run["build_cache"]["outcome"] == "done", run["build_cache"]
+        assert [d["tags"] for d in run["decisions"] if d["decision"] == "remove"] == []
+        assert {"app:1", "app:2", "app:3", "app:4"} <= set(tags_now(client))
+        left = _cache(client)
+        gone = {i: cache[i] for i in cache.keys() - left.keys()}
+        # Least recently used first: the oldest build's three entries, and only them.
+        assert sorted(gone.values()) == sorted(cache.values())[:3], (cache, left)
+        assert run["build_cache"]["planned_entries"] == 3, run["build_cache"]
+        after = measure(engine.root)
+        assert after.bytes_ratio <= low + 0.005, (after.bytes_ratio, low)
+        assert after.bytes_ratio >= low - 0.02, (after.bytes_ratio, low)  # not far past low
+
+        # More than the cache holds: all of it goes, then the least recently used images.
+        rest = sum(size for _, size in left.values())
+        low, config = pressed(rest + 20 * MB)
+        run = gcd.json("run", "--config", config)
+        assert _cache(client) == {}
+        evicted = [d for d in run["decisions"] if d["decision"] == "remove"]
+        assert [(d["tags"], d["outcome"]) for d in evicted] == [
+            (["app:1"], "done"),
+            (["app:2"], "done"),
+        ], evicted
+        assert evicted[0]["reasons"][0].startswith("disk pressure: used ")
+        assert measure(engine.root).bytes_ratio <= low + 0.005

@@ -171,8 +171,14 @@ class FakeEngine:
         self._request("GET", "/system/df")
         return self.cache
 
-    def prune_build_cache(self, keep_storage: int | None, unused_for: int | None) -> Pruned:
-        self._request("POST", f"/build/prune keep_storage={keep_storage} unused_for={unused_for}")
+    def prune_build_cache(
+        self, keep_storage: int | None, unused_for: int | None, until: datetime | None = None
+    ) -> Pruned:
+        self._request(
+            "POST",
+            f"/build/prune keep_storage={keep_storage} unused_for={unused_for}"
+            + ("" if until is None else f" until={until.isoformat()}"),
+        )
         return self.pruned
 
     def remove_container(self, container_id: str) -> None:
