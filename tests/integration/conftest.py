@@ -18,6 +18,7 @@ from typing import Any
 
 import docker
 import pytest
+import requests
 
 from gcd.model import familiar
 from gcd.units import format_bytes
@@ -46,7 +47,15 @@ def dockerd() -> Iterator[PrivateEngine]:
 @pytest.fixture
 def client(dockerd: PrivateEngine) -> Iterator[docker.APIClient]:
     api = docker.APIClient(base_url=dockerd.url, version="auto", timeout=60)
-    _wipe(api)
+    try:
+        _wipe(api)
+    except requests.exceptions.RequestException as e:
+        # Every later test would wait for it too, a minute a request: stop the session.
+        pytest.exit(
+            f"the private engine at {dockerd.url} stopped answering ({e}); "
+            f"its log ends:\n{dockerd.log_tail()}",
+            returncode=1,
+        )
     yield api
     api.close()
 
