@@ -16,9 +16,6 @@ from datetime import datetime, timedelta
 from gcd.config import BuildCacheConfig
 from gcd.model import BuildCacheEntry, BuildCachePlan
 
-# Under disk pressure, the entries last used this soon after the last one needed go too.
-PRUNE_SLACK = timedelta(milliseconds=50)
-
 
 def _chosen(
     entries: tuple[BuildCacheEntry, ...], config: BuildCacheConfig, now: datetime
@@ -94,11 +91,11 @@ def under_pressure(
             freed += e.size
     if until is None:
         return base, 0
-    # The entries used with it go with it: the engine counts the cut-off from when the
-    # request reaches BuildKit, milliseconds later, and one build's entries are milliseconds
-    # apart. Planned as gone, they are asked for (the cut-off sent is `until`).
-    until += PRUNE_SLACK
-    pressed = [e for e in idle if e.last_used <= until and e.id not in gone]
+    # The cut-off is the next whole second: Docker 28 cuts at whole seconds (asked for
+    # "unused for 3.8 s" it takes "since 4 s ago"), and one build's entries are
+    # milliseconds apart. Whatever was last used before it goes, and is planned as gone.
+    until = until.replace(microsecond=0) + timedelta(seconds=1)
+    pressed = [e for e in idle if e.last_used < until and e.id not in gone]
     added = sum(e.size for e in pressed)
     if base is None:
         base = BuildCachePlan(len(entries), sum(e.size for e in entries), None, None)

@@ -518,9 +518,9 @@ class DockerEngine:
         if keep_storage is not None:
             asked.append(lambda: f"/build/prune?all=1&keep-storage={keep_storage}")
         if until is not None:
-            # Unused since `until`, counted as the request leaves: counted from the plan,
-            # the cut-off would move on by however long the removals took. (Docker 20.10
-            # takes a duration here, not a time.)
+            # Unused since `until` (a whole second), counted as the request leaves: counted
+            # from the plan, the cut-off would move on by however long the removals took.
+            # (Docker 20.10 takes a duration here, not a time.)
             cut = until.timestamp()
             asked.append(lambda: unused_longer_than(max(time.time() - cut, 1e-6)))
         deleted: list[str] = []

@@ -147,22 +147,22 @@ def test_bad_sizes_are_named_by_line_and_key(value: str, message: str) -> None:
 
 def test_pressure_asks_for_the_least_recently_used_by_time_and_plans_what_goes_with_them() -> None:
     # Beyond `build_cache` (here: keep_storage 5550 takes old-a and old-b), pressure wants
-    # 300 bytes more: `mid` has them. An entry used 10 ms after it (the same build) goes with
-    # it; `new` and the busy one stay.
+    # 300 bytes more: `mid` has them. The cut-off is the next whole second: an entry used
+    # 10 ms after it (the same build) goes with it; `new` and the busy one stay.
     same_build = BuildCacheEntry(
         "mid-step", 50, False, NOW - timedelta(hours=10) + timedelta(milliseconds=10)
     )
     entries = (*CACHE, same_build)
     cache, added = buildcache.under_pressure(entries, settings("{keep_storage: 5550}"), NOW, 300)
     assert cache is not None
-    assert cache.until == NOW - timedelta(hours=10) + buildcache.PRUNE_SLACK
+    assert cache.until == NOW - timedelta(hours=10) + timedelta(seconds=1)
     assert (cache.over, cache.pressed, added) == ((2, 500), (2, 450), 450)
     assert cache.planned() == (4, 950)
     # Without `build_cache`, pressure alone: strictly the least recently used, by time.
     cache, added = buildcache.under_pressure(entries, BuildCacheConfig(), NOW, 400)
     assert cache is not None and (cache.keep_storage, cache.unused_for) == (None, None)
     assert (cache.pressed, added) == ((2, 500), 500)  # old-a, old-b: 500 >= 400
-    assert cache.until == NOW - timedelta(days=4) + buildcache.PRUNE_SLACK
+    assert cache.until == NOW - timedelta(days=4) + timedelta(seconds=1)
     # Nothing more to take: no cut-off, nothing added.
     assert buildcache.under_pressure(entries, BuildCacheConfig(), NOW, 0) == (None, 0)
     # What a dry run says of it, and what a run asks the engine for.
