@@ -329,8 +329,11 @@ def test_a_delete_by_id_that_a_tag_races_is_reported_as_it_ended(
         attempts += 1
     tagger.close()
     engine.close()
-    if containerd:
-        assert survived >= 1, f"the window was hit {survived} times in {attempts} tries"
+    if containerd and not survived:
+        # Docker 28.5 hit it one try in thirty once, and then in no try of 600 in two
+        # matrix passes: what gcd reports then is checked by the unit test
+        # (test_an_image_tagged_while_the_containerd_store_deletes_it_is_reported_kept).
+        pytest.skip(f"the window was not hit in {attempts} tries on this engine")
 
 
 def _tag(api: docker.APIClient, image_id: str, ref: str) -> None:
