@@ -141,14 +141,24 @@ def test_the_daemon_reacts_to_pressure_between_cycles_and_never_loops(
         d.write_config(engine.url, body.replace("min_age: 0s", "min_age: 1h"))
         d.process.send_signal(signal.SIGHUP)
         wait_for(lambda: "configuration reloaded" in d.logs(), what="the reload")
+        before = d.value("gcd_cycles_total", result="success")
         client.load_image(
             tarball(Spec([f"new:{n}"], [Layer(f"new-{n}", 10 * MB)]) for n in range(1, 5))
         )
         wait_for(lambda: d.value("gcd_pressure_active") == 1, what="pressure that stays")
-        cycles = d.value("gcd_cycles_total", result="success")
+        # A load's events may come after the cycle they would have changed (Podman sends
+        # them late): each image that comes may start one more cycle, no more.
+        cycles, since = d.value("gcd_cycles_total", result="success"), time.monotonic()
+        while time.monotonic() - since < 3:
+            time.sleep(0.5)
+            now = d.value("gcd_cycles_total", result="success")
+            if now != cycles:
+                cycles, since = now, time.monotonic()
+        assert cycles - before <= 1 + 4, (before, cycles)  # the first, and one per image
         time.sleep(4)  # four disk checks
         assert d.value("gcd_cycles_total", result="success") == cycles
-        assert d.logs().count("still to free after all gcd may remove") == said + 1
+        said_now = d.logs().count("still to free after all gcd may remove")
+        assert said_now == said + (cycles - before)  # once a cycle
         assert d.stop() == 0
 
 
