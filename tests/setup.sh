@@ -2,7 +2,7 @@
 # missing and leaves $VENV ready.
 # Debian/Ubuntu: docker.io (dockerd), busybox-static (a static /bin/busybox for runnable
 # fixture images), python3-venv, systemd (systemd-analyze), openssl and iproute2 (ss),
-# debootstrap; then a virtualenv with gcd and its test tools.
+# debootstrap, e2fsprogs (mkfs.ext4); then a virtualenv with gcd and its test tools.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -23,6 +23,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v ss >/dev/null || missing+=(iproute2)
 # debootstrap makes the clean Debian root the package test installs gcd's .deb into.
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+# The disk-pressure tests make small ext4 loop filesystems (a minimal Debian 13 lacks it).
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
