@@ -71,8 +71,8 @@ def under_pressure(
     used unused entries until `still` more bytes go (or the cache has no more). The plan to
     carry out, and the bytes it adds.
 
-    The engine is asked for them by time, not by size: every unused entry last used at or
-    before the last one needed (`until`). Asked for a size, BuildKit ranks entries by how
+    The engine is asked for them by time, not by size: every unused entry last used before
+    the whole second after the last one needed (`until`). Asked for a size, BuildKit ranks entries by how
     recently *and how often* they were used, and would take a build's context (used twice)
     after a newer build's steps (used once)."""
     base = plan(entries, config, now) if config.enabled else None

@@ -135,7 +135,7 @@ class Engine(Protocol):
     ) -> Pruned:
         """Remove unused cache entries: those unused for `unused_for` seconds, then BuildKit's
         choice until the cache holds at most `keep_storage` bytes, then every one last used
-        at or before `until`."""
+        before `until`."""
 
     def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
         """The engine's image events between two times on its clock (both included)."""

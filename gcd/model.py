@@ -176,7 +176,7 @@ class BuildCachePlan(NamedTuple):
     unused: tuple[int, int] = (0, 0)
     over: tuple[int, int] = (0, 0)
     available: bool = True  # False: the engine keeps no BuildKit cache (Podman)
-    # Disk pressure: every unused entry last used at or before `until` goes too (strictly
+    # Disk pressure: every unused entry last used before `until` goes too (strictly
     # least recently used first), (entries, bytes) beyond the two above.
     until: datetime | None = None
     pressed: tuple[int, int] = (0, 0)
