@@ -389,6 +389,22 @@ class DockerEngine:
             return None
         return _refs(raw.get("RepoTags"), _NO_TAG), _digests(raw, self._names_only())
 
+    def tags_by_image(self) -> dict[str, tuple[str, ...]]:
+        """Every image's ID and tags, from one list."""
+        listed = self._list_images()
+        return {
+            raw["Id"]: _refs(raw.get("RepoTags"), _NO_TAG)
+            for raw in listed
+            if isinstance(listed, list)
+            if isinstance(raw, dict) and isinstance(raw.get("Id"), str)
+        }
+
+    def nameless_loads(self) -> bool:
+        """Podman before 5 names no image in a load's event (`loadfromarchive`, with the
+        archive's path only)."""
+        self.api_version()
+        return self._podman4
+
     def users(self, image_id: str) -> tuple[Container, ...]:
         if self._kind == "podman":
             return self._users_by_graph(image_id)
@@ -775,10 +791,14 @@ def _event(raw: Any) -> ImageEvent | None:
     image_id = actor.get("ID") or raw.get("id")
     attributes = actor.get("Attributes")
     attributes = attributes if isinstance(attributes, dict) else {}
-    if not isinstance(action, str) or not isinstance(image_id, str):
+    if not isinstance(action, str):
+        return None
+    action = _PODMAN_ACTIONS.get(action, action)
+    if action == "load" and not image_id:
+        image_id = ""  # Podman 4 names the archive only: the follower lists what came
+    if not isinstance(image_id, str):
         return None
     when = raw.get("timeNano") or int(raw.get("time") or 0) * 1_000_000_000
-    action = _PODMAN_ACTIONS.get(action, action)
     return ImageEvent(int(when), action, _full_id(image_id), str(attributes.get("name") or ""))
 
 

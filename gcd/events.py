@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from gcd.config import Config
@@ -57,6 +57,9 @@ class Follower:
         self._stream: Stream | None = None
         self._since: int | None = None  # the last event's time (ns), to follow on from
         self._images: OrderedDict[str, str] = OrderedDict()  # container ID -> image ID
+        # Each image's tags as last listed, where a load's event names no image (Podman 4):
+        # what a load brought is what the next list has and this one has not.
+        self._listed: dict[str, tuple[str, ...]] | None = None
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
         self.recorded = 0  # uses recorded, for tests and logs
 
@@ -77,6 +80,8 @@ class Follower:
         while not self.stopping.is_set():
             try:
                 self._stream = self.engine.follow(self._since)
+                if self.engine.nameless_loads():
+                    self._listed = self.engine.tags_by_image()
                 self.metrics.events_up.set(1)
                 if failures:
                     log.info("following the engine's events again")
@@ -115,7 +120,12 @@ class Follower:
         is a regret if gcd removed it within regret_window."""
         self.arrived()
         when = event.time_ns / 1e9
+        if not event.image_id:  # Podman 4's load
+            self._loaded(when)
+            return
         image_id = event.image_id
+        if self._listed is not None and event.name:
+            self._listed[image_id] = (*self._listed.get(image_id, ()), event.name)
         if not image_id.startswith("sha256:"):  # a pull names the reference it pulled
             try:
                 image_id = self.engine.target(image_id) or ""
@@ -137,6 +147,24 @@ class Follower:
             except EngineError:
                 return
             tags = now[0] if now is not None else ()
+        self._regrets(tags, when)
+
+    def _loaded(self, when: float) -> None:
+        """A load whose event names no image (Podman 4): the images the engine lists now
+        that the last list lacked, or that gained a tag since, arrived with it; and every tag
+        gcd removed lately that the engine holds again is a regret (a load may bring back an
+        image, tags and ID, that the last list still showed)."""
+        listed = self.engine.tags_by_image()
+        before = self._listed or {}
+        for image_id, tags in listed.items():
+            if image_id not in before or not set(tags) <= set(before[image_id]):
+                self.usage.arrived(image_id, when)
+        self._listed = listed
+        if self.regret_window:
+            self._regrets([t for tags in listed.values() for t in tags], when)
+
+    def _regrets(self, tags: Iterable[str], when: float) -> None:
+        """Count and log the tags among `tags` gcd removed within regret_window."""
         for r in self.usage.came_back(tags, self.regret_window, datetime.fromtimestamp(when, UTC)):
             self.metrics.regrets.labels(r.rule).inc()
             log.warning(

@@ -18,7 +18,6 @@ import docker
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import engines
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, load
 from tests.integration.conftest import (
@@ -484,11 +483,6 @@ def test_a_tag_the_event_follower_sees_is_the_image_s_tag_time(
     """x:2 was built before x:1 but loaded after it: ranked by tag time it is the newer.
     Podman records no tag time (docs/engines.md): there only the daemon's event follower
     knows, and `gcd plan` reads what it recorded."""
-    if engines.chosen().name == "podman4":
-        pytest.skip(
-            "Podman 4.3's load event names no image (`loadfromarchive`, the archive's path): "
-            "a loaded image is seen at the next cycle (docs/engines.md)"
-        )
     d = Daemon(tmp_path, dockerd.url, "rules:\n  - {name: all, keep_last: 10}\n")
     daemons.append(d)
     wait_for(lambda: d.value("gcd_events_up") == 1, what="events followed")

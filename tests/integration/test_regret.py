@@ -6,9 +6,7 @@ import re
 from pathlib import Path
 
 import docker
-import pytest
 
-from tests import engines
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
 from tests.integration.conftest import NO_AGE_GUARDS, WHEN, Gcd, report_of, short, tags_now
@@ -55,11 +53,6 @@ def test_a_removed_tag_loaded_again_is_a_regret_once(
 def test_the_daemon_counts_a_regret_as_the_tag_comes_back(
     dockerd: PrivateEngine, client: docker.APIClient, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    if engines.chosen().name == "podman4":
-        pytest.skip(
-            "Podman 4.3's load event names no image (`loadfromarchive`, the archive's path): "
-            "a loaded image is seen at the next cycle (docs/engines.md)"
-        )
     old = Spec(["app:1"], [Layer("app-1")], WHEN)
     load(client, [old, Spec(["app:2"], [Layer("app-2")], WHEN.replace(day=2))])
     d = Daemon(tmp_path, dockerd.url, POLICY)  # its next cycle in an hour

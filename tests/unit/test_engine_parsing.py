@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gcd import engine
@@ -83,6 +85,25 @@ def test_podman_events_read_as_dockers() -> None:
         f"sha256:{bare}",
         1796408964985227169,
     )
+
+
+def test_podman_4s_load_event_names_no_image_and_is_still_a_load() -> None:
+    """As Podman 4.3.1 sends it: no `id`, an empty actor, the archive's path for a name.
+    The follower then lists the images to learn what came (gcd/events.py)."""
+    line = json.dumps(
+        {
+            "status": "loadfromarchive",
+            "Type": "image",
+            "Action": "loadfromarchive",
+            "Actor": {"ID": "", "Attributes": {"image": "", "name": "/var/tmp/api_load.tar32"}},
+            "scope": "local",
+            "time": 1796535056,
+            "timeNano": 1796535056276259927,
+        }
+    ).encode()
+    assert followed(line) == ImageEvent(1796535056276259927, "load", "", "/var/tmp/api_load.tar32")
+    # Any other action without an image is no event.
+    assert followed(line.replace(b"loadfromarchive", b"tag")) is None
 
 
 def test_a_first_sight_inspect_the_engine_fails_is_asked_again(
