@@ -120,6 +120,10 @@ class Engine(Protocol):
         """Delete one reference or an image ID, never forced and never pruning parents
         (ConflictError on 409, NotFoundError on 404)."""
 
+    def loses_tags_amid_delete(self) -> bool:
+        """Whether a tag made while the engine deletes an image by ID can go with the image
+        and go unsaid in its answer (the containerd store): the engine's events tell."""
+
     def tag(self, image_id: str, ref: str) -> None:
         """Put the tag `ref` on an image (moving it if it names another)."""
 
@@ -433,6 +437,9 @@ class DockerEngine:
 
     def concurrent_untags(self) -> bool:
         return not self._podman4
+
+    def loses_tags_amid_delete(self) -> bool:
+        return self._kind != "podman" and self._store() == "containerd"
 
     def recheck(self, image_id: str) -> Recheck | None:
         if self._classic():

@@ -381,6 +381,7 @@ class _Action:
                     "child_kept",
                 )
         self.run.check()
+        checked = time.time_ns()
         now = engine.recheck(d.image_id)
         if now is None:
             return self._gone()
@@ -400,6 +401,7 @@ class _Action:
                 self._note(self._delete(ref))
             self._untag_verified(by_name_tags)
             self.run.check()
+            checked = time.time_ns()
             now = engine.recheck(d.image_id)
             if now is None:
                 return self._outcome("skipped", "already gone", "gone")
@@ -449,6 +451,8 @@ class _Action:
         # The one window of a removal by ID: after the re-read, the image's own tags moved
         # away and it was given a new one (the engine refuses two). Said, never silent.
         gained = sorted(t for t in deletion.untagged if "@" not in t and t not in d.tags)
+        if not gained and d.image_id in deletion.deleted and engine.loses_tags_amid_delete():
+            gained = self._tagged_amid(checked, deletion)
         if gained and d.image_id in deletion.deleted:
             self.unplanned[d.image_id] = ""
             self.problems.append(
@@ -456,6 +460,36 @@ class _Action:
                 "deleted it with that tag"
             )
         return self._outcome("done")
+
+    def _tagged_amid(self, checked_ns: int, deletion: Deletion) -> list[str]:
+        """The tags the engine's events show put on this image between the re-read and the
+        DELETE's answer: the containerd store deletes an image by ID with a tag made while
+        it deletes, and its answer names only the tags it read first."""
+        self.run.check()
+        try:
+            events = self.engine.events(
+                checked_ns - EVENT_SLACK_NS, deletion.answered_ns + EVENT_SLACK_NS
+            )
+        except EngineUnavailable:
+            raise
+        except EngineError as e:
+            log.warning(
+                "%s: cannot read the engine's events to check that no tag came during its "
+                "removal: %s",
+                short_id(self.d.image_id),
+                e,
+            )
+            return []
+        return sorted(
+            {
+                e.name
+                for e in events
+                if e.action == "tag"
+                and e.image_id == self.d.image_id
+                and e.name
+                and e.name not in self.d.tags
+            }
+        )
 
     def _tag_changed(self, tags: Sequence[str]) -> Outcome | None:
         """Skipped if the image carries a tag the plan did not see on it; else None."""

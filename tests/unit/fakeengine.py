@@ -49,6 +49,7 @@ class FakeEngine:
         guards_children: bool = True,
         prunes_parents: bool = False,
         concurrent_untags: bool = True,
+        loses_amid_tags: bool = False,
     ) -> None:
         # False: deletes a parent under its children, as the containerd store and Podman do.
         self.guards_children = guards_children
@@ -73,6 +74,9 @@ class FakeEngine:
         # store deletes those names only and keeps any made meanwhile, answering `Deleted`
         # all the same (the adapter then reports the image as survived).
         self.amid_delete: Callable[[str], None] | None = None
+        # True: the names made there go with the image, and the answer names only those it
+        # read (seen on Docker 26's containerd store in the race suite's long run).
+        self.loses_amid_tags = loses_amid_tags
         self._lock = threading.RLock()
         self._last_ns = 0
 
@@ -216,6 +220,9 @@ class FakeEngine:
     def concurrent_untags(self) -> bool:
         return self._concurrent_untags
 
+    def loses_tags_amid_delete(self) -> bool:
+        return self.loses_amid_tags
+
     def recheck(self, image_id: str) -> Recheck | None:
         if self.guards_children:
             now = self.current(image_id)
@@ -273,6 +280,10 @@ class FakeEngine:
                     self.amid_delete(image_id)
                 for r in names:
                     self._untag(image_id, r, untagged)
+                if self.loses_amid_tags:
+                    for r in list(img.refs):  # gone without an event of their own
+                        img.refs.remove(r)
+                        del self.refs[r]
                 # The containerd store keeps names made during the delete, and an image
                 # that had a tag and has a child (as an untagged record): it says
                 # `Deleted` all the same.

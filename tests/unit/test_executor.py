@@ -148,6 +148,33 @@ def test_an_image_tagged_while_the_containerd_store_deletes_it_is_reported_kept(
     assert not report.removed() and report.unplanned() == ()
 
 
+def test_a_tag_the_containerd_store_deleted_with_the_image_is_reported_from_its_events() -> None:
+    # Docker 26's containerd store, in the race suite's long run: a promotion tagged the
+    # image while the engine deleted it by ID, and the image went with app:stable. The
+    # answer names app:1 only: the engine's events show the tag, and gcd says what happened.
+    engine = world("app:1")
+    engine.loses_amid_tags = True
+    plan = plan_of(engine, POLICY + "protect: [{tag: stable}]\n")
+    engine.amid_delete = lambda image_id: engine.tag(image_id, "app:stable")
+    report = execute(engine, plan)
+    assert OLD not in engine.images and "app:stable" not in engine.refs
+    outcome = report.outcome(OLD)
+    assert report.unplanned() == (OLD,)
+    assert outcome.error == (
+        "it was tagged app:stable during its removal, and the engine deleted it with that tag"
+    )
+    assert outcome.untagged == ("app:1",)
+
+
+def test_events_are_read_after_a_delete_by_id_only_where_the_engine_loses_tags() -> None:
+    for loses in (False, True):
+        engine = world("app:1")
+        engine.loses_amid_tags = loses
+        report = execute(engine, plan_of(engine))
+        assert report.outcome(OLD).status == "done" and report.unplanned() == ()
+        assert (("GET", "events") in engine.requests) is loses
+
+
 def test_a_tag_gcd_took_by_name_and_made_again_mid_delete_is_reported_kept() -> None:
     engine = world("app:1", "app:2")
     plan = plan_of(engine)
