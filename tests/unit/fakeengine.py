@@ -77,6 +77,9 @@ class FakeEngine:
         # True: the names made there go with the image, and the answer names only those it
         # read (seen on Docker 26's containerd store in the race suite's long run).
         self.loses_amid_tags = loses_amid_tags
+        # Reads of the event log that come back without the latest events (Podman's log
+        # lags its answers): the first `lagging_reads` show nothing.
+        self.lagging_reads = 0
         self._lock = threading.RLock()
         self._last_ns = 0
 
@@ -254,6 +257,9 @@ class FakeEngine:
     def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
         self._request("GET", "events")
         with self._lock:
+            if self.lagging_reads > 0:
+                self.lagging_reads -= 1
+                return ()
             return tuple(e for e in self.log if since_ns <= e.time_ns <= until_ns)
 
     def delete(self, ref: str) -> Deletion:
