@@ -626,8 +626,11 @@ class DockerEngine:
         }
         if self._kind == "podman":
             # Podman takes whole seconds only ("s.ns" gives nothing) and its type filter
-            # drops untag events: the window is widened to whole seconds, and filtered here.
-            query = {"since": str(since_ns // 10**9), "until": str(-(-until_ns // 10**9))}
+            # drops untag events: the window starts at a whole second, and is filtered here.
+            # An `until` in the past stops its file logger's reader as it starts, so that
+            # it answers with some of the events or none (podman#29579): `stream=false`
+            # reads to the log's end instead.
+            query = {"since": str(since_ns // 10**9), "stream": "false"}
         body = self._raw("GET", f"/events?{urllib.parse.urlencode(query)}")
         raw = [
             e

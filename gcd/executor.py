@@ -645,8 +645,8 @@ class _Action:
         for wait in EVENT_LAG_WAITS:
             if all(_lost(u, events) for u in done):
                 break
-            # An untag the log does not show yet: Podman's event log lags its answers (seen
-            # 201 times in the race suite's 1,000 interleavings there, 14 ms after the event).
+            # An untag the log does not show yet: Podman writes its events a moment after
+            # it answers (none of them read at once, all of them 0.1 s later).
             time.sleep(wait)
             self.run.check()
             events = self.engine.events(since, until)
