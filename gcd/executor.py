@@ -642,8 +642,15 @@ class _Action:
         since = min(u.checked_ns for u in done) - EVENT_SLACK_NS
         until = max(u.deletion.answered_ns for u in done) + EVENT_SLACK_NS
         events = self.engine.events(since, until)
+
+        def placed(u: _Untag) -> bool:
+            """The events show an image losing the tag: this one, or one gcd does not act on
+            (other removals' untags may fall in the same moments)."""
+            lost = _lost(u, events)
+            return image_id in lost or bool(lost - self.run.acting)
+
         for wait in EVENT_LAG_WAITS:
-            if all(_lost(u, events) for u in done):
+            if all(placed(u) for u in done):
                 break
             # An untag the log does not show yet: Podman writes its events a moment after
             # it answers (none of them read at once, all of them 0.1 s later).

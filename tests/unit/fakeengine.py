@@ -78,8 +78,10 @@ class FakeEngine:
         # read (seen on Docker 26's containerd store in the race suite's long run).
         self.loses_amid_tags = loses_amid_tags
         # Reads of the event log that come back without the latest events (Podman's log
-        # lags its answers): the first `lagging_reads` show nothing.
+        # lags its answers): the first `lagging_reads` show none of `lagging_images`' events
+        # (of any image's, if it is empty).
         self.lagging_reads = 0
+        self.lagging_images: set[str] = set()
         self._lock = threading.RLock()
         self._last_ns = 0
 
@@ -257,10 +259,15 @@ class FakeEngine:
     def events(self, since_ns: int, until_ns: int) -> tuple[ImageEvent, ...]:
         self._request("GET", "events")
         with self._lock:
+            hidden = set()
             if self.lagging_reads > 0:
                 self.lagging_reads -= 1
-                return ()
-            return tuple(e for e in self.log if since_ns <= e.time_ns <= until_ns)
+                hidden = self.lagging_images or {e.image_id for e in self.log}
+            return tuple(
+                e
+                for e in self.log
+                if since_ns <= e.time_ns <= until_ns and e.image_id not in hidden
+            )
 
     def delete(self, ref: str) -> Deletion:
         sent = self._now()

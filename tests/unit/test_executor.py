@@ -296,6 +296,27 @@ def test_an_event_log_that_lags_is_read_again_until_it_shows_the_untag(
     assert engine.requests.count(("GET", "events")) == lagging_reads + 1
 
 
+def test_another_removal_s_untag_in_the_same_moments_does_not_stop_the_reading_again() -> None:
+    # 64 removals at once on Podman: the log shows another planned image's untag in the
+    # moments of this DELETE before it shows this one's.
+    engine = world("app:1", "app:2")
+    engine.add(OTHER, "keep:1")
+    sibling = iid("sibling")
+    engine.add(sibling, "app:3")
+    plan = plan_of(engine, POLICY + "protect: [{ref: 'keep:*'}]\n")
+    assert plan.decision(sibling).action == "remove"
+
+    def retag(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", "app:1"):
+            engine.tag(OTHER, "app:1")
+            engine._event("untag", sibling, "app:3")  # the sibling's, at the same moment
+            engine.lagging_reads, engine.lagging_images = 2, {OTHER, OLD}
+
+    engine.before = retag
+    report = execute(engine, plan)
+    assert report.restored() == (f"app:1 on {OTHER[7:19]}",)
+
+
 def test_a_container_created_after_the_plan_skips_a_single_tag_image() -> None:
     engine = world("app:1")
     plan = plan_of(engine)
