@@ -235,17 +235,29 @@ def test_a_tag_moved_mid_removal_onto_an_image_with_no_other_tag_is_an_unplanned
     )
 
 
-def test_a_tag_taken_from_another_image_mid_removal_is_put_back() -> None:
+def taken_from_other(
+    amid: Callable[[FakeEngine], None] = lambda engine: None, *more: tuple[str, str]
+) -> tuple[FakeEngine, Report]:
+    """app:1 moves to OTHER (which carries keep:1, protected) between gcd's re-read of
+    app:1 and its DELETE; `amid` runs right after the move. `more`: images to add first,
+    by (ID, tag)."""
     engine = world("app:1", "app:2")
     engine.add(OTHER, "keep:1")
+    for image_id, tag in more:
+        engine.add(image_id, tag)
     plan = plan_of(engine, POLICY + "protect: [{ref: 'keep:*'}]\n")
 
     def retag(method: str, target: str) -> None:
         if (method, target) == ("DELETE", "app:1"):
             engine.tag(OTHER, "app:1")
+            amid(engine)
 
     engine.before = retag
-    report = execute(engine, plan)
+    return engine, execute(engine, plan)
+
+
+def test_a_tag_taken_from_another_image_mid_removal_is_put_back() -> None:
+    engine, report = taken_from_other()
     assert sorted(engine.images[OTHER].refs) == ["app:1", "keep:1"]
     assert report.restored() == (f"app:1 on {OTHER[7:19]}",)
     assert report.unplanned() == ()
@@ -258,17 +270,7 @@ def test_a_tag_taken_from_another_image_is_put_back_when_its_tag_event_comes_lat
     # The containerd store logs a `tag` event when the tagging ends, which may be after
     # gcd's DELETE was answered: the image that lost the tag is then the one whose untag
     # the log shows, since gcd's image shows none.
-    engine = world("app:1", "app:2")
-    engine.add(OTHER, "keep:1")
-    plan = plan_of(engine, POLICY + "protect: [{ref: 'keep:*'}]\n")
-
-    def retag(method: str, target: str) -> None:
-        if (method, target) == ("DELETE", "app:1"):
-            engine.tag(OTHER, "app:1")
-            engine.log.pop()  # its event comes after the window gcd reads
-
-    engine.before = retag
-    report = execute(engine, plan)
+    engine, report = taken_from_other(lambda engine: engine.log.pop())  # after gcd's window
     assert sorted(engine.images[OTHER].refs) == ["app:1", "keep:1"]
     assert report.restored() == (f"app:1 on {OTHER[7:19]}",)
     assert "app:1" not in report.outcome(OLD).untagged
@@ -280,17 +282,10 @@ def test_an_event_log_that_lags_is_read_again_until_it_shows_the_untag(
 ) -> None:
     # Podman's log showed no untag gcd had just made in 201 of 1,653 untags by name (the race
     # suite's long run): gcd then could not tell which image lost the tag.
-    engine = world("app:1", "app:2")
-    engine.add(OTHER, "keep:1")
-    plan = plan_of(engine, POLICY + "protect: [{ref: 'keep:*'}]\n")
+    def lag(engine: FakeEngine) -> None:
+        engine.lagging_reads = lagging_reads
 
-    def retag(method: str, target: str) -> None:
-        if (method, target) == ("DELETE", "app:1"):
-            engine.tag(OTHER, "app:1")
-            engine.lagging_reads = lagging_reads
-
-    engine.before = retag
-    report = execute(engine, plan)
+    engine, report = taken_from_other(lag)
     assert sorted(engine.images[OTHER].refs) == ["app:1", "keep:1"]
     assert report.restored() == (f"app:1 on {OTHER[7:19]}",)
     assert engine.requests.count(("GET", "events")) == lagging_reads + 1
@@ -299,21 +294,14 @@ def test_an_event_log_that_lags_is_read_again_until_it_shows_the_untag(
 def test_another_removal_s_untag_in_the_same_moments_does_not_stop_the_reading_again() -> None:
     # 64 removals at once on Podman: the log shows another planned image's untag in the
     # moments of this DELETE before it shows this one's.
-    engine = world("app:1", "app:2")
-    engine.add(OTHER, "keep:1")
     sibling = iid("sibling")
-    engine.add(sibling, "app:3")
-    plan = plan_of(engine, POLICY + "protect: [{ref: 'keep:*'}]\n")
-    assert plan.decision(sibling).action == "remove"
 
-    def retag(method: str, target: str) -> None:
-        if (method, target) == ("DELETE", "app:1"):
-            engine.tag(OTHER, "app:1")
-            engine._event("untag", sibling, "app:3")  # the sibling's, at the same moment
-            engine.lagging_reads, engine.lagging_images = 2, {OTHER, OLD}
+    def lag(engine: FakeEngine) -> None:
+        engine._event("untag", sibling, "app:3")  # the sibling's, at the same moment
+        engine.lagging_reads, engine.lagging_images = 2, {OTHER, OLD}
 
-    engine.before = retag
-    report = execute(engine, plan)
+    _, report = taken_from_other(lag, (sibling, "app:3"))
+    assert report.plan.decision(sibling).action == "remove"
     assert report.restored() == (f"app:1 on {OTHER[7:19]}",)
 
 
