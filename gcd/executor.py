@@ -653,9 +653,9 @@ class _Action:
             if all(placed(u) for u in done):
                 break
             # An untag the log does not show yet: Podman writes its events a moment after
-            # it answers (none of them read at once, all of them 0.1 s later).
+            # it answers (none of them read at once, all of them 0.1 s later). No stop is
+            # honoured here: the tags are gone, and the report must say where from.
             time.sleep(wait)
-            self.run.check()
             events = self.engine.events(since, until)
         for u in done:
             answered = u.deletion.answered_ns

@@ -291,6 +291,23 @@ def test_an_event_log_that_lags_is_read_again_until_it_shows_the_untag(
     assert engine.requests.count(("GET", "events")) == lagging_reads + 1
 
 
+def test_a_stop_while_the_log_is_read_again_still_reports_the_tags_that_went() -> None:
+    # SIGTERM on Podman 4, whose log never shows an untag at once: the tags gcd had deleted
+    # went unreported (`untagged` empty), as if the image had kept them.
+    engine = world("app:1", "app:2")
+    stopping = threading.Event()
+
+    def stop_amid(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", "app:1"):
+            engine.lagging_reads = 1
+            stopping.set()
+
+    engine.before = stop_amid
+    report = execute(engine, plan_of(engine), stop=stopping.is_set)
+    assert "app:1" not in engine.refs
+    assert report.outcome(OLD).untagged == ("app:1",)
+
+
 def test_another_removal_s_untag_in_the_same_moments_does_not_stop_the_reading_again() -> None:
     # 64 removals at once on Podman: the log shows another planned image's untag in the
     # moments of this DELETE before it shows this one's.
