@@ -316,6 +316,9 @@ class _Action:
         self.restored: list[str] = []
         self.unplanned: dict[str, str] = {}  # image ID -> how it came to be deleted
         self.problems: list[str] = []
+        # The engine's events read while this image's tags went by name, and from when.
+        self.seen: list[ImageEvent] = []
+        self.untags_from_ns: int | None = None
 
     def carry_out(self) -> Outcome:
         try:
@@ -419,7 +422,7 @@ class _Action:
                     _names(sorted(still)),
                 )
                 self.untagged = [t for t in self.untagged if t not in still]
-            changed = self._tag_changed(now.tags)
+            changed = self._tag_changed(now.tags) or self._tag_lost(now.tags)
             if changed is not None:
                 return changed
         if now.children:
@@ -493,6 +496,46 @@ class _Action:
                 and e.name
                 and e.name not in self.d.tags
             }
+        )
+
+    def _tag_lost(self, tags: Sequence[str]) -> Outcome | None:
+        """A tag the events show put on this image while gcd untagged it by name, which the
+        image lacks now although no event shows it leaving: Podman 4 rewrites an image's
+        names whole, so an untag loses a tag made at the same moment. It is put back (when
+        no image has it now) and the image stays; else None."""
+        if self.untags_from_ns is None or self.engine.concurrent_untags():
+            return None
+        made = {
+            e.name
+            for e in self.seen
+            if e.action == "tag" and e.image_id == self.d.image_id and e.name
+            if e.name not in tags and e.name not in self.d.tags
+        }
+        if not made:
+            return None
+        self.run.check()
+        # Read again up to now: an untag or a move of that tag since is someone's own doing.
+        later = self.engine.events(self.untags_from_ns, time.time_ns() + EVENT_SLACK_NS)
+        for e in later:
+            if e.action in ("untag", "delete") and e.name in made:
+                made.discard(e.name)
+        lost = sorted(t for t in made if self.engine.target(t) is None)
+        if not lost:
+            return None
+        for tag in lost:
+            self.run.check()
+            self.engine.tag(self.d.image_id, tag)
+            log.warning(
+                "%s: the engine lost %s as gcd untagged another name: put it back",
+                short_id(self.d.image_id),
+                tag,
+            )
+            self.restored.append(f"{tag} on {short_id(self.d.image_id)}")
+        return self._outcome(
+            "skipped",
+            f"gained tag {', '.join(lost)} during its removal, which the engine lost as gcd "
+            "untagged another name; put back",
+            "tag_changed",
         )
 
     def _tag_changed(self, tags: Sequence[str]) -> Outcome | None:
@@ -642,6 +685,8 @@ class _Action:
         since = min(u.checked_ns for u in done) - EVENT_SLACK_NS
         until = max(u.deletion.answered_ns for u in done) + EVENT_SLACK_NS
         events = self.engine.events(since, until)
+        if self.untags_from_ns is None:
+            self.untags_from_ns = since
 
         def placed(u: _Untag) -> bool:
             """The events show an image losing the tag: this one, or one gcd does not act on
@@ -657,6 +702,7 @@ class _Action:
             # honoured here: the tags are gone, and the report must say where from.
             time.sleep(wait)
             events = self.engine.events(since, until)
+        self.seen.extend(events)
         for u in done:
             answered = u.deletion.answered_ns
             lost = _lost(u, events)

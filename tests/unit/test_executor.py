@@ -291,6 +291,53 @@ def test_an_event_log_that_lags_is_read_again_until_it_shows_the_untag(
     assert engine.requests.count(("GET", "events")) == lagging_reads + 1
 
 
+def test_a_tag_podman_4_lost_as_gcd_untagged_another_name_is_put_back() -> None:
+    # The matrix's podman4 row: a promotion tagged the image while gcd untagged app:1;
+    # Podman 4 rewrote the names without app:stable, no event said so, and gcd then
+    # deleted the image by ID as it found it.
+    engine = FakeEngine(concurrent_untags=False)
+    engine.add(OLD, "app:1", "app:2")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine, POLICY + "protect: [{tag: stable}]\n")
+
+    def promote_and_lose(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", "app:1"):
+            engine.tag(OLD, "app:stable")
+            engine.images[OLD].refs.remove("app:stable")  # the engine's lost update
+            del engine.refs["app:stable"]
+
+    engine.before = promote_and_lose
+    report = execute(engine, plan)
+    assert sorted(engine.images[OLD].refs) == ["app:2", "app:stable"]
+    outcome = report.outcome(OLD)
+    assert (outcome.status, outcome.code) == ("skipped", "tag_changed")
+    assert outcome.reason == (
+        "gained tag app:stable during its removal, which the engine lost as gcd untagged "
+        "another name; put back"
+    )
+    assert report.restored() == (f"app:stable on {OLD[7:19]}",)
+    assert outcome.untagged == ("app:1",)
+
+
+def test_a_tag_made_and_removed_by_others_during_the_untags_is_not_put_back() -> None:
+    engine = FakeEngine(concurrent_untags=False)
+    engine.add(OLD, "app:1", "app:2")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+
+    def tag_and_untag(method: str, target: str) -> None:
+        if (method, target) == ("DELETE", "app:1"):
+            engine.tag(OLD, "try:1")
+            engine.images[OLD].refs.remove("try:1")
+            del engine.refs["try:1"]
+            engine._event("untag", OLD, "try:1")  # someone's `docker rmi try:1`
+
+    engine.before = tag_and_untag
+    report = execute(engine, plan)
+    assert OLD not in engine.images and "try:1" not in engine.refs
+    assert report.outcome(OLD).status == "done"
+
+
 def test_a_stop_while_the_log_is_read_again_still_reports_the_tags_that_went() -> None:
     # SIGTERM on Podman 4, whose log never shows an untag at once: the tags gcd had deleted
     # went unreported (`untagged` empty), as if the image had kept them.
