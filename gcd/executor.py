@@ -471,8 +471,8 @@ class _Action:
     def _tagged_amid(self, checked_ns: int, deletion: Deletion) -> list[str]:
         """The tags the engine's events show put on this image between the re-read and the
         DELETE's answer: the containerd store deletes an image by ID with a tag made while
-        it deletes, and its answer names only the tags it read first."""
-        self.run.check()
+        it deletes, and its answer names only the tags it read first. No stop is honoured
+        here: the image is gone, and the report must say so."""
         try:
             events = self.engine.events(
                 checked_ns - EVENT_SLACK_NS, deletion.answered_ns + EVENT_SLACK_NS
@@ -513,7 +513,7 @@ class _Action:
         }
         if not made:
             return None
-        self.run.check()
+        # No stop is honoured until the tag is back: the engine lost it in gcd's untags.
         # Read again up to now: an untag or a move of that tag since is someone's own doing.
         later = self.engine.events(self.untags_from_ns, time.time_ns() + EVENT_SLACK_NS)
         for e in later:
@@ -523,7 +523,6 @@ class _Action:
         if not lost:
             return None
         for tag in lost:
-            self.run.check()
             self.engine.tag(self.d.image_id, tag)
             log.warning(
                 "%s: the engine lost %s as gcd untagged another name: put it back",

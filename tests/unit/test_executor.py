@@ -166,6 +166,17 @@ def test_a_tag_the_containerd_store_deleted_with_the_image_is_reported_from_its_
     assert outcome.untagged == ("app:1",)
 
 
+def test_a_stop_as_the_containerd_store_deletes_still_reports_the_removal() -> None:
+    # The events read after the DELETE come after the stop: the image is gone all the same.
+    engine = world("app:1")
+    engine.loses_amid_tags = True
+    stopping = threading.Event()
+    engine.amid_delete = lambda image_id: stopping.set()
+    report = execute(engine, plan_of(engine), stop=stopping.is_set)
+    assert OLD not in engine.images
+    assert report.outcome(OLD).status == "done"
+
+
 def test_events_are_read_after_a_delete_by_id_only_where_the_engine_loses_tags() -> None:
     for loses in (False, True):
         engine = world("app:1")
