@@ -396,10 +396,11 @@ class DockerEngine:
     def tags_by_image(self) -> dict[str, tuple[str, ...]]:
         """Every image's ID and tags, from one list."""
         listed = self._list_images()
+        if not isinstance(listed, list):
+            raise EngineError(f"the Docker engine at {self.url} did not list its images")
         return {
             raw["Id"]: _refs(raw.get("RepoTags"), _NO_TAG)
             for raw in listed
-            if isinstance(listed, list)
             if isinstance(raw, dict) and isinstance(raw.get("Id"), str)
         }
 
