@@ -247,7 +247,7 @@ def test_a_tag_moved_mid_removal_onto_an_image_with_no_other_tag_is_an_unplanned
 
 
 def taken_from_other(
-    amid: Callable[[FakeEngine], None] = lambda engine: None, *more: tuple[str, str]
+    amid: Callable[[FakeEngine], object] = lambda engine: None, *more: tuple[str, str]
 ) -> tuple[FakeEngine, Report]:
     """app:1 moves to OTHER (which carries keep:1, protected) between gcd's re-read of
     app:1 and its DELETE; `amid` runs right after the move. `more`: images to add first,
