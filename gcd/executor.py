@@ -487,16 +487,7 @@ class _Action:
                 e,
             )
             return []
-        return sorted(
-            {
-                e.name
-                for e in events
-                if e.action == "tag"
-                and e.image_id == self.d.image_id
-                and e.name
-                and e.name not in self.d.tags
-            }
-        )
+        return sorted(_tagged(events, self.d.image_id, self.d.tags))
 
     def _tag_lost(self, tags: Sequence[str]) -> Outcome | None:
         """A tag the events show put on this image while gcd untagged it by name, which the
@@ -505,12 +496,7 @@ class _Action:
         no image has it now) and the image stays; else None."""
         if self.untags_from_ns is None or self.engine.concurrent_untags():
             return None
-        made = {
-            e.name
-            for e in self.seen
-            if e.action == "tag" and e.image_id == self.d.image_id and e.name
-            if e.name not in tags and e.name not in self.d.tags
-        }
+        made = _tagged(self.seen, self.d.image_id, (*tags, *self.d.tags))
         if not made:
             return None
         # No stop is honoured until the tag is back: the engine lost it in gcd's untags.
@@ -772,6 +758,15 @@ def _lost(u: _Untag, events: Sequence[ImageEvent]) -> set[str]:
         for e in events
         if e.action in ("untag", "delete")
         and sent - EVENT_SLACK_NS <= e.time_ns <= answered + EVENT_SLACK_NS
+    }
+
+
+def _tagged(events: Sequence[ImageEvent], image_id: str, known: Sequence[str]) -> set[str]:
+    """The tags the events show put on this image, other than those in `known`."""
+    return {
+        e.name
+        for e in events
+        if e.action == "tag" and e.image_id == image_id and e.name and e.name not in known
     }
 
 
