@@ -209,6 +209,11 @@ class DockerEngine:
         # Before the inspects, which read sizes by engine and store.
         self._kind, store = _kind(version), self._store()
         self._podman4 = _podman_before_5(version)
+        if self._counts_content():
+            # Facts cached by a gcd that counted no packed blobs: read again, once.
+            facts = {
+                i: f for i, f in facts.items() if not f.layers or f.layers[-1].endswith("/own")
+            }
         raw_images = self._list_images()
         raw_containers = self._json("/containers/json?all=1")
         tags_of = {
@@ -221,11 +226,12 @@ class DockerEngine:
             if i not in facts or facts[i].tags != tags or facts[i].created is None
         ]
         unknown_set = set(unknown)
-        # Layer sizes by chain ID, from every image already read: an image with at most one
-        # layer of unknown size needs no history (see _inspect).
+        # Layer sizes by chain ID, from every image already read that is still there: an
+        # image with at most one layer of unknown size needs no history (see _inspect).
         sized = {
             layer: size
-            for known in facts.values()
+            for image_id, known in facts.items()
+            if image_id in tags_of
             for layer, size in zip(known.layers, known.layer_sizes, strict=True)
         }
         learned, provisional = self._inspect_all(unknown, tags_of, facts, sized, stop)
@@ -272,6 +278,15 @@ class DockerEngine:
         """dockerd on a classic graph driver (overlay2, btrfs, ...): an image's size is its
         layers' sum, and the engine refuses to delete a parent under its children."""
         return self._kind != "podman" and self._store() != "containerd"
+
+    def _counts_content(self) -> bool:
+        """Docker's containerd store from 28.2 (API 1.50) on: its /system/df counts the
+        content store's packed blobs beside the unpacked layers, so gcd counts both."""
+        return (
+            self._kind == "docker"
+            and self._store() == "containerd"
+            and _version_key(self.api_version()) >= (1, 50)
+        )
 
     def _names_only(self) -> str:
         """How far the engine's digest references are references (see _digests)."""
@@ -348,7 +363,8 @@ class DockerEngine:
         known: ImageFacts | None,
         sized: dict[str, int],
     ) -> ImageFacts:
-        raw = self._json(f"/images/{image_id}/json")
+        packed = self._counts_content()
+        raw = self._json(f"/images/{image_id}/json" + ("?manifests=1" if packed else ""))
         last_tag_time = _parse_time((raw.get("Metadata") or {}).get("LastTagTime"))
         if not tags and self._store_name == "containerd":
             # There it is when the engine made the untagged image's record (a load, or the
@@ -383,6 +399,14 @@ class DockerEngine:
                 # Podman counts the image's own config and manifest in its size (and its
                 # /system/df): bytes no other image shares, freed with it.
                 chain, sizes = (*chain, f"{image_id}/own"), (*sizes, own)
+            elif packed:
+                # Docker 28.2 on counts the content store's blobs in /system/df too: a
+                # layer's packed blob goes when its unpacked layer does.
+                content, own_guess = _content(raw, history)
+                blobs = layers.blob_keys(chain, content, sized)
+                blob_sizes, own = layers.content_sizes(blobs, sizes, content, own_guess, sized)
+                chain = (*chain, *blobs, f"{image_id}/own")
+                sizes = (*sizes, *blob_sizes, own)
         sized.update(zip(chain, sizes, strict=True))  # one item at a time: safe across threads
         return ImageFacts(tags, chain, sizes, last_tag_time, created)
 
@@ -835,6 +859,44 @@ def _version_key(text: str) -> tuple[int, ...]:
 def _capped(version: str) -> str:
     """The engine's API version, or MAX_API_VERSION if that is older."""
     return MAX_API_VERSION if _version_key(version) > _version_key(MAX_API_VERSION) else version
+
+
+def _content(raw: Mapping[str, Any], history: Any) -> tuple[int, int]:
+    """An image's bytes in the content store (`?manifests=1`: every manifest's own content,
+    and the index that names them), and a guess at the part no other image shares: the
+    indexes, manifests and attestations (exact) and each config (about the size of its
+    JSON, rebuilt from the inspect and the history)."""
+    manifests = [m for m in raw.get("Manifests") or () if isinstance(m, dict)]
+    available = [m for m in manifests if m.get("Available")]
+    if not available:
+        return int(raw.get("Size") or 0), 0
+    content = sum(int((m.get("Size") or {}).get("Content") or 0) for m in available)
+    descriptor = raw.get("Descriptor") or {}
+    index = int(descriptor.get("size") or 0) if "index" in str(descriptor.get("mediaType")) else 0
+    config = {
+        "architecture": raw.get("Architecture"),
+        "config": {k: v for k, v in (raw.get("Config") or {}).items() if v},
+        "created": raw.get("Created"),
+        "history": [
+            {"created": _CREATED, "created_by": e.get("CreatedBy")}
+            for e in (history if isinstance(history, list) else ())
+            if isinstance(e, dict)
+        ],
+        "os": raw.get("Os"),
+        "rootfs": {"type": "layers", "diff_ids": (raw.get("RootFS") or {}).get("Layers")},
+    }
+    guess = len(json.dumps(config, separators=(",", ":")))
+    own = index + sum(
+        int((m.get("Descriptor") or {}).get("size") or 0) + guess
+        if m.get("Kind") == "image"
+        else int((m.get("Size") or {}).get("Content") or 0)  # an attestation: its own
+        for m in available
+    )
+    return content + index, own
+
+
+# A history entry's time as a config writes it (RFC 3339): its length is what counts.
+_CREATED = "2026-01-01T00:00:00.000000000Z"
 
 
 def _kind(version: Any) -> str:

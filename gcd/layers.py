@@ -71,3 +71,45 @@ def history_sizes(
     if len(sizes) != layers or (exact and sum(sizes) != total):
         return None
     return tuple(sizes)
+
+
+def blob_keys(chain: Sequence[str], content: int, sized: Mapping[str, int]) -> tuple[str, ...]:
+    """The keys of an image's packed blobs, one per layer: `<chain ID>/blob`, unless the
+    blobs already sized under those keys are more than the image's whole content. Then the
+    image holds other blobs of the same layers (a layer loaded uncompressed, and built or
+    pulled compressed: two blobs, one unpacked layer), and the next set of keys is tried,
+    `<chain ID>/blob.1` and on, until one fits or is new."""
+    for variant in range(len(sized) + 1):
+        suffix = f".{variant}" if variant else ""
+        keys = tuple(f"{layer}/blob{suffix}" for layer in chain)
+        known = [sized[key] for key in keys if key in sized]
+        if not known or sum(known) <= content:
+            return keys
+    raise AssertionError("unreachable: a variant no image sized fits")
+
+
+def content_sizes(
+    packed: Sequence[str],
+    unpacked: Sequence[int],
+    content: int,
+    own: int,
+    sized: Mapping[str, int],
+) -> tuple[tuple[int, ...], int]:
+    """Each layer's packed blob and the image's own content, on a store that keeps both the
+    packed blobs and the unpacked layers (Docker's containerd store) and counts both.
+
+    The engine gives only the image's whole `content` (its manifest, config and every
+    layer's blob), never a blob's own size. A blob another image already sized keeps that
+    size; `own` (the manifest's size and an estimate of the config's) is set aside; the rest
+    is spread over the new blobs in proportion to their unpacked sizes. The total is exact,
+    and so is what an image frees when its new layers go with it (the usual case: a build's
+    own layers); how a new image's content splits between layers that other images share
+    later is an estimate. Returns the blob sizes and the image's own bytes."""
+    sizes = [sized.get(blob, -1) for blob in packed]
+    new = [i for i, size in enumerate(sizes) if size < 0]
+    rest = max(content - sum(size for size in sizes if size >= 0), 0)
+    fresh = sum(unpacked[i] for i in new)
+    spread = max(rest - own, 0) if fresh else 0
+    for i in new:
+        sizes[i] = spread * unpacked[i] // fresh if fresh else 0
+    return tuple(sizes), rest - sum(sizes[i] for i in new)

@@ -193,18 +193,11 @@ def size_cell(api: docker.APIClient, image_id: str) -> str:
 
 def store_bytes(engine: PrivateEngine, api: docker.APIClient) -> int:
     """The engine's own count of its image store's bytes: `/system/df`'s LayersSize on
-    Docker; on Podman, what its store records (each layer's diff size, each image's config,
-    manifests and signatures), which Podman 5 reports as LayersSize and Podman 4 does not
-    (it answers 0)."""
+    Docker (from 28.2 on the containerd store, its content blobs too); on Podman, what its
+    store records (each layer's diff size, each image's config, manifests and signatures),
+    which Podman 5 reports as LayersSize and Podman 4 does not (it answers 0)."""
     if not podman(api):
-        layers = int(api.df()["LayersSize"])
-        version = tuple(int(n) for n in re.findall(r"\d+", api.version()["Version"])[:2])
-        if version >= (28, 2):
-            # Docker 28.2 on: the containerd store's LayersSize counts the content store's
-            # blobs too, which the API gives no per-layer size of and gcd does not count
-            # (docs/engines.md): the unpacked layers are what is compared.
-            layers -= _content_bytes(engine, api)
-        return layers
+        return int(api.df()["LayersSize"])
     storage = Path(engine.root, "storage")
     layers = json.loads((storage / "overlay-layers/layers.json").read_text() or "[]")
     images = json.loads((storage / "overlay-images/images.json").read_text() or "[]")
@@ -213,27 +206,27 @@ def store_bytes(engine: PrivateEngine, api: docker.APIClient) -> int:
     )
 
 
-def _content_bytes(engine: PrivateEngine, api: docker.APIClient) -> int:
-    """What Docker 28.2's LayersSize adds for the content store: every blob an image's
-    manifest (or index) names, counted once, read from the store's files."""
-    (blobs,) = Path(engine.root).glob("**/io.containerd.content.v1.content/blobs/sha256")
-    seen: dict[str, int] = {}
-    todo = [{"digest": image["Id"]} for image in listed(api)]
-    while todo:
-        descriptor = todo.pop()
-        digest = descriptor["digest"]
-        path = blobs / digest.removeprefix("sha256:")
-        if digest in seen or not path.exists():
-            continue
-        seen[digest] = path.stat().st_size
-        kind = descriptor.get("mediaType", "manifest")  # an image ID: a manifest or index
-        if "manifest" not in kind and "index" not in kind:
-            continue  # a config or a layer
-        document = json.loads(path.read_bytes())
-        todo.extend(document.get("manifests", []))
-        todo.extend([document["config"]] if "config" in document else [])
-        todo.extend(document.get("layers", []))
-    return sum(seen.values())
+# How far gcd's bytes may be from the engine's count where gcd estimates how an image's
+# content blobs split (Docker 28.2 on, containerd store: docs/engines.md); exact elsewhere.
+# The suite's fixtures are the hard case: layers of 10-20 kB, where a tar's headers weigh.
+CONTENT_ESTIMATE = 0.15
+
+
+def counts_content(api: docker.APIClient) -> bool:
+    """Docker 28.2 (API 1.50) on, on the containerd store: LayersSize counts the content
+    store's blobs, whose split between images gcd estimates."""
+    if podman(api) or "containerd" not in str(api.info().get("DriverStatus")):
+        return False
+    version = api.version()["ApiVersion"]
+    return tuple(int(n) for n in version.split(".")) >= (1, 50)
+
+
+def same_bytes(api: docker.APIClient, by_gcd: float, by_engine: float) -> bool:
+    """gcd's bytes and the engine's own count of the same: equal, or within
+    CONTENT_ESTIMATE of it where gcd estimates the content blobs."""
+    if counts_content(api):
+        return abs(by_gcd - by_engine) <= CONTENT_ESTIMATE * by_engine
+    return by_gcd == by_engine
 
 
 _PODMAN: dict[str, bool] = {}

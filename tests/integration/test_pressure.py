@@ -28,7 +28,7 @@ from tests.images import (
     load,
     tarball,
 )
-from tests.integration.conftest import Gcd, ids_now, tags_now
+from tests.integration.conftest import Gcd, counts_content, ids_now, tags_now
 from tests.integration.test_daemon import Daemon, wait_for
 
 MB = 1_000_000
@@ -41,8 +41,11 @@ def test_pressure_frees_back_to_the_low_mark_oldest_first_never_the_protected(
         pytest.fail("needs root: a loop mount")
     with engine_on_a_small_filesystem() as engine:
         client = docker.APIClient(base_url=engine.url, version="auto", timeout=120)
+        # 12 MB on disk an image: where the engine counts a loaded layer twice (the content
+        # blob and the unpacked snapshot; Docker 28.2 on, containerd store), a 6 MB layer.
+        own = 12 * MB // (2 if counts_content(client) else 1)
         specs = [
-            Spec([f"app:{n}"], [busybox_layer(), Layer(f"app-{n}", 12 * MB)],
+            Spec([f"app:{n}"], [busybox_layer(), Layer(f"app-{n}", own)],
                  datetime(2026, 1, n, tzinfo=UTC))
             for n in range(1, 9)
         ]  # fmt: skip
@@ -86,10 +89,11 @@ def test_pressure_frees_back_to_the_low_mark_oldest_first_never_the_protected(
         after = measure(engine.root)
         # Back at the low mark, and not far past it: under 2 % of the filesystem. On the
         # containerd store a loaded layer is on disk twice (the content blob and the
-        # unpacked snapshot) and the prediction counts it once (docs/configuration.md).
+        # unpacked snapshot), and before Docker 28.2 the prediction counts it once, as the
+        # engine does (docs/engines.md).
         assert after.bytes_ratio <= low + 0.005, (after.bytes_ratio, low)
         planned = float(re.findall(r"planned ([\d.]+)MB", line)[0]) * MB
-        twice = 2 if engines.chosen().containerd_store else 1
+        twice = 2 if engines.chosen().containerd_store and not counts_content(client) else 1
         assert after.bytes_ratio >= low - 0.02 - (twice - 1) * planned / size, line
         left = tags_now(client)
         assert {"app:2", "tool:1", "app:8"} <= set(left)
@@ -218,10 +222,11 @@ def test_pressure_prunes_the_build_cache_least_recently_used_first_before_any_ke
             buildkit_build(client, f"bk:{n}", {"big": os.urandom(5 * MB)})
             client.remove_image(f"bk:{n}")
             time.sleep(1.5)  # pressure cuts the cache at whole seconds
+        own = 12 * MB // (2 if counts_content(client) else 1)  # 12 MB on disk an image
         load(
             client,
             [
-                Spec([f"app:{n}"], [Layer(f"app-{n}", 12 * MB)], datetime(2026, 1, n, tzinfo=UTC))
+                Spec([f"app:{n}"], [Layer(f"app-{n}", own)], datetime(2026, 1, n, tzinfo=UTC))
                 for n in range(1, 5)
             ],
         )

@@ -67,6 +67,98 @@ def test_the_containerd_stores_name_at_id_digests_are_not_references() -> None:
     assert engine._digests(raw, "podman") == ()
 
 
+def test_the_content_of_an_image_on_docker_28s_containerd_store() -> None:
+    # The inspect with ?manifests=1 of a loaded image on Docker 28.5 (shortened): its
+    # manifest (737 bytes) names a config (709 bytes as loaded) and three layer blobs.
+    raw = {
+        "Architecture": "amd64",
+        "Os": "linux",
+        "Created": "2026-03-01T00:00:00Z",
+        "Config": {"Cmd": ["/bin/busybox", "sleep", "3600"], "Labels": None, "Env": []},
+        "RootFS": {"Type": "layers", "Layers": ["sha256:" + c * 64 for c in "abc"]},
+        "Size": 2418086,
+        "Descriptor": {"mediaType": "application/vnd.docker.distribution.manifest.v2+json"},
+        "Manifests": [
+            {
+                "Descriptor": {"size": 737},
+                "Available": True,
+                "Size": {"Content": 2418086, "Total": 4830630},
+                "Kind": "image",
+            }
+        ],
+    }
+    history = [{"CreatedBy": step} for step in ("CMD 1", "layer own-1", "layer shared")]
+    content, own = engine._content(raw, history)
+    assert content == 2418086
+    assert 737 + 600 <= own <= 737 + 800  # the manifest, and about the config's 709
+    # An index: its own bytes count, and so does an attestation's content, all its own;
+    # a platform not pulled counts nothing.
+    index = {
+        **raw,
+        "Descriptor": {"mediaType": "application/vnd.oci.image.index.v1+json", "size": 900},
+        "Manifests": [
+            raw["Manifests"][0],  # type: ignore[index]
+            {"Available": True, "Size": {"Content": 1500}, "Kind": "attestation"},
+            {"Available": False, "Size": {"Content": 0}, "Kind": "image"},
+        ],
+    }
+    assert engine._content(index, history) == (2418086 + 1500 + 900, own + 1500 + 900)
+    # No manifests (an older answer): the image's size, and no guess.
+    assert engine._content({"Size": 5}, []) == (5, 0)
+
+
+def test_docker_28s_containerd_store_charges_packed_blobs_and_rereads_older_facts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image_id, layer = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    answers = {
+        "/version": {"ApiVersion": "1.51", "Version": "28.5.2", "Components": []},
+        "/info": {"DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]]},
+        "/images/json?all=1": [{"Id": image_id, "RepoTags": ["a:1"], "Size": 9000}],
+        "/containers/json?all=1": [],
+        f"/images/{image_id}/json?manifests=1": {
+            "Created": "2026-03-01T00:00:00Z",
+            "RootFS": {"Layers": [layer]},
+            "Manifests": [
+                {
+                    "Available": True,
+                    "Kind": "image",
+                    "Descriptor": {"size": 500},
+                    "Size": {"Content": 5000},
+                },
+            ],
+        },
+        f"/images/{image_id}/history": [{"Size": 4096, "CreatedBy": "COPY f /"}],
+    }
+    asked: list[str] = []
+
+    def json_of(path: str, method: str = "GET", versioned: bool = True) -> object:
+        asked.append(path)
+        return answers[path]
+
+    docker28 = DockerEngine("unix:///nonexistent.sock", 5)
+    monkeypatch.setattr(docker28, "_json", json_of)
+    # Facts a gcd cached before it counted blobs: the unpacked layer alone.
+    old = ImageFacts(("a:1",), (layer,), (4096,), None, engine._EPOCH)
+    snapshot, learned = docker28.snapshot({image_id: old})
+    assert f"/images/{image_id}/json?manifests=1" in asked  # read again
+    (image,) = snapshot.images
+    assert image.layers == (layer, f"{layer}/blob", f"{image_id}/own")
+    assert image.layer_sizes[0] == 4096 and sum(image.layer_sizes[1:]) == 5000
+    assert 500 < image.layer_sizes[2] < 1000  # the manifest and a guess at the config
+    # Facts with the blobs are kept: no inspect.
+    asked.clear()
+    docker28.snapshot(learned)
+    assert not any("/images/sha256" in path for path in asked)
+    # Before Docker 28.2 (API 1.50) the engine counts no blobs, and neither does gcd.
+    answers["/version"] = {"ApiVersion": "1.45", "Version": "26.1.5", "Components": []}
+    answers[f"/images/{image_id}/json"] = answers[f"/images/{image_id}/json?manifests=1"]
+    other = DockerEngine("unix:///nonexistent.sock", 5)
+    monkeypatch.setattr(other, "_json", json_of)
+    (image,) = other.snapshot({})[0].images
+    assert image.layers == (layer,) and image.layer_sizes == (4096,)
+
+
 def test_podman_events_read_as_dockers() -> None:
     bare = "a" * 64
     raw = {

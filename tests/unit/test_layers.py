@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gcd.layers import chain_ids, derived_sizes, history_sizes
+from gcd.layers import blob_keys, chain_ids, content_sizes, derived_sizes, history_sizes
 
 # `printf 'sha256:aaaa sha256:bbbb' | sha256sum`, then the same with that and sha256:cccc.
 AB = "sha256:2c4d8760379f05d0ad1ed610712309f0114e7345e6e6a351494cff030ffdf197"
@@ -53,3 +53,37 @@ def test_a_history_that_disagrees_with_the_image_gives_no_sizes() -> None:
     # something else: the history is taken as it is.
     assert history_sizes(2, history(4096, 8192), 5000, exact=False) == (4096, 8192)
     assert history_sizes(2, history(4096), 5000, exact=False) is None
+
+
+def test_an_images_content_is_spread_over_its_new_blobs_beside_its_own_bytes() -> None:
+    # A first image: 1,500 bytes of its own (manifest and config), the rest over its two
+    # blobs in proportion to their unpacked sizes.
+    blobs, own = content_sizes(("a/blob", "b/blob"), (3000, 1000), 5500, 1500, {})
+    assert (blobs, own) == ((3000, 1000), 1500)
+    # A blob another image sized keeps that size; the new one takes the rest but own.
+    blobs, own = content_sizes(("a/blob", "c/blob"), (3000, 500), 4200, 700, {"a/blob": 3000})
+    assert (blobs, own) == ((3000, 500), 700)
+    # Nothing new: all that is not a known blob is the image's own (a retag's new config).
+    assert content_sizes(("a/blob",), (3000,), 3900, 700, {"a/blob": 3000}) == ((3000,), 900)
+
+
+def test_no_size_is_negative_when_the_figures_disagree() -> None:
+    # Known blobs larger than the content (another image's estimate ran high): own is what
+    # is left, never below zero, and the new blob gets nothing.
+    assert content_sizes(("a/blob", "b/blob"), (10, 10), 50, 700, {"a/blob": 80}) == ((80, 0), 0)
+    # A guess of own bytes above the content: all of it is own.
+    assert content_sizes(("a/blob",), (4096,), 600, 700, {}) == ((0,), 600)
+    # New layers that are empty: no blob bytes to spread, all is own.
+    assert content_sizes(("a/blob",), (0,), 900, 700, {}) == ((0,), 900)
+
+
+def test_blobs_that_do_not_fit_an_images_content_are_other_blobs_of_the_same_layers() -> None:
+    # A layer loaded uncompressed (its blob 2 MB), then built compressed (1 MB): one chain
+    # ID, two blobs. The second image's content cannot hold the first's blob.
+    assert blob_keys(("a", "b"), 2_100_000, {}) == ("a/blob", "b/blob")
+    sized = {"a/blob": 2_000_000, "b/blob": 50_000}
+    assert blob_keys(("a", "b"), 2_100_000, sized) == ("a/blob", "b/blob")
+    assert blob_keys(("a", "c"), 1_100_000, sized) == ("a/blob.1", "c/blob.1")
+    sized |= {"a/blob.1": 1_000_000, "c/blob.1": 90_000}
+    assert blob_keys(("a", "c"), 1_100_000, sized) == ("a/blob.1", "c/blob.1")
+    assert blob_keys(("a",), 900_000, sized) == ("a/blob.2",)  # neither fits: a third
