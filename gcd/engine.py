@@ -317,25 +317,25 @@ class DockerEngine:
         stop: Callable[[], bool],
     ) -> tuple[dict[str, ImageFacts], dict[str, ImageFacts]]:
         """Inspect the images the cache lacks, a few at a time (the engine answers inspects
-        concurrently; one at a time leaves it idle between round trips). `sized` gains the
-        layer sizes learned, for the inspects that follow. Returns the facts learned and the
-        provisional ones (images whose layers are not unpacked: not to be cached)."""
+        concurrently; one at a time leaves it idle between round trips), then work out
+        their layers' sizes, images with fewer layers first: a base is sized before the
+        builds on it, so theirs are differences (no history) and a packed blob's share is
+        its own image's (`layers.content_sizes`), whatever order the inspects came back in.
+        `sized` gains the sizes learned. Returns the facts learned and the provisional ones
+        (images whose layers are not unpacked: not to be cached)."""
         if not ids:
             return {}, {}
+        learned: dict[str, ImageFacts] = {}
+        provisional: dict[str, ImageFacts] = {}  # one key per thread: safe across threads
 
-        def one(image_id: str) -> tuple[str, ImageFacts | None]:
+        def retried(read: Callable[[], T]) -> T | None:
             for attempt in range(LIST_ATTEMPTS):
                 if stop():
                     raise Stopped("stopped while reading the engine")
                 try:
-                    return image_id, self._inspect(
-                        image_id, tags_of[image_id], facts.get(image_id), sized
-                    )
-                except _Unpacked as e:
-                    provisional[image_id] = e.facts
-                    return image_id, None
+                    return read()
                 except NotFoundError:
-                    return image_id, None  # deleted between the list and the inspect
+                    return None  # deleted between the list and the inspect
                 except EngineUnavailable:
                     raise
                 except EngineError:
@@ -347,24 +347,52 @@ class DockerEngine:
                     time.sleep(LIST_RETRY_DELAY)
             raise AssertionError("unreachable")
 
+        def read(image_id: str) -> tuple[str, Any]:
+            return image_id, retried(lambda: self._read(image_id))
+
+        def size(item: tuple[str, Any]) -> tuple[str, ImageFacts | None]:
+            image_id, raw = item
+            try:
+                return image_id, retried(
+                    lambda: self._facts(
+                        image_id, raw, tags_of[image_id], facts.get(image_id), sized
+                    )
+                )
+            except _Unpacked as e:
+                provisional[image_id] = e.facts
+                return image_id, None
+
         self.api_version()  # negotiated once, before the threads start
-        learned: dict[str, ImageFacts] = {}
-        provisional: dict[str, ImageFacts] = {}  # one key per thread: safe across threads
         with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(ids))) as pool:
-            for image_id, found in pool.map(one, ids):
-                if found is not None:
-                    learned[image_id] = found
+            answers = [(i, raw) for i, raw in pool.map(read, ids) if raw is not None]
+            by_depth: dict[int, list[tuple[str, Any]]] = {}
+            for image_id, raw in answers:
+                depth = len((raw.get("RootFS") or {}).get("Layers") or ())
+                by_depth.setdefault(depth, []).append((image_id, raw))
+            for depth in sorted(by_depth):
+                for image_id, found in pool.map(size, by_depth[depth]):
+                    if found is not None:
+                        learned[image_id] = found
         return learned, provisional
 
-    def _inspect(
+    def _read(self, image_id: str) -> dict[str, Any]:
+        """An image's inspect, with its manifests where gcd counts packed blobs; only the
+        fields _facts reads are kept (a cold cycle holds all of them at once)."""
+        packed = self._counts_content()
+        raw = self._json(f"/images/{image_id}/json" + ("?manifests=1" if packed else ""))
+        if not isinstance(raw, dict):
+            raise EngineError(f"the Docker engine at {self.url} did not describe {image_id}")
+        return {k: raw[k] for k in (_PACKED_FIELDS if packed else _FIELDS) if k in raw}
+
+    def _facts(
         self,
         image_id: str,
+        raw: Mapping[str, Any],
         tags: tuple[str, ...],
         known: ImageFacts | None,
         sized: dict[str, int],
     ) -> ImageFacts:
         packed = self._counts_content()
-        raw = self._json(f"/images/{image_id}/json" + ("?manifests=1" if packed else ""))
         last_tag_time = _parse_time((raw.get("Metadata") or {}).get("LastTagTime"))
         if not tags and self._store_name == "containerd":
             # There it is when the engine made the untagged image's record (a load, or the
@@ -378,10 +406,14 @@ class DockerEngine:
             return ImageFacts(tags, known.layers, known.layer_sizes, last_tag_time, created)
         chain = layers.chain_ids(tuple((raw.get("RootFS") or {}).get("Layers") or ()))
         total = int(raw.get("Size") or 0)
-        # Only on the classic store is an image's size the sum of its layers' (so one
-        # unknown layer is the difference); elsewhere the history says (layers.history_sizes).
+        # An image's size is the sum of its layers' on the classic store, and so is its
+        # unpacked size on Docker's containerd store from 28.2 on (`?manifests=1`): one
+        # unknown layer is then the difference. Elsewhere the history says.
         classic = self._classic()
-        sizes = layers.derived_sizes(chain, total, sized) if classic else None
+        unpacked = _unpacked(raw) if packed else None
+        whole = total if classic else unpacked
+        sizes = None if whole is None else layers.derived_sizes(chain, whole, sized)
+        history = None
         if sizes is None:
             try:
                 history = self._json(f"/images/{image_id}/history")
@@ -399,14 +431,14 @@ class DockerEngine:
                 # Podman counts the image's own config and manifest in its size (and its
                 # /system/df): bytes no other image shares, freed with it.
                 chain, sizes = (*chain, f"{image_id}/own"), (*sizes, own)
-            elif packed:
-                # Docker 28.2 on counts the content store's blobs in /system/df too: a
-                # layer's packed blob goes when its unpacked layer does.
-                content, own_guess = _content(raw, history)
-                blobs = layers.blob_keys(chain, content, sized)
-                blob_sizes, own = layers.content_sizes(blobs, sizes, content, own_guess, sized)
-                chain = (*chain, *blobs, f"{image_id}/own")
-                sizes = (*sizes, *blob_sizes, own)
+        if packed:
+            # Docker 28.2 on counts the content store's blobs in /system/df too: a layer's
+            # packed blob goes when its unpacked layer does.
+            content, own_guess = _content(raw, history)
+            blobs = layers.blob_keys(chain, content, sized)
+            blob_sizes, own = layers.content_sizes(blobs, sizes, content, own_guess, sized)
+            chain = (*chain, *blobs, f"{image_id}/own")
+            sizes = (*sizes, *blob_sizes, own)
         sized.update(zip(chain, sizes, strict=True))  # one item at a time: safe across threads
         return ImageFacts(tags, chain, sizes, last_tag_time, created)
 
@@ -861,11 +893,26 @@ def _capped(version: str) -> str:
     return MAX_API_VERSION if _version_key(version) > _version_key(MAX_API_VERSION) else version
 
 
+def _unpacked(raw: Mapping[str, Any]) -> int | None:
+    """An image's unpacked size from `?manifests=1`, where it holds one platform's layers
+    (the sum of their snapshots' sizes, as the history tells them); None otherwise."""
+    images = [
+        m
+        for m in raw.get("Manifests") or ()
+        if isinstance(m, dict) and m.get("Available") and m.get("Kind") == "image"
+    ]
+    if len(images) != 1:
+        return None
+    size = ((images[0].get("ImageData") or {}).get("Size") or {}).get("Unpacked")
+    return size if isinstance(size, int) and size >= 0 else None
+
+
 def _content(raw: Mapping[str, Any], history: Any) -> tuple[int, int]:
     """An image's bytes in the content store (`?manifests=1`: every manifest's own content,
     and the index that names them), and a guess at the part no other image shares: the
     indexes, manifests and attestations (exact) and each config (about the size of its
-    JSON, rebuilt from the inspect and the history)."""
+    JSON, rebuilt from the inspect and the history, or a typical step a layer where the
+    history was not read)."""
     manifests = [m for m in raw.get("Manifests") or () if isinstance(m, dict)]
     available = [m for m in manifests if m.get("Available")]
     if not available:
@@ -873,17 +920,18 @@ def _content(raw: Mapping[str, Any], history: Any) -> tuple[int, int]:
     content = sum(int((m.get("Size") or {}).get("Content") or 0) for m in available)
     descriptor = raw.get("Descriptor") or {}
     index = int(descriptor.get("size") or 0) if "index" in str(descriptor.get("mediaType")) else 0
+    layers_of = (raw.get("RootFS") or {}).get("Layers") or []
     config = {
         "architecture": raw.get("Architecture"),
         "config": {k: v for k, v in (raw.get("Config") or {}).items() if v},
         "created": raw.get("Created"),
         "history": [
             {"created": _CREATED, "created_by": e.get("CreatedBy")}
-            for e in (history if isinstance(history, list) else ())
+            for e in (history if isinstance(history, list) else _STEPS * len(layers_of))
             if isinstance(e, dict)
         ],
         "os": raw.get("Os"),
-        "rootfs": {"type": "layers", "diff_ids": (raw.get("RootFS") or {}).get("Layers")},
+        "rootfs": {"type": "layers", "diff_ids": layers_of},
     }
     guess = len(json.dumps(config, separators=(",", ":")))
     own = index + sum(
@@ -895,8 +943,13 @@ def _content(raw: Mapping[str, Any], history: Any) -> tuple[int, int]:
     return content + index, own
 
 
+# What _facts reads of an inspect; and where packed blobs are counted, what _content does.
+_FIELDS = ("Created", "Metadata", "RootFS", "Size")
+_PACKED_FIELDS = (*_FIELDS, "Architecture", "Config", "Descriptor", "Manifests", "Os")
 # A history entry's time as a config writes it (RFC 3339): its length is what counts.
 _CREATED = "2026-01-01T00:00:00.000000000Z"
+# A history entry per layer where the history was not read: a build step of typical length.
+_STEPS = [{"CreatedBy": "/bin/sh -c #(nop) COPY file:0123456789abcdef0123456789abcd in / "}]
 
 
 def _kind(version: Any) -> str:

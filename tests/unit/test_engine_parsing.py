@@ -146,6 +146,16 @@ def test_docker_28s_containerd_store_charges_packed_blobs_and_rereads_older_fact
     assert image.layers == (layer, f"{layer}/blob", f"{image_id}/own")
     assert image.layer_sizes[0] == 4096 and sum(image.layer_sizes[1:]) == 5000
     assert 500 < image.layer_sizes[2] < 1000  # the manifest and a guess at the config
+    # Its one platform's unpacked size is the sum of its layers': one unknown layer is the
+    # difference, and no history is read.
+    manifest = answers[f"/images/{image_id}/json?manifests=1"]["Manifests"][0]  # type: ignore[index]
+    manifest["ImageData"] = {"Size": {"Unpacked": 4096}}
+    asked.clear()
+    (again,) = docker28.snapshot({})[0].images
+    assert f"/images/{image_id}/history" not in asked
+    assert again.layers == image.layers and again.layer_sizes[0] == 4096
+    assert sum(again.layer_sizes[1:]) == 5000
+    assert abs(again.layer_sizes[2] - image.layer_sizes[2]) < 100  # a guessed history
     # Facts with the blobs are kept: no inspect.
     asked.clear()
     docker28.snapshot(learned)
@@ -205,23 +215,60 @@ def test_a_first_sight_inspect_the_engine_fails_is_asked_again(
     # "consistency error: data changed during operation, retry", and the whole cycle failed.
     engine = DockerEngine("unix:///nonexistent.sock", 5)
     answers: list[object] = [EngineError("consistency error: data changed during operation, retry")]
-    facts = ImageFacts(("a:1",), (), (), None)
+    raw = {
+        "Created": "2026-03-01T00:00:00Z",
+        "RootFS": {"Layers": ["sha256:" + "a" * 64]},
+        "Size": 5,
+    }
 
-    def inspect(*_: object) -> ImageFacts:
+    def read(*_: object) -> object:
         if answers:
             raise answers.pop()  # type: ignore[misc]
-        return facts
+        return raw
 
-    monkeypatch.setattr(engine, "_inspect", inspect)
+    monkeypatch.setattr(engine, "_read", read)
     monkeypatch.setattr(engine, "api_version", lambda: "1.41")
+    monkeypatch.setattr(engine, "_store", lambda: "overlay2")
     monkeypatch.setattr("gcd.engine.LIST_RETRY_DELAY", 0)
-    assert engine._inspect_all(["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False) == (
-        {"sha256:a": facts},
-        {},
+    learned, provisional = engine._inspect_all(
+        ["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False
     )
+    assert list(learned) == ["sha256:a"] and provisional == {}
     answers[:] = [EngineError("boom")] * 5  # it gives up in the end
     with pytest.raises(EngineError, match="boom"):
         engine._inspect_all(["sha256:a"], {"sha256:a": ("a:1",)}, {}, {}, lambda: False)
+
+
+def test_first_sight_images_are_sized_base_first_whatever_order_the_inspects_end_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A legacy build's three images come back child first. Sized base first, each adds one
+    # layer of unknown size: the difference of its size, no history (classic store).
+    engine = DockerEngine("unix:///nonexistent.sock", 5)
+    a, b, c = ("sha256:" + x * 64 for x in "abc")
+    raws = {
+        "sha256:3": {
+            "Created": "2026-03-01T00:00:00Z",
+            "RootFS": {"Layers": [a, b, c]},
+            "Size": 600,
+        },
+        "sha256:2": {"Created": "2026-03-01T00:00:00Z", "RootFS": {"Layers": [a, b]}, "Size": 300},
+        "sha256:1": {"Created": "2026-03-01T00:00:00Z", "RootFS": {"Layers": [a]}, "Size": 100},
+    }
+    asked: list[str] = []
+
+    def json_of(path: str, method: str = "GET", versioned: bool = True) -> object:
+        asked.append(path)
+        return raws[path.split("/")[2]]
+
+    monkeypatch.setattr(engine, "_json", json_of)
+    monkeypatch.setattr(engine, "api_version", lambda: "1.41")
+    monkeypatch.setattr(engine, "_store", lambda: "overlay2")
+    tags = {i: () for i in raws}
+    learned, _ = engine._inspect_all(list(raws), tags, {}, {}, lambda: False)
+    assert not [path for path in asked if path.endswith("/history")]
+    assert learned["sha256:3"].layer_sizes == (100, 200, 300)
+    assert learned["sha256:2"].layer_sizes == (100, 200)
 
 
 @pytest.mark.parametrize(
