@@ -227,7 +227,7 @@ class DockerEngine:
         ]
         unknown_set = set(unknown)
         # Layer sizes by chain ID, from every image already read that is still there: an
-        # image with at most one layer of unknown size needs no history (see _inspect).
+        # image with at most one layer of unknown size needs no history (see _facts).
         sized = {
             layer: size
             for image_id, known in facts.items()
