@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -155,6 +156,26 @@ def _accounted(engine: Engine) -> int | None:
         return None
 
 
+def _meanwhile(read: Callable[[], int | None]) -> Callable[[], int | None]:
+    """`read` begun now on a thread of its own, and a call that waits for its answer.
+
+    The engine's byte count before a cycle's removals is read as its snapshot is taken,
+    not after: on the containerd store it takes a second for a few hundred images, and
+    the snapshot longer. A daemon thread: a cycle stopped before it asks never waits for
+    it (nor does the process, at exit)."""
+    answer: list[int | None] = []
+    thread = threading.Thread(
+        target=lambda: answer.append(read()), name="gcd-accounted", daemon=True
+    )
+    thread.start()
+
+    def result() -> int | None:
+        thread.join()
+        return answer[0] if answer else None
+
+    return result
+
+
 def _say_once(why: str) -> None:
     if why not in _UNMEASURED:
         _UNMEASURED.add(why)
@@ -171,9 +192,10 @@ def run(
 ) -> Report:
     """A whole cycle under the state lock: prepare, then carry the plan out."""
     with store.lock(lock_wait, stop):
+        accounted_before = _meanwhile(lambda: _accounted(engine))
         plan = prepare(config, engine, store, now, stop)
         regrets = store.regrets(plan.snapshot, config.regret_window, now)
-        before = _accounted(engine) if plan.removals() else None
+        before = accounted_before() if plan.removals() else None
         report = executor.execute(plan, engine, now, stop)
         if before is not None:
             report = dataclasses.replace(

@@ -105,9 +105,13 @@ class Engine(Protocol):
         """Remove a stopped container, never forced and never its volumes (ConflictError on
         409, NotFoundError on 404)."""
 
-    def recheck(self, image_id: str) -> Recheck | None:
+    def recheck(self, image_id: str, since: int | None = None) -> Recheck | None:
         """The image as a read begun after this call shows it (see Recheck), or None if it
-        is gone: an inspect on dockerd's classic store, an image list elsewhere."""
+        is gone: an inspect on dockerd's classic store, an image list elsewhere. With
+        `since` (time.monotonic_ns()), a shared list under way at the call that began at
+        or after it serves too: it is as fresh as the DELETE that follows needs (the read
+        to DELETE window is one list long either way), for a caller whose own earlier
+        requests, if any, all ended before `since`."""
 
     def removal_workers(self) -> int:
         """How many removals suit this engine at once (docs/performance.md)."""
@@ -498,13 +502,14 @@ class DockerEngine:
     def loses_tags_amid_delete(self) -> bool:
         return self._kind != "podman" and self._store() == "containerd"
 
-    def recheck(self, image_id: str) -> Recheck | None:
+    def recheck(self, image_id: str, since: int | None = None) -> Recheck | None:
         if self._classic():
+            sent = time.time_ns()
             now = self.current(image_id)  # dockerd answers 409 itself, and never prunes
-            return None if now is None else Recheck(*now)
+            return None if now is None else Recheck(*now, read_ns=sent)
         # One list, shared by the removals that wait for it (Fresh), serves as the re-read:
         # it shows the image's references, its children and its untagged parents at once.
-        raw_images = self._fresh_list.get()
+        raw_images, began = self._fresh_list.read(since)
         raw = next((r for r in raw_images if _full_id(r.get("Id")) == image_id), None)
         if raw is None:
             return None
@@ -527,6 +532,7 @@ class DockerEngine:
             _digests(raw, self._names_only()),
             tuple(sorted(children.get(image_id, ()))),
             tuple(pruned),
+            began,
         )
 
     def stopped(self, container_ids: Sequence[str]) -> dict[str, ContainerState]:
@@ -552,10 +558,11 @@ class DockerEngine:
             return {i: s for i, s in pool.map(one, container_ids) if s is not None}
 
     def accounted(self) -> int | None:
+        version = self.api_version()  # first: it tells Podman 4, even on a thread of its own
         if self._podman4:
             return None  # its /system/df says 0 whatever it holds
         # `type` (API 1.42) spares the engine sizing every container and volume.
-        only_images = _version_key(self.api_version()) >= (1, 42)
+        only_images = _version_key(version) >= (1, 42)
         raw = self._json("/system/df?type=image" if only_images else "/system/df")
         value = raw.get("LayersSize") if isinstance(raw, dict) else None
         return value if isinstance(value, int) and value >= 0 else None
@@ -741,28 +748,42 @@ class Fresh(Generic[T]):
     (joining the next one when one is already under way). So eight removal workers that each
     need the whole image list right now make one or two lists, not eight at once: on the
     containerd store a list of a few hundred images takes seconds, and concurrent ones slow
-    each other down."""
+    each other down.
+
+    A caller that gives `since` (time.monotonic_ns()) also takes the read under way when
+    it began at or after then: the first removals of a run, which follow no request of
+    their own, then share the list the first of them started instead of waiting for it to
+    end and a second to be read."""
 
     def __init__(self, read: Callable[[], T]) -> None:
         self._read = read
         self._changed = threading.Condition()
         self._started = 0  # reads begun
         self._running = False
+        self._running_since = 0  # when the read under way began (time.monotonic_ns())
         self._finished = 0  # the number of the last read that ended
-        self._outcome: tuple[T | None, BaseException | None] = (None, None)
+        # The last read's answer or error, and when it began (time.time_ns()).
+        self._outcome: tuple[T | None, BaseException | None, int] = (None, None, 0)
 
     def get(self) -> T:
+        return self.read()[0]
+
+    def read(self, since: int | None = None) -> tuple[T, int]:
+        """The answer, and when the read that gave it began (time.time_ns())."""
         with self._changed:
-            needed = self._started + 1  # the first read to begin after this call
+            under_way = self._running and since is not None and self._running_since >= since
+            needed = self._started if under_way else self._started + 1
             while self._finished < needed:
                 if not self._running:
                     self._running = True
                     self._started += 1
+                    self._running_since = time.monotonic_ns()
                     mine = self._started
                     break
                 self._changed.wait()
             else:
                 return self._result()
+        began = time.time_ns()
         value: T | None = None
         error: BaseException | None = None
         try:
@@ -772,15 +793,15 @@ class Fresh(Generic[T]):
         with self._changed:
             self._running = False
             self._finished = mine
-            self._outcome = (value, error)
+            self._outcome = (value, error, began)
             self._changed.notify_all()
             return self._result()
 
-    def _result(self) -> T:
-        value, error = self._outcome
+    def _result(self) -> tuple[T, int]:
+        value, error, began = self._outcome
         if error is not None:
             raise error
-        return value  # type: ignore[return-value]
+        return value, began  # type: ignore[return-value]
 
 
 def _quoted(ref: str) -> str:

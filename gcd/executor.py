@@ -135,14 +135,19 @@ def execute(
     outcomes: dict[str, Outcome] = {}
 
     order = _Order(plan)
+    # The first actions follow no request of their own: their re-checks may share a list
+    # begun from now on. A parent's follows its children's removals, so it reads anew.
+    begun = time.monotonic_ns()
 
     def run_from(d: Decision | None) -> None:
+        since: int | None = begun
         while d is not None:
-            outcome = _Action(run, d).carry_out()
+            outcome = _Action(run, d, since).carry_out()
             _log(d, outcome)
             with run.lock:
                 outcomes[d.image_id] = outcome
                 d = order.ended(d.image_id)
+            since = None
 
     if workers is None:
         workers = engine.removal_workers()
@@ -308,9 +313,10 @@ def _by_name(tags: Sequence[str], digests: Sequence[str]) -> tuple[list[str], li
 class _Action:
     """One planned action on one image: its requests, and what they did."""
 
-    def __init__(self, run: _Run, d: Decision) -> None:
+    def __init__(self, run: _Run, d: Decision, since: int | None = None) -> None:
         self.run = run
         self.d = d
+        self.since = since  # for the first re-check (Engine.recheck)
         self.engine = run.engine
         self.untagged: list[str] = []
         self.restored: list[str] = []
@@ -389,9 +395,10 @@ class _Action:
                 )
         self.run.check()
         checked = time.time_ns()
-        now = engine.recheck(d.image_id)
+        now = engine.recheck(d.image_id, self.since)
         if now is None:
             return self._gone()
+        checked = min(checked, now.read_ns or checked)
         changed = self._tag_changed(now.tags)
         if changed is not None:
             return changed
@@ -412,6 +419,7 @@ class _Action:
             now = engine.recheck(d.image_id)
             if now is None:
                 return self._outcome("skipped", "already gone", "gone")
+            checked = min(checked, now.read_ns or checked)
             still = set(self.untagged) & set(now.tags)
             if still:
                 # Answered `Untagged`, yet on the image (made again meanwhile, or an untag

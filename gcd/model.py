@@ -516,6 +516,9 @@ class Recheck(NamedTuple):
     children: tuple[str, ...] = ()
     # Untagged parents the engine would delete along with it although asked not to.
     pruned: tuple[str, ...] = ()
+    # When the read began (nanoseconds, this host's clock): a shared list may have begun
+    # before the re-check asked for it (see Engine.recheck's `since`). 0: when asked.
+    read_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,10 +47,13 @@ class Timed(DockerEngine):
         self.read: dict[str, tuple[int, int]] = {}
         self.windows: dict[str, list[tuple[float, float]]] = {"by ID": [], "by name": []}
 
-    def recheck(self, image_id: str) -> Recheck | None:
-        sent = time.time_ns()  # on a listing store, the list may have begun a little later
-        answer = super().recheck(image_id)
-        self.read[image_id] = (sent, time.time_ns())
+    def recheck(self, image_id: str, since: int | None = None) -> Recheck | None:
+        sent = time.time_ns()
+        answer = super().recheck(image_id, since)
+        # On a listing store the list may have begun a little later, or earlier (a shared
+        # one under way at the call): from when it began.
+        began = answer.read_ns if answer is not None and answer.read_ns else sent
+        self.read[image_id] = (began, time.time_ns())
         return answer
 
     def target(self, ref: str) -> str | None:

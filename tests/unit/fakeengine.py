@@ -82,6 +82,10 @@ class FakeEngine:
         # (of any image's, if it is empty).
         self.lagging_reads = 0
         self.lagging_images: set[str] = set()
+        # Each re-check's image and `since`; and, where a re-check may share a list under
+        # way (`since` given), when that list began (its answer's read_ns).
+        self.rechecks: list[tuple[str, int | None]] = []
+        self.shared_list_began: int | None = None
         self._lock = threading.RLock()
         self._last_ns = 0
 
@@ -228,7 +232,8 @@ class FakeEngine:
     def loses_tags_amid_delete(self) -> bool:
         return self.loses_amid_tags
 
-    def recheck(self, image_id: str) -> Recheck | None:
+    def recheck(self, image_id: str, since: int | None = None) -> Recheck | None:
+        self.rechecks.append((image_id, since))
         if self.guards_children:
             now = self.current(image_id)
             return None if now is None else Recheck(*now)
@@ -242,6 +247,7 @@ class FakeEngine:
                 tuple(sorted(r for r in img.refs if "@" in r)),
                 tuple(sorted(self._children(image_id))),
                 tuple(self._dangling_parents(image_id) if self.prunes_parents else ()),
+                self.shared_list_began or 0 if since is not None else 0,
             )
 
     def target(self, ref: str) -> str | None:

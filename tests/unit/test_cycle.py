@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,3 +74,33 @@ def test_planning_pauses_the_cyclic_collector_and_gives_it_back_as_it_found_it()
         finally:
             gc.enable()
     assert seen == [False, False]
+
+
+def test_the_engines_byte_count_before_removals_is_read_as_the_snapshot_is_taken(
+    tmp_path: Path,
+) -> None:
+    # On the containerd store /system/df takes a second for a few hundred images: read
+    # after the plan, it held every removal back by that long.
+    fake = engine()
+    asked = threading.Event()
+    counts = iter((9_000_000, 6_000_000))
+    during: list[bool] = []
+
+    def accounted() -> int | None:
+        asked.set()
+        return next(counts)
+
+    real = fake.snapshot
+
+    def snapshot(*args: Any) -> Any:
+        during.append(asked.wait(5))  # the count is asked for while the snapshot is taken
+        return real(*args)
+
+    fake.accounted = accounted  # type: ignore[method-assign]
+    fake.snapshot = snapshot  # type: ignore[method-assign,assignment]
+    store = Store(str(tmp_path))
+    report = cycle.run(cfg(OLD + KEEP_ONE), fake, store, NOW)
+    store.close()
+    assert during == [True]
+    assert sorted(report.removed()) == [iid("app1"), iid("app2")]
+    assert (report.accounted_before, report.accounted_after) == (9_000_000, 6_000_000)

@@ -6,6 +6,7 @@ here each one is forced deterministically, including the windows a real engine r
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -184,6 +185,51 @@ def test_events_are_read_after_a_delete_by_id_only_where_the_engine_loses_tags()
         report = execute(engine, plan_of(engine))
         assert report.outcome(OLD).status == "done" and report.unplanned() == ()
         assert (("GET", "events") in engine.requests) is loses
+
+
+def test_a_tag_made_after_a_shared_list_began_is_found_in_the_events() -> None:
+    # Docker 28's containerd store: the first removals share the image list under way when
+    # they ask, which began before their call. A promotion tagged the image after the list
+    # began (the list does not show it) and the engine deleted it with that tag: the events
+    # are read from when the list began, not from the call.
+    engine = world("app:1")
+    engine.guards_children = False
+    engine.loses_amid_tags = True
+    plan = plan_of(engine, POLICY + "protect: [{tag: stable}]\n")
+    began = engine.shared_list_began = engine._now()
+    time.sleep(0.02)  # the list under way: longer ago than the events' slack (2 ms)
+
+    def promoted(image_id: str) -> None:
+        engine.tag(image_id, "app:stable")
+        late = engine.log.pop()  # made after the list began, before the re-check asked
+        engine.log.append(dataclasses.replace(late, time_ns=began + 1))
+
+    engine.amid_delete = promoted
+    report = execute(engine, plan)
+    assert report.unplanned() == (OLD,)
+    assert report.outcome(OLD).error == (
+        "it was tagged app:stable during its removal, and the engine deleted it with that tag"
+    )
+
+
+def test_only_the_first_removals_may_share_a_list_begun_before_they_asked() -> None:
+    # The first re-check of an action that follows no request of gcd's own gives `since`; a
+    # parent's follows its children's removals and an image's second follows its own untags,
+    # so each of those reads anew.
+    engine = FakeEngine(guards_children=False)
+    base, leaf, multi = iid("base"), iid("leaf"), iid("multi")
+    engine.add(base)
+    engine.add(leaf, "app:1", parent=base)
+    engine.add(multi, "app:2", "app:3")
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine)
+    assert {d.image_id for d in plan.removals()} == {base, leaf, multi}
+    report = executor.execute(plan, engine, NOW, workers=8)
+    assert sorted(report.removed()) == sorted([base, leaf, multi])
+    given: dict[str, list[bool]] = {}
+    for image_id, since in engine.rechecks:
+        given.setdefault(image_id, []).append(since is not None)
+    assert given == {leaf: [True], multi: [True, False], base: [False]}
 
 
 def test_a_tag_gcd_took_by_name_and_made_again_mid_delete_is_reported_kept() -> None:

@@ -120,6 +120,58 @@ def test_a_shared_read_is_never_older_than_its_caller() -> None:
     assert started == [1, 2]  # three callers, two reads
 
 
+def test_a_read_under_way_serves_callers_whose_since_it_began_after() -> None:
+    """The first removals of a run give `since`: a read begun after it and under way when
+    they ask serves them, and says when it began; one begun before it never does, nor a
+    read that had ended when they asked."""
+    gate = [threading.Event(), threading.Event(), threading.Event()]
+    started: list[int] = []
+
+    def read() -> int:
+        started.append(len(started) + 1)
+        gate[len(started) - 1].wait(5)
+        return len(started)
+
+    fresh = Fresh(read)
+    results: dict[str, tuple[int, int]] = {}
+
+    def ask(name: str, since: int | None) -> None:
+        results[name] = fresh.read(since)
+
+    def wait_for(n: int) -> None:
+        while len(started) < n:
+            time.sleep(0.001)
+
+    early = time.monotonic_ns()
+    before = time.time_ns()
+    first = threading.Thread(target=ask, args=("first", None))
+    first.start()
+    wait_for(1)
+    late = time.monotonic_ns()  # after read 1 began
+    joining = threading.Thread(target=ask, args=("joining", early))
+    too_late = threading.Thread(target=ask, args=("too late", late))
+    for thread in (joining, too_late):
+        thread.start()
+    time.sleep(0.05)
+    gate[0].set()
+    first.join(5)
+    joining.join(5)
+    assert results["joining"] == results["first"]
+    assert results["first"][0] == 1 and results["first"][1] >= before
+    wait_for(2)  # "too late" asked for a read begun after read 1 did
+    gate[1].set()
+    too_late.join(5)
+    assert results["too late"][0] == 2
+    # Read 2 has ended: a caller with `since` now starts read 3 rather than take it.
+    after_all = threading.Thread(target=ask, args=("after", early))
+    after_all.start()
+    wait_for(3)
+    gate[2].set()
+    after_all.join(5)
+    assert results["after"][0] == 3
+    assert started == [1, 2, 3]
+
+
 def test_a_shared_read_that_failed_fails_every_caller_that_shared_it() -> None:
     def read() -> int:
         raise EngineError("the list failed")
