@@ -83,10 +83,10 @@ def test_an_ssh_address_without_paramiko_says_what_to_do() -> None:
     assert str(caught.value) == f"cannot reach the Docker engine at ssh://ci@build-host: {SSH_HELP}"
 
 
-def test_a_shared_read_is_never_older_than_its_caller() -> None:
-    """Three workers need the image list; the second and third ask while the first's read
-    is under way: they share the next read, never the one that began before they asked."""
-    gate = [threading.Event(), threading.Event()]
+def gated_reads(n: int) -> tuple[Fresh[int], list[threading.Event], list[int]]:
+    """A Fresh whose k-th read (answering k) ends when gate[k - 1] is set; `started` lists
+    the reads begun."""
+    gate = [threading.Event() for _ in range(n)]
     started: list[int] = []
 
     def read() -> int:
@@ -94,7 +94,13 @@ def test_a_shared_read_is_never_older_than_its_caller() -> None:
         gate[len(started) - 1].wait(5)
         return len(started)
 
-    fresh = Fresh(read)
+    return Fresh(read), gate, started
+
+
+def test_a_shared_read_is_never_older_than_its_caller() -> None:
+    """Three workers need the image list; the second and third ask while the first's read
+    is under way: they share the next read, never the one that began before they asked."""
+    fresh, gate, started = gated_reads(2)
     results: dict[str, int] = {}
 
     def ask(name: str) -> None:
@@ -124,15 +130,7 @@ def test_a_read_under_way_serves_callers_whose_since_it_began_after() -> None:
     """The first removals of a run give `since`: a read begun after it and under way when
     they ask serves them, and says when it began; one begun before it never does, nor a
     read that had ended when they asked."""
-    gate = [threading.Event(), threading.Event(), threading.Event()]
-    started: list[int] = []
-
-    def read() -> int:
-        started.append(len(started) + 1)
-        gate[len(started) - 1].wait(5)
-        return len(started)
-
-    fresh = Fresh(read)
+    fresh, gate, started = gated_reads(3)
     results: dict[str, tuple[int, int]] = {}
 
     def ask(name: str, since: int | None) -> None:
