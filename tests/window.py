@@ -31,7 +31,7 @@ from tests.images import Layer, Spec, load
 
 POLICY = r"""
 version: 1
-safety: {max_removal_fraction: 1.0, keep_one_per_repository: false, max_removals_per_run: 100000}
+safety: {min_age: 0s, max_removal_fraction: 1.0, keep_one_per_repository: false, max_removals_per_run: 100000}
 rules:
   - {name: all, match: {tag: '(?P<n>\d+)'}, order_by: numeric(n), keep_last: 1}
 """
@@ -95,6 +95,9 @@ def main() -> int:
             f"{len(report.removed())} images removed on Docker {report.plan.snapshot.engine.server_version}"
         )
         for kind, pairs in timed.windows.items():
+            if not pairs:
+                print(f"window {kind}: no delete measured")
+                continue
             lows, highs = sorted(p[0] for p in pairs), sorted(p[1] for p in pairs)
             p99 = min(len(pairs) - 1, int(len(pairs) * 0.99))
             print(
