@@ -192,6 +192,9 @@ def run(
 ) -> Report:
     """A whole cycle under the state lock: prepare, then carry the plan out."""
     with store.lock(lock_wait, stop):
+        # Asked on this thread first (API version and store), so that a broken engine fails
+        # the cycle here, as the snapshot would, and the count's thread never asks first.
+        engine.data_root()
         accounted_before = _meanwhile(lambda: _accounted(engine))
         plan = prepare(config, engine, store, now, stop)
         regrets = store.regrets(plan.snapshot, config.regret_window, now)

@@ -310,3 +310,17 @@ def test_an_image_tagged_or_loaded_is_an_arrival() -> None:
         + b'"},"timeNano":6}'
     )
     assert followed(podman) == ImageEvent(6, "load", "sha256:" + "c" * 64, "")
+
+
+@pytest.mark.parametrize(
+    ("kind", "store", "reads_events"),
+    [("docker", "overlay2", True), ("docker", "containerd", True), ("podman", "overlay", False)],
+)
+def test_every_dockerd_store_has_its_events_read_after_a_delete_by_id(
+    kind: str, store: str, reads_events: bool
+) -> None:
+    # Docker 20.10's classic store too: it untagged app:3, took app:stable made meanwhile
+    # and deleted the image, answering `Untagged: app:3` (CI's race suite, seed 2414158).
+    docker = DockerEngine("unix:///nonexistent.sock", 5)
+    docker._kind, docker._store_name = kind, store
+    assert docker.loses_tags_amid_delete() is reads_events
