@@ -38,9 +38,14 @@ class EngineError(GcdError):
 
 
 class EngineUnavailable(EngineError):
-    """The engine cannot be reached or did not answer in time (exit 3)."""
+    """The engine cannot be reached or did not answer in time (exit 3). `sent`: the request
+    reached the engine before its answer failed, so the engine may still carry it out."""
 
     exit_code = 3
+
+    def __init__(self, message: str, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class ConflictError(EngineError):

@@ -608,6 +608,16 @@ class _Action:
             return None
         except ConflictError as e:
             raise _Refused(f"engine refused: {e}") from None
+        except EngineUnavailable as e:
+            if not e.sent:
+                raise
+            # A slow engine carries out a DELETE it got after gcd stopped waiting: the
+            # report cannot say "not removed", nor what went with it (the next cycle sees).
+            what = short_id(ref) if ref == self.d.image_id else ref
+            raise EngineUnavailable(
+                f"{e}; the engine got the DELETE of {what} and may carry it out all the same",
+                sent=True,
+            ) from None
         with self.run.lock:
             for deleted in deletion.deleted:
                 self.run.deleted.setdefault(deleted, self.d.image_id)

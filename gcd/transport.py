@@ -217,8 +217,10 @@ class HttpTransport:
         and by the second the name could be another image's."""
         for attempt in (1, 2):
             conn, reused = self._connection()
+            sent = False
             try:
                 conn.request(method, path, headers={"Host": "docker"})
+                sent = True
                 response = conn.getresponse()
                 body = response.read()
                 break
@@ -227,7 +229,9 @@ class HttpTransport:
                 if method == "GET" and reused and attempt == 1 and not isinstance(e, TimeoutError):
                     continue
                 raise EngineUnavailable(
-                    f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}"
+                    f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}",
+                    # Sent, then no answer (in time): the engine may carry it out all the same.
+                    sent=sent,
                 ) from None
         return answer(self.url, response.status, body)
 
@@ -305,7 +309,8 @@ class SessionTransport:
         except (requests.RequestException, OSError, paramiko.SSHException) as e:
             self.forget()
             raise EngineUnavailable(
-                f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}"
+                f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}",
+                sent=isinstance(e, requests.ReadTimeout),
             ) from None
         return answer(self.url, response.status_code, response.content)
 

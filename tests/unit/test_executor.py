@@ -16,7 +16,7 @@ import pytest
 from gcd import executor, policy
 from gcd.errors import EngineError, EngineUnavailable, NotFoundError
 from gcd.metrics import Metrics
-from gcd.model import Deletion, Plan, Report
+from gcd.model import Deletion, Plan, Report, short_id
 from tests.unit.fakeengine import FakeEngine
 from tests.unit.snapshots import NOW, cfg, iid, state
 
@@ -580,6 +580,22 @@ def test_an_engine_lost_mid_run_stops_the_cycle() -> None:
     after = [i for i in (iid(f"i{n}") for n in range(1, 5)) if i not in sent]
     assert after and all(report.outcome(i).code == "engine_down" for i in after)
     assert all(report.outcome(i).status == "done" for i in sent[:-1])
+
+
+@pytest.mark.parametrize("sent", [True, False], ids=["got", "never-left-gcd"])
+def test_a_delete_the_engine_got_but_never_answered_may_still_be_carried_out(sent: bool) -> None:
+    # Docker 26's containerd store, busy, answered none of 256 DELETEs within a 3s timeout
+    # (CI, 2026-12-06), then deleted the images: "failed" alone would say they stayed.
+    engine = world("app:1")
+    lost = "cannot reach the Docker engine at u: no answer within 3s (engine.timeout)"
+    engine.fail[("DELETE", OLD)] = EngineUnavailable(lost, sent=sent)
+    outcome = execute(engine, plan_of(engine)).outcome(OLD)
+    assert (outcome.status, outcome.code) == ("failed", "engine_down")
+    assert outcome.error == (
+        f"{lost}; the engine got the DELETE of {short_id(OLD)} and may carry it out all the same"
+        if sent
+        else lost
+    )
 
 
 @pytest.mark.parametrize("allowed", [1, 2, 5, 40])

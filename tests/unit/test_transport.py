@@ -8,12 +8,13 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from gcd.engine import DockerEngine, Fresh
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
-from gcd.transport import SSH_HELP, answer, reason
+from gcd.transport import SSH_HELP, HttpTransport, answer, reason
 
 
 class _Wrapper(Exception):
@@ -177,3 +178,32 @@ def test_a_shared_read_that_failed_fails_every_caller_that_shared_it() -> None:
     fresh = Fresh(read)
     with pytest.raises(EngineError, match="the list failed"):
         fresh.get()
+
+
+def test_a_request_the_engine_got_but_never_answered_is_marked_sent(tmp_path: Path) -> None:
+    # A DELETE that reached a slow engine may be carried out after gcd stops waiting; one
+    # that never left gcd cannot be. The executor words its report on that difference.
+    path = tmp_path / "engine.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
+    transport = HttpTransport(f"unix://{path}", 0.3)
+    try:
+        with pytest.raises(EngineUnavailable) as caught:
+            transport.request("DELETE", "/v1.41/images/sha256:ab?force=0&noprune=1")
+        assert str(caught.value) == (
+            f"cannot reach the Docker engine at unix://{path}: no answer within 0.3s "
+            "(engine.timeout)"
+        )
+        assert caught.value.sent
+        assert held and held[0].recv(64).startswith(b"DELETE /v1.41/images/sha256:ab")
+    finally:
+        transport.close()
+        for s in (*held, server):
+            s.close()
+    path.unlink()
+    with pytest.raises(EngineUnavailable) as caught:
+        HttpTransport(f"unix://{path}", 0.3).request("DELETE", "/v1.41/images/sha256:ab")
+    assert not caught.value.sent
