@@ -78,6 +78,7 @@ class _Unpacked(Exception):
 class Engine(Protocol):
     url: str
     calls: int
+    timeout: float  # seconds each request may take (engine.timeout)
 
     def snapshot(
         self, facts: Mapping[str, ImageFacts], stop: Callable[[], bool] = ...
@@ -130,6 +131,10 @@ class Engine(Protocol):
 
     def tag(self, image_id: str, ref: str) -> None:
         """Put the tag `ref` on an image (moving it if it names another)."""
+
+    def alive(self) -> bool:
+        """Whether the engine answers a ping within engine.timeout: after a request it got
+        and did not answer in time, busy (True) or lost (False)."""
 
     def build_cache(self) -> tuple[BuildCacheEntry, ...] | None:
         """BuildKit's cache entries, or None where the engine keeps no such cache (Podman)."""
@@ -498,6 +503,15 @@ class DockerEngine:
 
     def concurrent_untags(self) -> bool:
         return not self._podman4
+
+    def alive(self) -> bool:
+        try:
+            self._raw("GET", "/_ping", versioned=False)
+        except EngineUnavailable:
+            return False
+        except EngineError:
+            return True  # it answered, if with an error
+        return True
 
     def loses_tags_amid_delete(self) -> bool:
         # The containerd store, and the classic one too: Docker 20.10 untagged app:3, took

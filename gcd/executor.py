@@ -61,6 +61,19 @@ EVENT_SLACK_NS = 2_000_000
 # Waits before reading the engine's events again when they do not show an untag gcd made
 # (the log lags the answer, as Podman's does): 1.5 s in all, then gcd says it cannot tell.
 EVENT_LAG_WAITS = (0.1, 0.2, 0.4, 0.8)
+# The first wait for an image whose DELETE the engine got but did not answer within
+# engine.timeout while it still answers a ping (busy, not lost); each next one is twice as
+# long, until one more engine.timeout has passed in all (_settle_waits).
+SETTLE_FIRST_WAIT = 0.5
+
+
+def _settle_waits(timeout: float) -> Iterator[float]:
+    """0.5 s, 1 s, 2 s, ... summing to `timeout` (the last one cut short)."""
+    left, wait = timeout, SETTLE_FIRST_WAIT
+    while left > 0:
+        yield min(wait, left)
+        left -= wait
+        wait *= 2
 
 
 def _never() -> bool:
@@ -81,6 +94,17 @@ class _Refused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _Unanswered(Exception):
+    """A DELETE the engine got and did not answer in time, though it answers a ping: it is
+    busy, not lost, and may carry the DELETE out all the same. That action fails (exit 1);
+    the others go on."""
+
+    def __init__(self, message: str, sent_ns: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sent_ns = sent_ns
 
 
 class _Run:
@@ -341,6 +365,8 @@ class _Action:
             return self._outcome("skipped", reason, "stopped")
         except _Refused as e:
             return self._outcome("skipped", e.reason, "conflict")
+        except _Unanswered as e:
+            return self._outcome("failed", code="unanswered", error=e.message)
         except EngineUnavailable as e:
             # Every further call would wait for the same timeout: stop the cycle.
             self.run.engine_lost()
@@ -458,6 +484,8 @@ class _Action:
         except _Refused as e:
             in_use = self._users()
             return self._outcome("skipped", in_use or e.reason, "in_use" if in_use else "conflict")
+        except _Unanswered as e:
+            return self._settle(checked, e)
         if deletion is None:
             return self._gone()
         self._note(deletion)
@@ -469,12 +497,46 @@ class _Action:
         if not gained and d.image_id in deletion.deleted and engine.loses_tags_amid_delete():
             gained = self._tagged_amid(checked, deletion)
         if gained and d.image_id in deletion.deleted:
-            self.unplanned[d.image_id] = ""
-            self.problems.append(
-                f"it was tagged {', '.join(gained)} during its removal, and the engine "
-                "deleted it with that tag"
-            )
+            self._deleted_with(gained)
         return self._outcome("done")
+
+    def _deleted_with(self, gained: Sequence[str]) -> None:
+        self.unplanned[self.d.image_id] = ""
+        self.problems.append(
+            f"it was tagged {', '.join(gained)} during its removal, and the engine deleted "
+            "it with that tag"
+        )
+
+    def _settle(self, checked_ns: int, unanswered: _Unanswered) -> Outcome:
+        """The engine got this image's DELETE by ID and did not answer in time, but answers
+        a ping: wait up to one more engine.timeout for the image to go. Gone: removed, and the engine's events
+        say whether a tag came during the removal (no answer lists what went). Still there
+        (or a stop): failed, the engine may yet carry it out; the next cycle sees."""
+        image_id = self.d.image_id
+        for wait in _settle_waits(self.engine.timeout):
+            try:
+                self.run.check()
+            except _Halt:
+                break
+            time.sleep(wait)
+            try:
+                if self.engine.current(image_id) is not None:
+                    continue
+            except EngineUnavailable:
+                break
+            with self.run.lock:
+                self.run.deleted.setdefault(image_id, image_id)
+            late = Deletion((image_id,), (), unanswered.sent_ns, time.time_ns())
+            gained = self._tagged_amid(checked_ns, late)
+            if gained:
+                self._deleted_with(gained)
+            log.warning(
+                "%s: the engine deleted it after gcd stopped waiting for its answer "
+                "(engine.timeout)",
+                short_id(image_id),
+            )
+            return self._outcome("done", "the engine answered late: gone after engine.timeout")
+        return self._outcome("failed", code="unanswered", error=unanswered.message)
 
     def _tagged_amid(self, checked_ns: int, deletion: Deletion) -> list[str]:
         """The tags the engine's events show put on this image between the re-read and the
@@ -602,6 +664,7 @@ class _Action:
 
     def _delete(self, ref: str) -> Deletion | None:
         """One DELETE; None when the reference is already gone."""
+        sent_ns = time.time_ns()
         try:
             deletion = self.engine.delete(ref)
         except NotFoundError:
@@ -614,10 +677,10 @@ class _Action:
             # A slow engine carries out a DELETE it got after gcd stopped waiting: the
             # report cannot say "not removed", nor what went with it (the next cycle sees).
             what = short_id(ref) if ref == self.d.image_id else ref
-            raise EngineUnavailable(
-                f"{e}; the engine got the DELETE of {what} and may carry it out all the same",
-                sent=True,
-            ) from None
+            message = f"{e}; the engine got the DELETE of {what} and may carry it out all the same"
+            if self.engine.alive():
+                raise _Unanswered(message, sent_ns) from None
+            raise EngineUnavailable(message, sent=True) from None
         with self.run.lock:
             for deleted in deletion.deleted:
                 self.run.deleted.setdefault(deleted, self.d.image_id)

@@ -27,7 +27,7 @@ from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
 from tests.integration import conftest
 from tests.integration.test_daemon import Daemon, wait_for
-from tests.proxy import FaultProxy, Hang, Hold, Status, Truncate
+from tests.proxy import Call, FaultProxy, Hang, Hold, Status, Truncate
 
 WHEN = datetime(2026, 3, 1, tzinfo=UTC)
 # min_age 0s: the containerd store stamps a tag time on every image it loads, so with the
@@ -192,6 +192,49 @@ def test_a_frozen_engine_is_exit_3_within_the_timeout(
     assert "no answer within 2s (engine.timeout); the engine got the DELETE of " in err
     assert "and may carry it out all the same" in err
     assert took < 15  # one timeout, not one per image
+    assert_kept_and_store_sound(engine, builds, tmp_path)
+
+
+def test_a_busy_engine_that_answers_a_delete_late_removes_it_and_says_so(
+    engine: PrivateEngine, proxy: FaultProxy, builds: dict[str, str], tmp_path: Path
+) -> None:
+    # The DELETE reaches the engine, which carries it out only after gcd stopped waiting
+    # (a busy containerd store answers 256 DELETEs at once): it answers a ping, so gcd waits
+    # for the image to go instead of ending the run as if the engine were lost.
+    victim = builds["app:3"]
+    hold = Hold()
+    proxy.rule("DELETE", victim, hold, times=1)
+    proxy.rule("GET", r"/_ping", Call(lambda m, p: hold.release.set()), times=1)
+    run = gcd_run(config(tmp_path, proxy.url, timeout="2s"))
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert (
+        f"WARNING {victim[7:19]}: the engine deleted it after gcd stopped waiting for its "
+        "answer (engine.timeout)"
+    ) in err
+    assert "Traceback" not in err and "cannot reach" not in err
+    assert "the engine answered late: gone after engine.timeout; planned: " in out
+    assert images_now(engine) == {builds["app:7"], builds["app:8"]}
+    assert_kept_and_store_sound(engine, builds, tmp_path)
+
+
+def test_a_busy_engine_that_never_answers_a_delete_fails_that_image_only(
+    engine: PrivateEngine, proxy: FaultProxy, builds: dict[str, str], tmp_path: Path
+) -> None:
+    victim = builds["app:3"]
+    proxy.rule("DELETE", victim, Hang(), times=1)
+    run = gcd_run(config(tmp_path, proxy.url, timeout="2s"))
+    started = time.monotonic()
+    _out, err = run.communicate(timeout=60)
+    assert run.returncode == 1, err  # a failed removal; the engine was not lost
+    assert (
+        f"no answer within 2s (engine.timeout); the engine got the DELETE of {victim[7:19]} "
+        "and may carry it out all the same"
+    ) in err
+    assert "Traceback" not in err
+    assert not [line for line in err.splitlines() if line.startswith("gcd: ")]  # not exit 3's
+    assert time.monotonic() - started < 30  # the timeout, then one more, not one per image
+    assert images_now(engine) == {victim, builds["app:7"], builds["app:8"]}
     assert_kept_and_store_sound(engine, builds, tmp_path)
 
 

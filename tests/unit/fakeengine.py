@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from gcd.errors import ConflictError, NotFoundError
+from gcd.errors import ConflictError, EngineUnavailable, NotFoundError
 from gcd.model import (
     BuildCacheEntry,
     Container,
@@ -43,6 +43,7 @@ class _Image:
 
 class FakeEngine:
     url = "unix:///fake.sock"
+    timeout = 0.01  # engine.timeout: how long gcd waits for an unanswered DELETE to show
 
     def __init__(
         self,
@@ -70,6 +71,10 @@ class FakeEngine:
         self.requests: list[tuple[str, str]] = []
         self.before: Callable[[str, str], None] = lambda method, target: None
         self.fail: dict[tuple[str, str], Exception] = {}
+        # DELETEs of these references are carried out, but their answer never comes (a busy
+        # engine, past engine.timeout); `down`: nor does any answer to a ping.
+        self.late: set[str] = set()
+        self.down = False
         # Runs inside a DELETE by ID, after the engine read the image's names: the containerd
         # store deletes those names only and keeps any made meanwhile, answering `Deleted`
         # all the same (the adapter then reports the image as survived).
@@ -275,7 +280,20 @@ class FakeEngine:
                 if since_ns <= e.time_ns <= until_ns and e.image_id not in hidden
             )
 
+    def alive(self) -> bool:
+        self._request("GET", "_ping")
+        return not self.down
+
     def delete(self, ref: str) -> Deletion:
+        if ref in self.late:
+            self._delete(ref)
+            raise EngineUnavailable(
+                "cannot reach the Docker engine at u: no answer within 3s (engine.timeout)",
+                sent=True,
+            )
+        return self._delete(ref)
+
+    def _delete(self, ref: str) -> Deletion:
         sent = self._now()
         self._request("DELETE", ref)
         with self._lock:

@@ -582,20 +582,107 @@ def test_an_engine_lost_mid_run_stops_the_cycle() -> None:
     assert all(report.outcome(i).status == "done" for i in sent[:-1])
 
 
+LOST = "cannot reach the Docker engine at u: no answer within 3s (engine.timeout)"
+
+
 @pytest.mark.parametrize("sent", [True, False], ids=["got", "never-left-gcd"])
 def test_a_delete_the_engine_got_but_never_answered_may_still_be_carried_out(sent: bool) -> None:
     # Docker 26's containerd store, busy, answered none of 256 DELETEs within a 3s timeout
     # (CI, 2026-12-06), then deleted the images: "failed" alone would say they stayed.
     engine = world("app:1")
-    lost = "cannot reach the Docker engine at u: no answer within 3s (engine.timeout)"
-    engine.fail[("DELETE", OLD)] = EngineUnavailable(lost, sent=sent)
+    engine.down = True  # nor does it answer a ping: lost
+    engine.fail[("DELETE", OLD)] = EngineUnavailable(LOST, sent=sent)
     outcome = execute(engine, plan_of(engine)).outcome(OLD)
     assert (outcome.status, outcome.code) == ("failed", "engine_down")
     assert outcome.error == (
-        f"{lost}; the engine got the DELETE of {short_id(OLD)} and may carry it out all the same"
+        f"{LOST}; the engine got the DELETE of {short_id(OLD)} and may carry it out all the same"
         if sent
-        else lost
+        else LOST
     )
+
+
+def test_a_busy_engine_that_never_answers_a_delete_fails_that_removal_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The engine answers a ping: busy, not lost. The other removals go on, the run ends with
+    # exit 1 (a failed removal), not 3, and the image is read again until the waits end.
+    engine = FakeEngine()
+    for n in range(1, 6):
+        engine.add(iid(f"i{n}"), f"app:{n}")
+    plan = plan_of(engine)
+    engine.fail[("DELETE", iid("i2"))] = EngineUnavailable(LOST, sent=True)
+    engine.timeout = 0.3  # gcd waits one more engine.timeout in all, 0.1 s then 0.2 s
+    monkeypatch.setattr(executor, "SETTLE_FIRST_WAIT", 0.1)
+    report = execute(engine, plan)
+    outcome = report.outcome(iid("i2"))
+    assert (outcome.status, outcome.code) == ("failed", "unanswered")
+    assert outcome.error == (
+        f"{LOST}; the engine got the DELETE of {short_id(iid('i2'))} and may carry it out all "
+        "the same"
+    )
+    assert [report.outcome(iid(f"i{n}")).status for n in (1, 3, 4)] == ["done"] * 3
+    assert ("GET", "_ping") in engine.requests
+    # Read again after 0.1 and 0.2 s more (0.3 s in all), besides the re-read before the DELETE.
+    assert engine.requests.count(("GET", iid("i2"))) == 1 + 2
+
+
+def test_gcd_waits_one_more_engine_timeout_for_an_unanswered_delete_doubling_each_wait() -> None:
+    assert list(executor._settle_waits(60.0)) == [0.5, 1, 2, 4, 8, 16, 28.5]
+    assert list(executor._settle_waits(1.0)) == [0.5, 0.5]
+    assert list(executor._settle_waits(0.0)) == []
+
+
+def test_a_delete_a_busy_engine_carried_out_without_answering_is_reported_done() -> None:
+    engine = world("app:1", "app:2")
+    engine.late.add(OLD)
+    outcome = execute(engine, plan_of(engine)).outcome(OLD)
+    assert OLD not in engine.images
+    assert (outcome.status, outcome.reason, outcome.error) == (
+        "done",
+        "the engine answered late: gone after engine.timeout",
+        None,
+    )
+    assert outcome.untagged == ("app:1",)  # by name, answered; app:2 went with the ID
+
+
+def test_a_tag_made_during_a_delete_the_engine_answered_late_is_reported() -> None:
+    # No answer lists what went: the engine's events show the tag made during the DELETE.
+    engine = world("app:1")
+    engine.loses_amid_tags = True
+    engine.late.add(OLD)
+    plan = plan_of(engine, POLICY + "protect: [{tag: stable}]\n")
+    engine.amid_delete = lambda image_id: engine.tag(image_id, "app:stable")
+    report = execute(engine, plan)
+    assert OLD not in engine.images
+    assert report.unplanned() == (OLD,)
+    assert report.outcome(OLD).error == (
+        "it was tagged app:stable during its removal, and the engine deleted it with that tag"
+    )
+
+
+def test_a_stop_while_waiting_for_an_unanswered_delete_fails_it_at_once() -> None:
+    engine = world("app:1")
+    engine.fail[("DELETE", OLD)] = EngineUnavailable(LOST, sent=True)
+    engine.timeout = 60.0
+    stopping = threading.Event()
+    engine.before = lambda m, t: stopping.set() if t == "_ping" else None
+    started = time.monotonic()
+    outcome = execute(engine, plan_of(engine), stop=stopping.is_set).outcome(OLD)
+    assert time.monotonic() - started < 1  # no wait at all
+    assert (outcome.status, outcome.code) == ("failed", "unanswered")
+
+
+def test_an_untag_a_busy_engine_never_answered_fails_that_image_only() -> None:
+    engine = world("app:1", "app:2", "app:3")
+    engine.fail[("DELETE", "app:1")] = EngineUnavailable(LOST, sent=True)
+    report = execute(engine, plan_of(engine))
+    outcome = report.outcome(OLD)
+    assert (outcome.status, outcome.code) == ("failed", "unanswered")
+    assert outcome.error == (
+        f"{LOST}; the engine got the DELETE of app:1 and may carry it out all the same"
+    )
+    assert outcome.untagged == ("app:2",)
+    assert report.outcome(NEW).status == "done"
 
 
 @pytest.mark.parametrize("allowed", [1, 2, 5, 40])
