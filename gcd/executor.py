@@ -65,6 +65,8 @@ EVENT_LAG_WAITS = (0.1, 0.2, 0.4, 0.8)
 # engine.timeout while it still answers a ping (busy, not lost); each next one is twice as
 # long, until one more engine.timeout has passed in all (_settle_waits).
 SETTLE_FIRST_WAIT = 0.5
+# DELETEs in flight at once for the rest of a run once one went unanswered that way.
+SLOW_DELETES = 8
 
 
 def _settle_waits(timeout: float) -> Iterator[float]:
@@ -118,6 +120,10 @@ class _Run:
         # Every ID the engine said it deleted -> the image whose removal deleted it.
         self.deleted: dict[str, str] = {}
         self.halted: str | None = None  # "stopped" or "engine_down"
+        # Set once the engine let a DELETE go unanswered while it answers pings: from then
+        # on at most SLOW_DELETES are in flight at once (it answers them together).
+        self.slow = threading.Event()
+        self.slow_gate = threading.Semaphore(SLOW_DELETES)
         removing = {d.image_id for d in plan.decisions if d.action == "remove"}
         # Images gcd itself changes in this run: their untag events are gcd's own.
         self.acting = frozenset(removing | {d.image_id for d in plan.decisions if d.untag})
@@ -666,7 +672,11 @@ class _Action:
         """One DELETE; None when the reference is already gone."""
         sent_ns = time.time_ns()
         try:
-            deletion = self.engine.delete(ref)
+            if self.run.slow.is_set():
+                with self.run.slow_gate:
+                    deletion = self.engine.delete(ref)
+            else:
+                deletion = self.engine.delete(ref)
         except NotFoundError:
             return None
         except ConflictError as e:
@@ -679,6 +689,15 @@ class _Action:
             what = short_id(ref) if ref == self.d.image_id else ref
             message = f"{e}; the engine got the DELETE of {what} and may carry it out all the same"
             if self.engine.alive():
+                with self.run.lock:
+                    first = not self.run.slow.is_set()
+                    self.run.slow.set()
+                if first:
+                    log.warning(
+                        "the engine answers slowly: at most %d DELETEs at once for the rest "
+                        "of this cycle",
+                        SLOW_DELETES,
+                    )
                 raise _Unanswered(message, sent_ns) from None
             raise EngineUnavailable(message, sent=True) from None
         with self.run.lock:

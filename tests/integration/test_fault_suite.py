@@ -228,6 +228,9 @@ def test_a_busy_engine_that_never_answers_a_delete_fails_that_image_only(
     _out, err = run.communicate(timeout=60)
     assert run.returncode == 1, err  # a failed removal; the engine was not lost
     assert (
+        "WARNING the engine answers slowly: at most 8 DELETEs at once for the rest of this cycle"
+    ) in err
+    assert (
         f"no answer within 2s (engine.timeout); the engine got the DELETE of {victim[7:19]} "
         "and may carry it out all the same"
     ) in err

@@ -900,3 +900,35 @@ def test_siblings_go_at_once_and_their_planned_parent_after_the_last_of_them(
     for parent, kids in children.items():
         assert ended.index(parent) > max(ended.index(k) for k in kids)
         assert during[parent] & set(kids) == set()  # not while any child was being deleted
+
+
+def test_after_an_unanswered_delete_a_busy_engine_gets_fewer_deletes_at_once() -> None:
+    # The containerd store answers the DELETEs in flight together: fewer at once, sooner each.
+    engine = FakeEngine()
+    for n in range(1, 101):
+        engine.add(iid(f"i{n:03d}"), f"app:{n}")
+    plan = plan_of(engine)
+    first = min(d.image_id for d in plan.removals())
+    engine.fail[("DELETE", first)] = EngineUnavailable(LOST, sent=True)
+    lock = threading.Lock()
+    pinged: list[int] = []
+    spans: list[tuple[int, int]] = []
+
+    def slow_delete(method: str, target: str) -> None:
+        if target == "_ping":
+            pinged.append(time.monotonic_ns())
+        if method != "DELETE" or target == first:
+            return
+        began = time.monotonic_ns()
+        time.sleep(0.01)
+        with lock:
+            spans.append((began, time.monotonic_ns()))
+
+    engine.before = slow_delete
+    report = executor.execute(plan, engine, NOW, workers=32)
+    assert report.outcome(first).code == "unanswered"
+    assert len(report.removed()) == 98  # all but the unanswered one (app:100 is kept)
+    after = [s for s in spans if s[0] > pinged[0]]
+    assert after, "no DELETE went after the ping"
+    most = max(sum(1 for b, e in after if b <= t < e) for t, _ in after)
+    assert 1 < most <= executor.SLOW_DELETES
