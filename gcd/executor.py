@@ -546,24 +546,31 @@ class _Action:
 
     def _tagged_amid(self, checked_ns: int, deletion: Deletion) -> list[str]:
         """The tags the engine's events show put on this image between the re-read and the
-        DELETE's answer: the containerd store deletes an image by ID with a tag made while
-        it deletes, and its answer names only the tags it read first. No stop is honoured
-        here: the image is gone, and the report must say so."""
+        DELETE's answer: the containerd store, the classic one and Podman 4 each deleted an
+        image by ID with a tag made while it deleted, their answer naming only the tags read
+        first. The log is read again until it shows the image's `delete` (Podman writes its
+        events a moment after answering; a tag made during the removal is logged before).
+        No stop is honoured here: the image is gone, and the report must say so."""
+        image_id = self.d.image_id
+        since, until = checked_ns - EVENT_SLACK_NS, deletion.answered_ns + EVENT_SLACK_NS
         try:
-            events = self.engine.events(
-                checked_ns - EVENT_SLACK_NS, deletion.answered_ns + EVENT_SLACK_NS
-            )
+            events = self.engine.events(since, until)
+            for wait in EVENT_LAG_WAITS:
+                if any(e.action == "delete" and e.image_id == image_id for e in events):
+                    break
+                time.sleep(wait)
+                events = self.engine.events(since, until)
         except EngineUnavailable:
             raise
         except EngineError as e:
             log.warning(
                 "%s: cannot read the engine's events to check that no tag came during its "
                 "removal: %s",
-                short_id(self.d.image_id),
+                short_id(image_id),
                 e,
             )
             return []
-        return sorted(_tagged(events, self.d.image_id, self.d.tags))
+        return sorted(_tagged(events, image_id, self.d.tags))
 
     def _tag_lost(self, tags: Sequence[str]) -> Outcome | None:
         """A tag the events show put on this image while gcd untagged it by name, which the

@@ -167,6 +167,27 @@ def test_a_tag_the_containerd_store_deleted_with_the_image_is_reported_from_its_
     assert outcome.untagged == ("app:1",)
 
 
+@pytest.mark.parametrize("lagging_reads", [0, 1, 2])
+def test_a_tag_made_during_a_delete_is_found_in_a_log_that_lags_the_answer(
+    lagging_reads: int,
+) -> None:
+    # Podman 4.3, in the race suite's long run: app:stable tagged 5 ms into a DELETE by ID
+    # went with the image, the answer naming app:6 only; Podman logs its events a moment
+    # after it answers, so the log is read until it shows the image's `delete`.
+    engine = world("app:1")
+    engine.loses_amid_tags = True
+    plan = plan_of(engine, POLICY + "protect: [{tag: stable}]\n")
+    engine.amid_delete = lambda image_id: engine.tag(image_id, "app:stable")
+    engine.lagging_reads = lagging_reads
+    engine.lagging_images = {OLD}
+    report = execute(engine, plan)
+    assert report.unplanned() == (OLD,)
+    assert report.outcome(OLD).error == (
+        "it was tagged app:stable during its removal, and the engine deleted it with that tag"
+    )
+    assert engine.requests.count(("GET", "events")) == lagging_reads + 1
+
+
 def test_a_stop_as_the_containerd_store_deletes_still_reports_the_removal() -> None:
     # The events read after the DELETE come after the stop: the image is gone all the same.
     engine = world("app:1")
