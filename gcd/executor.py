@@ -530,6 +530,8 @@ class _Action:
                     continue
             except EngineUnavailable:
                 break
+            except EngineError:
+                continue  # Podman answers 500 to an inspect of an image it is removing
             with self.run.lock:
                 self.run.deleted.setdefault(image_id, image_id)
             late = Deletion((image_id,), (), unanswered.sent_ns, time.time_ns())

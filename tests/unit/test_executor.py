@@ -666,6 +666,33 @@ def test_a_delete_a_busy_engine_carried_out_without_answering_is_reported_done()
     assert outcome.untagged == ("app:1",)  # by name, answered; app:2 went with the ID
 
 
+def test_an_error_while_waiting_for_an_unanswered_delete_does_not_end_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Podman answers 500 ("normalizing name") to an inspect of an image it is removing.
+    engine = world("app:1")
+    engine.timeout = 0.15  # reads after 0.05 s and 0.1 s more
+    monkeypatch.setattr(executor, "SETTLE_FIRST_WAIT", 0.05)
+    engine.fail[("DELETE", OLD)] = EngineUnavailable(LOST, sent=True)
+    reads = []
+
+    def busy(method: str, target: str) -> None:
+        if (method, target) != ("GET", OLD):
+            return
+        reads.append(1)
+        if len(reads) == 2:  # the first read of the wait
+            del engine.fail[("DELETE", OLD)]
+            engine.delete(OLD)  # the engine gets to it
+            raise EngineError("the Docker engine answered: normalizing name for image")
+
+    engine.before = busy
+    outcome = execute(engine, plan_of(engine)).outcome(OLD)
+    assert (outcome.status, outcome.reason) == (
+        "done",
+        "the engine answered late: gone after engine.timeout",
+    )
+
+
 def test_a_tag_made_during_a_delete_the_engine_answered_late_is_reported() -> None:
     # No answer lists what went: the engine's events show the tag made during the DELETE.
     engine = world("app:1")
