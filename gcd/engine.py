@@ -133,6 +133,10 @@ class Engine(Protocol):
     def tag(self, image_id: str, ref: str) -> None:
         """Put the tag `ref` on an image (moving it if it names another)."""
 
+    def logs_late(self) -> bool:
+        """Whether the engine writes its event log a moment after it answers (Podman), so
+        that a read right after an answer may lack the request's events."""
+
     def alive(self) -> bool:
         """Whether the engine answers a ping within engine.timeout: after a request it got
         and did not answer in time, busy (True) or lost (False)."""
@@ -504,6 +508,9 @@ class DockerEngine:
 
     def concurrent_untags(self) -> bool:
         return not self._podman4
+
+    def logs_late(self) -> bool:
+        return self._kind == "podman"
 
     def alive(self) -> bool:
         try:

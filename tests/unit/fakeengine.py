@@ -86,6 +86,7 @@ class FakeEngine:
         # lags its answers): the first `lagging_reads` show none of `lagging_images`' events
         # (of any image's, if it is empty).
         self.lagging_reads = 0
+        self.lags = True  # logs_late(): it says its log may lag, as Podman's does
         self.lagging_images: set[str] = set()
         # Each re-check's image and `since`; and, where a re-check may share a list under
         # way (`since` given), when that list began (its answer's read_ns).
@@ -279,6 +280,9 @@ class FakeEngine:
                 for e in self.log
                 if since_ns <= e.time_ns <= until_ns and e.image_id not in hidden
             )
+
+    def logs_late(self) -> bool:
+        return self.lags
 
     def alive(self) -> bool:
         self._request("GET", "_ping")
