@@ -6,13 +6,12 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import threading
 import time
 
 from gcd import config, cycle, report
 from gcd.errors import EngineUnavailable, GcdError, Stopped, UsageError
 from gcd.model import ContainerOutcome, Outcome, Plan, Report
-from gcd.signals import Held
+from gcd.signals import HELD, Held
 from gcd.state import Store
 
 log = logging.getLogger("gcd")
@@ -78,19 +77,29 @@ def run(cfg: config.Config, output: str, held: Held) -> int:
     now = cycle.utcnow()
     store = Store(cfg.state_dir)
     engine = cycle.connect(cfg)
-    stop = threading.Event()
+    # Appended to by the signal handler, which takes no lock: the next signal may interrupt
+    # it, and one waiting for a lock its interrupted self holds never returns.
+    received: list[int] = []
     started = time.monotonic()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.warning("%s received: stopping after the current removal", signal.Signals(signum).name)
-        stop.set()
+        received.append(signum)
+        if len(received) == 1:  # said once however many come (Ctrl-C pressed again)
+            name = signal.Signals(signum).name
+            log.warning("%s received: stopping after the current removal", name)
 
     # A hangup too: the terminal that started the run went away.
     held.take_over(on_signal)
     try:
-        if stop.is_set():  # it came while gcd started
+        if received:  # it came while gcd started
             raise Stopped("stopped before the cycle began; nothing removed")
-        result = cycle.run(cfg, engine, store, now, stop.is_set)
+        result = cycle.run(cfg, engine, store, now, lambda: bool(received))
+        if received:
+            # The stop asked for has happened: more of the same (Ctrl-C pressed again, a
+            # burst) must not end the process as it reports, nor as Python shuts down (it
+            # restores the default handler then, but leaves an ignored signal ignored).
+            for s in HELD:
+                signal.signal(s, signal.SIG_IGN)
     except EngineUnavailable:
         write_textfile(cfg, None, time.monotonic() - started)
         raise

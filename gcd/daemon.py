@@ -9,11 +9,13 @@ while it waits for the running job, so a job that asked it anything would deadlo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import gc
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -99,7 +101,12 @@ class Daemon:
         owner = env.get("WATCHDOG_PID")
         self.watchdog = usec / 1e6 if usec and (not owner or owner == str(os.getpid())) else 0.0
         self.stopping = threading.Event()
-        self.wake = threading.Event()
+        # The main loop sleeps on this pipe; a byte wakes it. A signal handler only appends
+        # to `signals` and writes a byte: it runs in the main thread between two bytecodes,
+        # maybe while that thread holds a lock, and setting an Event there (its lock) once
+        # deadlocked the daemon, which then never stopped on SIGTERM.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.signals: collections.deque[int] = collections.deque()
         # SIGHUPs received and reloads carried out: the last SIGHUP always wins (coalesced,
         # never dropped, also while a reload runs).
         self.reloads_wanted = 0
@@ -152,6 +159,7 @@ class Daemon:
         if held is None:
             held = Held()
         held.take_over(self._on_signal)
+        self._take_signals()
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self.scheduler.add_job(
             self._cycle,
@@ -184,6 +192,8 @@ class Daemon:
             self.store.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         log.info("gcd daemon stopped")
         return 0
 
@@ -207,8 +217,11 @@ class Daemon:
     def _main_loop(self) -> None:
         tick = min(self.watchdog / 2, IDLE_TICK * 5) if self.watchdog else IDLE_TICK
         while not self.stopping.is_set():
-            self.wake.wait(tick)
-            self.wake.clear()
+            if select.select([self._wake_r], [], [], tick)[0]:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            self._take_signals()
             if self.stopping.is_set():
                 break
             if self.reloads_wanted > self.reloads_done and not self.reload_queued:
@@ -228,11 +241,22 @@ class Daemon:
                 self._notify("WATCHDOG=1")
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            self.reloads_wanted += 1
-        else:
-            self.stopping.set()
-        self.wake.set()
+        """Takes no lock (see `signals`); the main loop acts on it (_take_signals)."""
+        self.signals.append(signum)
+        self.wake()
+
+    def _take_signals(self) -> None:
+        """In the main thread: a SIGHUP asks for a reload, SIGTERM and SIGINT for the end."""
+        while self.signals:
+            if self.signals.popleft() == signal.SIGHUP:
+                self.reloads_wanted += 1
+            else:
+                self.stopping.set()
+
+    def wake(self) -> None:
+        """Wake the main loop (any thread, or a signal handler)."""
+        with contextlib.suppress(OSError):  # a full pipe wakes it all the same
+            os.write(self._wake_w, b"\0")
 
     def _healthy(self) -> bool:
         """The scheduler thread runs, and a running cycle made progress within the watchdog
@@ -271,7 +295,7 @@ class Daemon:
                 self._run_reload()
                 self.reloads_done = target
         finally:
-            self.wake.set()  # a SIGHUP after the last pass: the main loop queues another
+            self.wake()  # a SIGHUP after the last pass: the main loop queues another
             self._after_job()
 
     def _check_disk(self) -> None:
@@ -425,7 +449,7 @@ class Daemon:
         log.info("configuration reloaded from %s", self.config_path or "built-in defaults")
         if (old.schedule.every, old.schedule.cron) != (new.schedule.every, new.schedule.cron):
             self.new_trigger = trigger_of(new)
-            self.wake.set()
+            self.wake()
         if (old.engine_url(), old.engine.timeout) != (new.engine_url(), new.engine.timeout):
             self.engine.close()
             self.engine = cycle.connect(new)

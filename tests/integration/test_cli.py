@@ -369,6 +369,47 @@ def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
     assert {d["tags"][0] for d in stopped} <= set(tags_now(client))  # untouched
 
 
+def test_a_burst_of_signals_never_wedges_a_shell_run(
+    gcd: Gcd, client: docker.APIClient, tmp_path: Path
+) -> None:
+    # A signal handler that sets an Event can be interrupted by the next signal inside the
+    # Event's lock, and its handler then waits for that lock forever (Ctrl-C pressed twice).
+    import os
+    import signal
+    import time
+
+    load(client, [Spec([f"bulk:{n}"], [Layer(f"bulk-{n}", 100)], WHEN) for n in range(300)])
+    config = gcd.config(
+        POLICY.replace("repository: app", "repository: bulk").replace(
+            "max_removal_fraction: 1.0", "max_removal_fraction: 1.0, max_removals_per_run: 1000"
+        )
+    )
+    log = tmp_path / "run.log"
+    with open(log, "w") as stderr:
+        process = json_run(config, stderr)
+        deadline = time.monotonic() + 60
+        while "INFO removed " not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for n in range(20_000):
+            try:
+                os.kill(process.pid, signal.SIGINT if n % 2 else signal.SIGTERM)
+            except ProcessLookupError:
+                break  # it ended while they came
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    text = log.read_text()
+    said = [line for line in text.splitlines() if " received: stopping" in line]
+    assert len(said) == 1, text[-2000:]  # Python runs SIGINT's handler first of two pending
+    assert said[0].endswith(
+        (
+            "WARNING SIGTERM received: stopping after the current removal",
+            "WARNING SIGINT received: stopping after the current removal",
+        )
+    )
+    assert "Traceback" not in text
+    assert report_of(out)["decisions"]
+
+
 def test_sigterm_while_an_image_loses_thousands_of_tags_stops_within_a_request(
     gcd: Gcd, client: docker.APIClient, dockerd: PrivateEngine, tmp_path: Path
 ) -> None:

@@ -528,3 +528,22 @@ def run_and_remove(client: docker.APIClient, image: str) -> None:
     client.start(container)
     client.wait(container)
     client.remove_container(container)
+
+
+def test_a_burst_of_signals_never_wedges_the_daemon(
+    dockerd: PrivateEngine, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    # A Python signal handler runs in the main thread between two bytecodes, maybe while
+    # that thread holds an Event's lock: a handler that set an Event there deadlocked the
+    # daemon, which then never stopped (test_sigterm_mid_cycle…, 2026-12-06).
+    d = Daemon(tmp_path, dockerd.url, RULES.replace("KEEP", "3"))
+    daemons.append(d)
+    wait_for(lambda: d.saw("READY=1"), what="READY=1")
+    for _ in range(BURST):
+        os.kill(d.process.pid, signal.SIGHUP)
+    d.process.send_signal(signal.SIGTERM)
+    assert d.stop(timeout=60) == 0, d.logs()[-2000:]
+    assert "gcd daemon stopped" in d.logs()
+
+
+BURST = 20_000

@@ -313,14 +313,16 @@ def test_an_image_tagged_or_loaded_is_an_arrival() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "store", "reads_events"),
-    [("docker", "overlay2", True), ("docker", "containerd", True), ("podman", "overlay", False)],
+    ("kind", "store", "lags"),
+    [("docker", "overlay2", False), ("docker", "containerd", False), ("podman", "overlay", True)],
 )
-def test_every_dockerd_store_has_its_events_read_after_a_delete_by_id(
-    kind: str, store: str, reads_events: bool
+def test_every_engine_has_its_events_read_after_a_delete_by_id(
+    kind: str, store: str, lags: bool
 ) -> None:
     # Docker 20.10's classic store too: it untagged app:3, took app:stable made meanwhile
-    # and deleted the image, answering `Untagged: app:3` (CI's race suite, seed 2414158).
+    # and deleted the image, answering `Untagged: app:3` (CI's race suite, seed 2414158);
+    # and Podman 4.3 (the race suite's long run, seed 307628400), whose log lags its answers.
     docker = DockerEngine("unix:///nonexistent.sock", 5)
     docker._kind, docker._store_name = kind, store
-    assert docker.loses_tags_amid_delete() is reads_events
+    assert docker.loses_tags_amid_delete()
+    assert docker.logs_late() is lags
