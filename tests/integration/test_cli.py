@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -335,10 +336,15 @@ def json_run(config: Path, stderr: IO[str]) -> subprocess.Popen[str]:
     )
 
 
-def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
-    gcd: Gcd, client: docker.APIClient, tmp_path: Path
-) -> None:
-    import signal
+def signalled_mid_run(
+    gcd: Gcd,
+    client: docker.APIClient,
+    tmp_path: Path,
+    send: Callable[[subprocess.Popen[str]], None],
+    timeout: float = 30,
+) -> tuple[int, str, str]:
+    """`gcd run` over 300 expired builds, `send` called once the first is removed: the
+    exit code, the JSON report and the log."""
     import time
 
     load(client, [Spec([f"bulk:{n}"], [Layer(f"bulk-{n}", 100)], WHEN) for n in range(300)])
@@ -353,10 +359,21 @@ def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
         deadline = time.monotonic() + 60
         while "INFO removed " not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        out, _ = process.communicate(timeout=30)
-    assert process.returncode == 0
-    assert "WARNING SIGTERM received: stopping after the current removal" in log.read_text()
+        send(process)
+        out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out, log.read_text()
+
+
+def test_sigterm_stops_a_shell_run_between_removals_and_reports_the_rest(
+    gcd: Gcd, client: docker.APIClient, tmp_path: Path
+) -> None:
+    import signal
+
+    code, out, log = signalled_mid_run(
+        gcd, client, tmp_path, lambda process: process.send_signal(signal.SIGTERM)
+    )
+    assert code == 0
+    assert "WARNING SIGTERM received: stopping after the current removal" in log
     report = report_of(out)
     stopped = [
         d
@@ -376,28 +393,16 @@ def test_a_burst_of_signals_never_wedges_a_shell_run(
     # Event's lock, and its handler then waits for that lock forever (Ctrl-C pressed twice).
     import os
     import signal
-    import time
 
-    load(client, [Spec([f"bulk:{n}"], [Layer(f"bulk-{n}", 100)], WHEN) for n in range(300)])
-    config = gcd.config(
-        POLICY.replace("repository: app", "repository: bulk").replace(
-            "max_removal_fraction: 1.0", "max_removal_fraction: 1.0, max_removals_per_run: 1000"
-        )
-    )
-    log = tmp_path / "run.log"
-    with open(log, "w") as stderr:
-        process = json_run(config, stderr)
-        deadline = time.monotonic() + 60
-        while "INFO removed " not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.02)
+    def burst(process: subprocess.Popen[str]) -> None:
         for n in range(20_000):
             try:
                 os.kill(process.pid, signal.SIGINT if n % 2 else signal.SIGTERM)
             except ProcessLookupError:
                 break  # it ended while they came
-        out, _ = process.communicate(timeout=60)
-    assert process.returncode == 0
-    text = log.read_text()
+
+    code, out, text = signalled_mid_run(gcd, client, tmp_path, burst, timeout=60)
+    assert code == 0
     said = [line for line in text.splitlines() if " received: stopping" in line]
     assert len(said) == 1, text[-2000:]  # Python runs SIGINT's handler first of two pending
     assert said[0].endswith(
