@@ -515,9 +515,10 @@ class _Action:
 
     def _settle(self, checked_ns: int, unanswered: _Unanswered) -> Outcome:
         """The engine got this image's DELETE by ID and did not answer in time, but answers
-        a ping: wait up to one more engine.timeout for the image to go. Gone: removed, and the engine's events
-        say whether a tag came during the removal (no answer lists what went). Still there
-        (or a stop): failed, the engine may yet carry it out; the next cycle sees."""
+        a ping: wait up to one more engine.timeout for the image to go. Gone: removed, and
+        the engine's events say whether a tag came during the removal (no answer lists what
+        went). Still there (or a stop): failed, the engine may yet carry it out; the next
+        cycle sees."""
         image_id = self.d.image_id
         for wait in _settle_waits(self.engine.timeout):
             try:
