@@ -80,9 +80,14 @@ def spread(times: list[float]) -> str:
 
 
 def sh(*command: str, env: dict[str, str] | None = None) -> None:
-    subprocess.run(
-        command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    done = subprocess.run(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
     )
+    if done.returncode:
+        # What the command said last (a gcd run's error lines), not only its exit code.
+        said = [line for line in done.stderr.splitlines() if " INFO " not in line]
+        print("\n".join(said[-20:]), file=sys.stderr)
+        raise subprocess.CalledProcessError(done.returncode, command)
 
 
 class Rows:
