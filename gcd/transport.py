@@ -174,8 +174,8 @@ class HttpTransport:
         self._lock = threading.Lock()
         self._connections: dict[threading.Thread, http.client.HTTPConnection] = {}
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection, and whether it was used before."""
+    def _connection(self) -> http.client.HTTPConnection:
+        """This thread's connection."""
         me = threading.current_thread()
         with self._lock:
             # The connections of threads that ended (a pool's workers) are closed here.
@@ -183,11 +183,11 @@ class HttpTransport:
                 self._connections.pop(thread).close()
             conn = self._connections.get(me)
             if conn is not None:
-                return conn, True
+                return conn
         conn = self._new()
         with self._lock:
             self._connections[me] = conn
-        return conn, False
+        return conn
 
     def _new(self) -> http.client.HTTPConnection:
         if self._socket_path is not None:
@@ -212,11 +212,12 @@ class HttpTransport:
             conn.close()
 
     def request(self, method: str, path: str) -> bytes:
-        """A GET that meets a kept-alive connection the engine closed meanwhile is sent once
-        more on a new one. A DELETE or POST never is: the first may have been carried out,
-        and by the second the name could be another image's."""
+        """A GET whose connection breaks (a kept-alive one the engine closed meanwhile, or a
+        new one it reset) is sent once more on a new one; one that timed out is not, so that
+        a frozen engine costs one engine.timeout. A DELETE or POST never is: the first may
+        have been carried out, and by the second the name could be another image's."""
         for attempt in (1, 2):
-            conn, reused = self._connection()
+            conn = self._connection()
             sent = False
             try:
                 conn.request(method, path, headers={"Host": "docker"})
@@ -226,7 +227,7 @@ class HttpTransport:
                 break
             except (OSError, http.client.HTTPException) as e:
                 self._drop()
-                if method == "GET" and reused and attempt == 1 and not isinstance(e, TimeoutError):
+                if method == "GET" and attempt == 1 and not isinstance(e, TimeoutError):
                     continue
                 raise EngineUnavailable(
                     f"cannot reach the Docker engine at {self.url}: {reason(e, self.timeout)}",

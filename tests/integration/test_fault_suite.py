@@ -27,7 +27,7 @@ from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, load
 from tests.integration import conftest
 from tests.integration.test_daemon import Daemon, wait_for
-from tests.proxy import Call, FaultProxy, Hang, Hold, Status, Truncate
+from tests.proxy import Call, FaultProxy, Hang, Hold, Reset, Status, Truncate
 
 WHEN = datetime(2026, 3, 1, tzinfo=UTC)
 # min_age 0s: the containerd store stamps a tag time on every image it loads, so with the
@@ -271,6 +271,21 @@ def test_a_broken_answer_before_the_plan_removes_nothing(
     assert message in err and "Traceback" not in err
     assert images_now(engine) == set(builds.values())
     assert_kept_and_store_sound(engine, builds, tmp_path)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-the-engine", "after-it"])
+def test_a_read_whose_new_connection_breaks_is_asked_again(
+    engine: PrivateEngine, proxy: FaultProxy, builds: dict[str, str], tmp_path: Path, after: bool
+) -> None:
+    # The run's first request goes on a connection of its own: the engine resets it (before
+    # or after reading the request). A GET is sent once more on a new connection; before, a
+    # connection never used went unretried, and the whole run ended "engine lost" (exit 3).
+    proxy.rule("GET", r"^/version", Reset(after=after), times=1)
+    run = gcd_run(config(tmp_path, proxy.url))
+    _out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert proxy.requests[:2] == [("GET", "/version"), ("GET", "/version")]
+    assert images_now(engine) == {builds["app:7"], builds["app:8"]}
 
 
 def test_a_list_answered_404_while_an_image_goes_is_asked_again(
