@@ -97,14 +97,13 @@ class PrivateEngine:
                     f"--tlscert={tls}/server-cert.pem",
                     f"--tlskey={tls}/server-key.pem",
                 ]
+        if self.kind.engine == "podman":
+            # Its settings from a file of its own (the events logger may differ by run).
+            with open(os.path.join(self.root, "containers.conf"), "w") as f:
+                f.write(engines.podman_conf(str(engines.ROOT) if self.kind.in_root else "/"))
+            command = ["env", f"CONTAINERS_CONF={self.inner}/containers.conf", *command]
         if self.kind.in_root:
             return engines.chroot(*command, path=self.kind.path)
-        if self.kind.engine == "podman":
-            # The host's Podman, with the settings the root's has, from a file of its own.
-            conf = os.path.join(self.root, "containers.conf")
-            with open(conf, "w") as f:
-                f.write(engines.PODMAN_CONF)
-            return ["env", f"CONTAINERS_CONF={conf}", *command]
         return command
 
     def start(self, timeout: float = 60) -> None:
@@ -158,10 +157,9 @@ class PrivateEngine:
                 "--force",
                 "--time=0",
             ]
+            podman = ["env", f"CONTAINERS_CONF={self.inner}/containers.conf", *podman]
             if self.kind.in_root:
                 podman = engines.chroot(*podman)
-            else:
-                podman = ["env", f"CONTAINERS_CONF={self.root}/containers.conf", *podman]
             subprocess.run(podman, capture_output=True, check=False)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -74,6 +74,23 @@ PODMAN_CONF = (
     'cgroup_manager = "cgroupfs"\n'
     'events_logger = "file"\n'
 )
+# Where a Podman of the matrix logs its events: `file` (the default here), or `journald`,
+# Podman's default under systemd, where a journal is running (GCD_TEST_PODMAN_EVENTS).
+JOURNAL_SOCKET = "run/systemd/journal/socket"
+
+
+def podman_conf(root: str = "/") -> str:
+    """containers.conf for a Podman of the matrix whose `/` is `root` (its events logger
+    from GCD_TEST_PODMAN_EVENTS)."""
+    logger = os.environ.get("GCD_TEST_PODMAN_EVENTS", "file")
+    if logger not in ("file", "journald"):
+        raise RuntimeError(f"GCD_TEST_PODMAN_EVENTS={logger}: expected file or journald")
+    if logger == "journald" and not os.path.exists(os.path.join(root, JOURNAL_SOCKET)):
+        raise RuntimeError(
+            f"GCD_TEST_PODMAN_EVENTS=journald: no journal at {os.path.join(root, JOURNAL_SOCKET)}"
+            " (start systemd-journald there first: docs/engines.md)"
+        )
+    return PODMAN_CONF.replace('events_logger = "file"', f'events_logger = "{logger}"')
 
 
 def ensure_host_podman() -> None:
