@@ -61,6 +61,10 @@ EVENT_SLACK_NS = 2_000_000
 # Waits before reading the engine's events again when they do not show an untag gcd made
 # (the log lags the answer, as Podman's does): 1.5 s in all, then gcd says it cannot tell.
 EVENT_LAG_WAITS = (0.1, 0.2, 0.4, 0.8)
+# The engine's events after DELETEs by ID (_AmidChecks) are read at most this often, one
+# read for every removal answered meanwhile: about 50 ms of a busy engine's events, far
+# fewer than the 256 it replays.
+AMID_BATCH_WAIT = 0.05
 # The first wait for an image whose DELETE the engine got but did not answer within
 # engine.timeout while it still answers a ping (busy, not lost); each next one is twice as
 # long, until one more engine.timeout has passed in all (_settle_waits).
@@ -127,6 +131,7 @@ class _Run:
         removing = {d.image_id for d in plan.decisions if d.action == "remove"}
         # Images gcd itself changes in this run: their untag events are gcd's own.
         self.acting = frozenset(removing | {d.image_id for d in plan.decisions if d.untag})
+        self.amid = _AmidChecks(self)
 
     def check(self) -> None:
         """Before every request: raise _Halt when the cycle must stop sending requests."""
@@ -181,13 +186,18 @@ def execute(
 
     if workers is None:
         workers = engine.removal_workers()
-    if len(order.first) <= 1 or workers <= 1:
-        for d in order.first:
-            run_from(d)
-    else:
-        with ThreadPoolExecutor(max_workers=min(workers, len(order.first))) as pool:
-            for future in [pool.submit(run_from, d) for d in order.first]:
-                future.result()
+    try:
+        if len(order.first) <= 1 or workers <= 1:
+            for d in order.first:
+                run_from(d)
+        else:
+            with ThreadPoolExecutor(max_workers=min(workers, len(order.first))) as pool:
+                for future in [pool.submit(run_from, d) for d in order.first]:
+                    future.result()
+    finally:
+        gained = run.amid.finish()
+    for image_id, tags in gained.items():
+        outcomes[image_id] = _deleted_with(plan.decision(image_id), outcomes[image_id], tags)
     for d in plan.decisions:
         if d.image_id in outcomes:
             continue
@@ -311,6 +321,127 @@ class _Order:
             return None
         self._waiting[parent] -= 1
         return None if self._waiting[parent] else self._actions[parent]
+
+
+@dataclass(frozen=True)
+class _Amid:
+    """One DELETE by ID to match to the engine's events: its image, and its window (from
+    the re-read before it to its answer, with slack) on the engine's clock."""
+
+    d: Decision
+    since_ns: int
+    until_ns: int
+
+
+class _AmidChecks:
+    """Whether a tag came to an image while the engine deleted it by ID, unsaid in the
+    answer (Engine.loses_tags_amid_delete): the engine's events tell. They are read on a
+    thread of their own, one read for every DELETE answered before it began, from the
+    earliest of their windows, so the removals go on meanwhile (one read per removal was
+    a third of the requests of a run on dockerd's classic store). Where the log lags the
+    answer (Podman), an image whose `delete` the events do not show yet is read again,
+    for up to EVENT_LAG_WAITS in all. No stop is honoured: the images are gone, and the
+    report must say so. `finish` waits for every check and gives the tags found."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._late_ns = int(sum(EVENT_LAG_WAITS) * 1e9) if run.engine.logs_late() else 0
+        self._changed = threading.Condition()
+        self._pending: list[_Amid] = []
+        self._finishing = False
+        self._lost: EngineUnavailable | None = None
+        self._thread: threading.Thread | None = None
+        self._gained: dict[str, list[str]] = {}
+
+    def add(self, d: Decision, checked_ns: int, answered_ns: int) -> None:
+        check = _Amid(d, checked_ns - EVENT_SLACK_NS, answered_ns + EVENT_SLACK_NS)
+        with self._changed:
+            self._pending.append(check)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._reads, name="gcd-amid", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def finish(self) -> dict[str, list[str]]:
+        """Once every removal has ended: the tags each deleted image was found to gain."""
+        with self._changed:
+            self._finishing = True
+            self._changed.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        return self._gained
+
+    def _reads(self) -> None:
+        waiting = False  # the last read left checks whose `delete` the log lacked
+        while True:
+            with self._changed:
+                while not self._pending and not self._finishing:
+                    self._changed.wait()
+                if not self._pending:
+                    return
+                finishing = self._finishing
+            if waiting or not finishing:
+                time.sleep(AMID_BATCH_WAIT)  # more removals end meanwhile
+            with self._changed:
+                batch = list(self._pending)
+            done = self._read(batch)
+            waiting = len(done) < len(batch)
+            with self._changed:
+                self._pending = [c for c in self._pending if c not in done]
+
+    def _read(self, batch: Sequence[_Amid]) -> list[_Amid]:
+        """One read of the events for `batch`; the checks it settled."""
+        began = time.time_ns()
+        error: EngineError | None = self._lost
+        if error is None:
+            try:
+                events = self._run.engine.events(
+                    min(c.since_ns for c in batch), began + EVENT_SLACK_NS
+                )
+            except EngineUnavailable as e:
+                self._lost = error = e  # every further read would wait as long
+                self._run.engine_lost()
+            except EngineError as e:
+                error = e
+        if error is not None:
+            log.warning(
+                "cannot read the engine's events to check that no tag came during the "
+                "removal of %s: %s",
+                _names([short_id(c.d.image_id) for c in batch]),
+                error,
+            )
+            return list(batch)
+        done = []
+        for c in batch:
+            image_id = c.d.image_id
+            mine = [e for e in events if c.since_ns <= e.time_ns <= c.until_ns]
+            logged = any(e.action == "delete" and e.image_id == image_id for e in mine)
+            if self._late_ns and not logged and began < c.until_ns + self._late_ns:
+                continue  # the log lags the answer: read again
+            gained = _tagged(mine, image_id, c.d.tags)
+            if gained:
+                self._gained[image_id] = sorted(gained)
+            done.append(c)
+        return done
+
+
+def _tagged_during(gained: Sequence[str]) -> str:
+    return (
+        f"it was tagged {', '.join(gained)} during its removal, and the engine deleted it "
+        "with that tag"
+    )
+
+
+def _deleted_with(d: Decision, outcome: Outcome, gained: Sequence[str]) -> Outcome:
+    """A removal found afterwards (_AmidChecks) to have taken a tag made during it."""
+    problem = _tagged_during(gained)
+    log.error("%s: %s", _what(d), problem)
+    return dataclasses.replace(
+        outcome,
+        error="; ".join(p for p in (outcome.error, problem) if p),
+        unplanned=tuple(sorted({*outcome.unplanned, d.image_id})),
+    )
 
 
 def _names(tags: Sequence[str], shown: int = 3) -> str:
@@ -500,18 +631,15 @@ class _Action:
         # The one window of a removal by ID: after the re-read, the image's own tags moved
         # away and it was given a new one (the engine refuses two). Said, never silent.
         gained = sorted(t for t in deletion.untagged if "@" not in t and t not in d.tags)
-        if not gained and d.image_id in deletion.deleted and engine.loses_tags_amid_delete():
-            gained = self._tagged_amid(checked, deletion)
-        if gained and d.image_id in deletion.deleted:
-            self._deleted_with(gained)
+        if d.image_id in deletion.deleted:
+            if gained:
+                self.unplanned[d.image_id] = ""
+                self.problems.append(_tagged_during(gained))
+            elif engine.loses_tags_amid_delete():
+                # The answer may not name a tag made meanwhile: the events tell, read for
+                # many removals at once while the next ones go on; the report says it.
+                self.run.amid.add(d, checked, deletion.answered_ns)
         return self._outcome("done")
-
-    def _deleted_with(self, gained: Sequence[str]) -> None:
-        self.unplanned[self.d.image_id] = ""
-        self.problems.append(
-            f"it was tagged {', '.join(gained)} during its removal, and the engine deleted "
-            "it with that tag"
-        )
 
     def _settle(self, checked_ns: int, unanswered: _Unanswered) -> Outcome:
         """The engine got this image's DELETE by ID and did not answer in time, but answers
@@ -535,10 +663,7 @@ class _Action:
                 continue  # Podman answers 500 to an inspect of an image it is removing
             with self.run.lock:
                 self.run.deleted.setdefault(image_id, image_id)
-            late = Deletion((image_id,), (), unanswered.sent_ns, time.time_ns())
-            gained = self._tagged_amid(checked_ns, late)
-            if gained:
-                self._deleted_with(gained)
+            self.run.amid.add(self.d, checked_ns, time.time_ns())
             log.warning(
                 "%s: the engine deleted it after gcd stopped waiting for its answer "
                 "(engine.timeout)",
@@ -546,34 +671,6 @@ class _Action:
             )
             return self._outcome("done", "the engine answered late: gone after engine.timeout")
         return self._outcome("failed", code="unanswered", error=unanswered.message)
-
-    def _tagged_amid(self, checked_ns: int, deletion: Deletion) -> list[str]:
-        """The tags the engine's events show put on this image between the re-read and the
-        DELETE's answer: the containerd store, the classic one and Podman 4 each deleted an
-        image by ID with a tag made while it deleted, their answer naming only the tags read
-        first. Where the log lags the answer (Podman), it is read again until it shows the
-        image's `delete` (a tag made during the removal is logged before it).
-        No stop is honoured here: the image is gone, and the report must say so."""
-        image_id = self.d.image_id
-        since, until = checked_ns - EVENT_SLACK_NS, deletion.answered_ns + EVENT_SLACK_NS
-        try:
-            events = self.engine.events(since, until)
-            for wait in EVENT_LAG_WAITS if self.engine.logs_late() else ():
-                if any(e.action == "delete" and e.image_id == image_id for e in events):
-                    break
-                time.sleep(wait)
-                events = self.engine.events(since, until)
-        except EngineUnavailable:
-            raise
-        except EngineError as e:
-            log.warning(
-                "%s: cannot read the engine's events to check that no tag came during its "
-                "removal: %s",
-                short_id(image_id),
-                e,
-            )
-            return []
-        return sorted(_tagged(events, image_id, self.d.tags))
 
     def _tag_lost(self, tags: Sequence[str]) -> Outcome | None:
         """A tag the events show put on this image while gcd untagged it by name, which the
@@ -884,8 +981,12 @@ def _tagged(events: Sequence[ImageEvent], image_id: str, known: Sequence[str]) -
 _ARRIVALS = frozenset({"load", "pull", "import", "commit"})
 
 
+def _what(d: Decision) -> str:
+    return f"{short_id(d.image_id)} {_names(d.tags) if d.tags else '<untagged>'}"
+
+
 def _log(d: Decision, o: Outcome) -> None:
-    what = f"{short_id(d.image_id)} {_names(d.tags) if d.tags else '<untagged>'}"
+    what = _what(d)
     if o.status == "done" and d.action == "remove":
         log.info("removed %s", what)
     elif o.status == "done":

@@ -200,6 +200,75 @@ def test_where_the_log_does_not_lag_one_read_after_a_delete_by_id_serves() -> No
     assert engine.requests.count(("GET", "events")) == 1
 
 
+def test_one_events_read_serves_the_deletes_by_id_answered_before_it() -> None:
+    # One read per DELETE by ID was a third of a run's requests on dockerd's classic store:
+    # the events are read on a thread of their own, for every removal answered meanwhile,
+    # and a tag made during one removal is still told from the others'.
+    engine = FakeEngine()
+    engine.loses_amid_tags = True
+    builds = {iid(f"build{n}"): f"app:{n}" for n in range(1, 21)}
+    for image_id, tag in builds.items():
+        engine.add(image_id, tag)
+    engine.add(NEW, "app:99999")
+    plan = plan_of(engine, POLICY + "protect: [{tag: stable}]\n")
+    promoted = iid("build7")
+    engine.amid_delete = lambda image_id: (
+        engine.tag(image_id, "app:stable") if image_id == promoted else None
+    )
+    report = executor.execute(plan, engine, NOW, workers=8)
+    assert all(report.outcome(i).status == "done" for i in builds)
+    assert report.unplanned() == (promoted,)
+    assert report.outcome(promoted).error == (
+        "it was tagged app:stable during its removal, and the engine deleted it with that tag"
+    )
+    assert 1 <= engine.requests.count(("GET", "events")) <= 4  # 20, one per removal, before
+
+
+def test_a_tag_made_outside_a_removals_own_window_is_not_laid_to_it() -> None:
+    # One read spans many removals' windows: each image is judged by the events of its own
+    # (a tag it had and lost before its re-read is not one the engine deleted it with).
+    engine = FakeEngine()
+    engine.lags = False
+    first, second = iid("first"), iid("second")
+    engine.add(first, "app:1")
+    engine.add(second, "app:2")
+    engine.add(NEW, "app:99999")
+    run = executor._Run(plan_of(engine), engine, lambda: False)
+    decisions = {d.image_id: d for d in run.plan.decisions}
+    before = engine._now()
+    engine.tag(second, "app:stable")  # a promotion that moved on before the re-read
+    engine.tag(NEW, "app:stable")
+    time.sleep(0.01)  # beyond the events' slack (2 ms)
+    checked = engine._now()
+    engine.delete(first)
+    engine.delete(second)
+    answered = engine._now()
+    run.amid.add(decisions[first], before, answered)
+    run.amid.add(decisions[second], checked, answered)
+    assert run.amid.finish() == {}
+    assert engine.requests.count(("GET", "events")) == 1
+
+
+def test_an_engine_lost_while_reading_the_events_of_deletes_is_said_once_and_stops_the_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = FakeEngine()
+    engine.loses_amid_tags = True
+    builds = [iid(f"build{n}") for n in range(1, 6)]
+    for n, image_id in enumerate(builds, 1):
+        engine.add(image_id, f"app:{n}")
+    engine.add(NEW, "app:99999")
+    engine.fail[("GET", "events")] = EngineUnavailable(LOST)
+    report = executor.execute(plan_of(engine), engine, NOW, workers=1)
+    # The images are gone all the same: the report says so, and what gcd could not check.
+    assert all(report.outcome(i).status == "done" for i in builds)
+    assert engine.requests.count(("GET", "events")) == 1
+    warnings = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
+    assert warnings and warnings[0].startswith(
+        "cannot read the engine's events to check that no tag came during the removal of "
+    )
+
+
 def test_a_stop_as_the_containerd_store_deletes_still_reports_the_removal() -> None:
     # The events read after the DELETE come after the stop: the image is gone all the same.
     engine = world("app:1")
