@@ -12,6 +12,7 @@ Podman serving the Docker API. Tests reach every engine through a socket under t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -149,7 +150,16 @@ def chroot(*command: str, root: Path = ROOT, path: str | None = None) -> list[st
 
 
 def ensure(root: Path = ROOT) -> None:
-    """Make the root once (about 3 minutes; kept under /var/tmp for the next run)."""
+    """Make the root once (about 3 minutes; kept under /var/tmp for the next run). One
+    process at a time: two test runs on two engines of the root (a race suite on each)
+    once ran its `update-ca-certificates` together, and one failed."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / "ensure.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _ensure(root)
+
+
+def _ensure(root: Path) -> None:
     if (root / READY).exists():
         mount(root)
         _trust_as_the_host(root)
