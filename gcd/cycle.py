@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from gcd import buildcache, containers, disk, executor, policy
+from gcd import buildcache, containers, disk, executor, logs, policy
 from gcd.config import Config
 from gcd.engine import DockerEngine, Engine
 from gcd.errors import GcdError
 from gcd.model import ContainerDecision, Plan, Report, Snapshot, StateView, Usage
 from gcd.state import Store
-from gcd.units import format_bytes, format_duration
+from gcd.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +217,7 @@ def run(
                 )
         if config.regret_window:
             store.record_removed(report, now)
-    for r in regrets:
-        log.warning(
-            "regret: %s is back %s after gcd removed it (rule %s)",
-            r.tag,
-            format_duration(r.seen_at - r.removed_at),
-            r.rule,
-        )
+    logs.regrets(log, regrets)
     return dataclasses.replace(report, state_problem=store.cycle_problem, regrets=regrets)
 
 

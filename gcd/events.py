@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
+from gcd import logs
 from gcd.config import Config
 from gcd.engine import DockerEngine, followed
 from gcd.errors import EngineError, EngineUnavailable
@@ -25,7 +26,6 @@ from gcd.metrics import Metrics
 from gcd.model import ContainerUse, ImageEvent
 from gcd.state import UsageLog
 from gcd.transport import Stream
-from gcd.units import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +165,10 @@ class Follower:
 
     def _regrets(self, tags: Iterable[str], when: float) -> None:
         """Count and log the tags among `tags` gcd removed within regret_window."""
-        for r in self.usage.came_back(tags, self.regret_window, datetime.fromtimestamp(when, UTC)):
+        found = self.usage.came_back(tags, self.regret_window, datetime.fromtimestamp(when, UTC))
+        for r in found:
             self.metrics.regrets.labels(r.rule).inc()
-            log.warning(
-                "regret: %s is back %s after gcd removed it (rule %s)",
-                r.tag,
-                format_duration(r.seen_at - r.removed_at),
-                r.rule,
-            )
+        logs.regrets(log, found)
 
     def _used(self, use: ContainerUse) -> None:
         """A container created or started: its image was used then."""

@@ -5,7 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import ClassVar
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from gcd.units import format_duration
+
+if TYPE_CHECKING:
+    from gcd.model import Regret
+
+# Regrets named one line each at a time; the rest are summed up in one line by rule (a CI
+# host that loads 500 removed builds back at once would log 500 lines). The JSON report
+# lists them all and gcd_regret_total counts them all.
+REGRETS_NAMED = 10
 
 
 class JournalFormatter(logging.Formatter):
@@ -49,3 +61,21 @@ def setup(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def regrets(log: logging.Logger, found: Sequence[Regret]) -> None:
+    """Log regrets: the first REGRETS_NAMED each on its line, then how many more by rule."""
+    for r in found[:REGRETS_NAMED]:
+        log.warning(
+            "regret: %s is back %s after gcd removed it (rule %s)",
+            r.tag,
+            format_duration(r.seen_at - r.removed_at),
+            r.rule,
+        )
+    rest = Counter(r.rule for r in found[REGRETS_NAMED:])
+    if rest:
+        log.warning(
+            "regret: %d more tags are back after gcd removed them (%s)",
+            rest.total(),
+            ", ".join(f"rule {rule}: {n}" for rule, n in sorted(rest.items())),
+        )
