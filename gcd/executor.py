@@ -349,6 +349,7 @@ class _AmidChecks:
         self._changed = threading.Condition()
         self._pending: list[_Amid] = []
         self._finishing = False
+        self._finished = threading.Event()  # cuts the wait for more removals short
         self._lost: EngineUnavailable | None = None
         self._thread: threading.Thread | None = None
         self._gained: dict[str, list[str]] = {}
@@ -368,6 +369,7 @@ class _AmidChecks:
             self._finishing = True
             self._changed.notify()
             thread = self._thread
+        self._finished.set()
         if thread is not None:
             thread.join()
         return self._gained
@@ -381,8 +383,10 @@ class _AmidChecks:
                 if not self._pending:
                     return
                 finishing = self._finishing
-            if waiting or not finishing:
-                time.sleep(AMID_BATCH_WAIT)  # more removals end meanwhile
+            if waiting:
+                time.sleep(AMID_BATCH_WAIT)  # for the log to catch up
+            elif not finishing:
+                self._finished.wait(AMID_BATCH_WAIT)  # more removals end meanwhile
             with self._changed:
                 batch = list(self._pending)
             done = self._read(batch)
