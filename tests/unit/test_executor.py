@@ -269,6 +269,31 @@ def test_an_engine_lost_while_reading_the_events_of_deletes_is_said_once_and_sto
     )
 
 
+def test_a_fault_of_gcd_s_own_in_the_events_check_is_said_and_the_report_still_comes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The checker runs on a thread of its own: an error there that is not the engine's (a
+    # bug) must not end it in silence, leaving the later deletes unchecked and unsaid.
+    engine = FakeEngine()
+    engine.loses_amid_tags = True
+    builds = [iid(f"build{n}") for n in range(1, 4)]
+    for n, image_id in enumerate(builds, 1):
+        engine.add(image_id, f"app:{n}")
+    engine.add(NEW, "app:99999")
+    engine.fail[("GET", "events")] = RuntimeError("boom")
+    report = executor.execute(plan_of(engine), engine, NOW, workers=1)
+    assert all(report.outcome(i).status == "done" for i in builds)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == len({r.getMessage() for r in errors}) >= 1
+    assert all(
+        r.getMessage().startswith("cannot check that no tag came during the removal of ")
+        and r.exc_info is not None
+        for r in errors
+    )
+    checked = " ".join(r.getMessage() for r in errors)
+    assert all(short_id(i) in checked for i in builds)
+
+
 def test_a_stop_as_the_containerd_store_deletes_still_reports_the_removal() -> None:
     # The events read after the DELETE come after the stop: the image is gone all the same.
     engine = world("app:1")
