@@ -7,6 +7,7 @@ intermediate parent images.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -26,12 +27,15 @@ BUSYBOX = "/bin/busybox"
 @dataclass
 class Layer:
     """One layer: a file `/name` with `size` bytes of content derived from `name` (or, with
-    `files`, that many small files under `/name/`: a layer heavy on inodes)."""
+    `files`, that many small files under `/name/`: a layer heavy on inodes). The content
+    repeats a 32-byte seed, so it compresses to almost nothing; `random` makes it
+    incompressible (still derived from `name`)."""
 
     name: str
     size: int = 1024
     binary: str | None = None  # a host file to put at /bin/busybox instead (runnable images)
     files: int = 0
+    random: bool = False
 
     def tar(self) -> bytes:
         out = io.BytesIO()
@@ -49,8 +53,11 @@ class Layer:
                 for n in range(self.files):
                     _add(tar, f"{folder}/{n}", f"{self.name} {n}".encode(), 0o644)
             else:
-                seed = hashlib.sha256(self.name.encode()).digest()
-                data = (seed * (self.size // len(seed) + 1))[: self.size]
+                if self.random:
+                    data = hashlib.shake_256(self.name.encode()).digest(self.size)
+                else:
+                    seed = hashlib.sha256(self.name.encode()).digest()
+                    data = (seed * (self.size // len(seed) + 1))[: self.size]
                 _add(tar, self.name.strip("/").replace("/", "_"), data, 0o644)
         return out.getvalue()
 
@@ -101,8 +108,9 @@ def image_id(spec: Spec) -> str:
     return "sha256:" + hashlib.sha256(spec.config()[0]).hexdigest()
 
 
-def tarball(specs: Iterable[Spec]) -> bytes:
-    """A `docker save`-format archive holding every spec."""
+def tarball(specs: Iterable[Spec], gzipped: bool = False) -> bytes:
+    """A `docker save`-format archive holding every spec; with `gzipped`, each layer's tar is
+    compressed in it, as a pulled image's blobs are (the containerd store keeps them so)."""
     out = io.BytesIO()
     manifest = []
     written: set[str] = set()
@@ -117,7 +125,7 @@ def tarball(specs: Iterable[Spec]) -> bytes:
             for data in tars:
                 name = hashlib.sha256(data).hexdigest() + "/layer.tar"
                 if name not in written:
-                    _add(tar, name, data, 0o644)
+                    _add(tar, name, gzip.compress(data, mtime=0) if gzipped else data, 0o644)
                     written.add(name)
                 layer_names.append(name)
             manifest.append(
@@ -127,11 +135,11 @@ def tarball(specs: Iterable[Spec]) -> bytes:
     return out.getvalue()
 
 
-def load(client: docker.APIClient, specs: Sequence[Spec]) -> list[str]:
+def load(client: docker.APIClient, specs: Sequence[Spec], gzipped: bool = False) -> list[str]:
     """Load the specs; return their image IDs, as the engine names them, in order. A tag
     already present moves. An error in the load stream raises."""
     lines: list[str] = []
-    for chunk in client.load_image(tarball(specs)) or ():
+    for chunk in client.load_image(tarball(specs, gzipped)) or ():
         if isinstance(chunk, dict) and (chunk.get("error") or chunk.get("errorDetail")):
             raise RuntimeError(f"docker load: {chunk.get('error') or chunk['errorDetail']}")
         if isinstance(chunk, dict):

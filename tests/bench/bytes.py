@@ -1,17 +1,18 @@
 """gcd's planned bytes against the drop in the engine's own count, in a few build-host shapes.
 
-    GCD_TEST_ENGINE=docker28-containerd .venv/bin/python -m tests.bench.bytes
+    GCD_TEST_ENGINE=docker28-containerd .venv/bin/python -m tests.bench.bytes [WORD ...]
 
 starts a private engine of that kind (tests/engines.py), and for each shape loads or builds
 the images, runs `gcd run` and prints the bytes gcd planned beside how much `/system/df`
 LayersSize dropped, read once the engine's garbage collection has settled (on the
-containerd store a build's leftover snapshots go some time after it). The figures are in
-docs/engines.md.
+containerd store a build's leftover snapshots go some time after it). Words given run only
+the shapes whose names hold one of them (`compressed`). The figures are in docs/engines.md.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from tests.integration.conftest import Gcd, _wipe
 WHEN = datetime(2026, 3, 1, tzinfo=UTC)
 GUARDS = "safety: {min_age: 0s, max_removal_fraction: 1.0}\ndangling: {min_age: 0s}\n"
 SHARED = Layer("shared", 400_000)
+Shape = Callable[[docker.APIClient], None]  # loads or builds images into the engine
 
 
 def settled(api: docker.APIClient) -> int:
@@ -79,6 +81,18 @@ def mixed(api: docker.APIClient) -> None:
         legacy_build(api, [f"app:{n:03d}"], {"b": f"own {n}" * 50000})
 
 
+def compressed(shared: list[Layer], own: Callable[[int], Layer], base: bool = False) -> Shape:
+    """Three images loaded with gzip-compressed layers, as pulled images' blobs are: layers
+    that compress very differently (a binary, a repeated text, random bytes). With `base`,
+    an image of the shared layers alone is loaded too (a build host's base image)."""
+
+    def make(api: docker.APIClient) -> None:
+        specs = [Spec([f"app:{n:03d}"], [*shared, own(n)], at(n)) for n in range(3)]
+        load(api, [Spec(["base:1"], shared, WHEN)] * base + specs, gzipped=True)
+
+    return make
+
+
 def buildkit(api: docker.APIClient) -> None:
     common = os.urandom(2_000_000)
     for n in range(6):
@@ -86,7 +100,7 @@ def buildkit(api: docker.APIClient) -> None:
         time.sleep(1.1)  # an order by creation time
 
 
-SHAPES: list[tuple[str, Callable[[docker.APIClient], None], int]] = [
+SHAPES: list[tuple[str, Shape, int]] = [
     ("3 loaded images sharing 2.4 MB, 10 kB own (the suite's)", lambda a: builds(a, 10_000, 3), 1),
     ("3 loaded images sharing 2.4 MB, 5 MB own", lambda a: builds(a, 5_000_000, 3), 1),
     ("100 loaded builds sharing 2.4 MB, 1 MB own", lambda a: builds(a, 1_000_000, 100), 10),
@@ -94,6 +108,23 @@ SHAPES: list[tuple[str, Callable[[docker.APIClient], None], int]] = [
     ("5 legacy builds (their intermediates go with them)", legacy, 2),
     ("6 BuildKit builds sharing a 2 MB COPY, 500 kB own", buildkit, 2),
     ("3 loaded images and 3 legacy builds with one base layer", mixed, 2),
+    (
+        "3 compressed: busybox and 400 kB text shared, 1 MB random own",
+        compressed([busybox_layer(), SHARED], lambda n: Layer(f"own-{n}", 1_000_000, random=True)),
+        1,
+    ),
+    (
+        "3 compressed: 1 MB random shared, 2 MB text own",
+        compressed([Layer("rnd", 1_000_000, random=True)], lambda n: Layer(f"own-{n}", 2_000_000)),
+        1,
+    ),
+    (
+        "3 compressed, 1 MB random shared, 2 MB text own, their base image loaded too",
+        compressed(
+            [Layer("rnd", 1_000_000, random=True)], lambda n: Layer(f"mine-{n}", 2_000_000), True
+        ),
+        1,
+    ),
 ]
 
 
@@ -105,6 +136,8 @@ def main() -> None:
         print(f"{api.version()['Version']}, {api.info()['Driver']}")
         gcd = Gcd(engine.url, Path(tempfile.mkdtemp(prefix="gcd-bytes-")))
         for name, make, keep in SHAPES:
+            if sys.argv[1:] and not any(word in name for word in sys.argv[1:]):
+                continue
             if make is buildkit and not buildkit_builds_offline(api):
                 continue
             _wipe(api)
