@@ -200,16 +200,23 @@ def test_where_the_log_does_not_lag_one_read_after_a_delete_by_id_serves() -> No
     assert engine.requests.count(("GET", "events")) == 1
 
 
+def _builds_deleted_by_id(count: int) -> tuple[FakeEngine, list[str]]:
+    """`count` expired builds on an engine whose deletes by ID are checked by its events, and
+    the newest build, kept."""
+    engine = FakeEngine()
+    engine.loses_amid_tags = True
+    builds = [iid(f"build{n}") for n in range(1, count + 1)]
+    for n, image_id in enumerate(builds, 1):
+        engine.add(image_id, f"app:{n}")
+    engine.add(NEW, "app:99999")
+    return engine, builds
+
+
 def test_one_events_read_serves_the_deletes_by_id_answered_before_it() -> None:
     # One read per DELETE by ID was a third of a run's requests on dockerd's classic store:
     # the events are read on a thread of their own, for every removal answered meanwhile,
     # and a tag made during one removal is still told from the others'.
-    engine = FakeEngine()
-    engine.loses_amid_tags = True
-    builds = {iid(f"build{n}"): f"app:{n}" for n in range(1, 21)}
-    for image_id, tag in builds.items():
-        engine.add(image_id, tag)
-    engine.add(NEW, "app:99999")
+    engine, builds = _builds_deleted_by_id(20)
     plan = plan_of(engine, POLICY + "protect: [{tag: stable}]\n")
     promoted = iid("build7")
     engine.amid_delete = lambda image_id: (
@@ -252,12 +259,7 @@ def test_a_tag_made_outside_a_removals_own_window_is_not_laid_to_it() -> None:
 def test_an_engine_lost_while_reading_the_events_of_deletes_is_said_once_and_stops_the_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    engine = FakeEngine()
-    engine.loses_amid_tags = True
-    builds = [iid(f"build{n}") for n in range(1, 6)]
-    for n, image_id in enumerate(builds, 1):
-        engine.add(image_id, f"app:{n}")
-    engine.add(NEW, "app:99999")
+    engine, builds = _builds_deleted_by_id(5)
     engine.fail[("GET", "events")] = EngineUnavailable(LOST)
     report = executor.execute(plan_of(engine), engine, NOW, workers=1)
     # The images are gone all the same: the report says so, and what gcd could not check.
@@ -274,12 +276,7 @@ def test_a_fault_of_gcd_s_own_in_the_events_check_is_said_and_the_report_still_c
 ) -> None:
     # The checker runs on a thread of its own: an error there that is not the engine's (a
     # bug) must not end it in silence, leaving the later deletes unchecked and unsaid.
-    engine = FakeEngine()
-    engine.loses_amid_tags = True
-    builds = [iid(f"build{n}") for n in range(1, 4)]
-    for n, image_id in enumerate(builds, 1):
-        engine.add(image_id, f"app:{n}")
-    engine.add(NEW, "app:99999")
+    engine, builds = _builds_deleted_by_id(3)
     engine.fail[("GET", "events")] = RuntimeError("boom")
     report = executor.execute(plan_of(engine), engine, NOW, workers=1)
     assert all(report.outcome(i).status == "done" for i in builds)
