@@ -88,7 +88,8 @@ def compressed(shared: list[Layer], own: Callable[[int], Layer], base: bool = Fa
 
     def make(api: docker.APIClient) -> None:
         specs = [Spec([f"app:{n:03d}"], [*shared, own(n)], at(n)) for n in range(3)]
-        load(api, [Spec(["base:1"], shared, WHEN)] * base + specs, gzipped=True)
+        bases = [Spec(["base:1"], shared, WHEN)] if base else []
+        load(api, bases + specs, gzipped=True)
 
     return make
 
