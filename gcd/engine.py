@@ -10,6 +10,7 @@ make itself.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from gcd import layers
+from gcd.content import ContentStore, folders
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import (
     REMOVABLE_STATES,
@@ -40,6 +42,7 @@ from gcd.model import (
 from gcd.transport import Stream, Tls, open_transport
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _NO_TAG = "<none>:<none>"
 _NO_DIGEST = "<none>@<none>"
 _ISO_FRACTION = re.compile(r"(\.\d{1,6})\d*")
@@ -171,6 +174,7 @@ class DockerEngine:
         self._api_version: str | None = None
         self._store_name: str | None = None
         self._data_root: str | None = None
+        self._content: ContentStore | None = None  # where packed blobs are counted
         self._kind = "docker"  # from /version: at negotiation, then each snapshot's
         # Podman before 5: deletes untagged parents despite noprune, loses concurrent untags.
         self._podman4 = False
@@ -201,7 +205,7 @@ class DockerEngine:
         try:
             return self.transport.request(method, url)
         except EngineUnavailable:
-            self._store_name = None  # it may come back with another store
+            self._store_name = self._content = None  # it may come back with another store
             raise
 
     def _json(self, path: str, method: str = "GET", versioned: bool = True) -> Any:
@@ -224,9 +228,10 @@ class DockerEngine:
         self._kind, store = _kind(version), self._store()
         self._podman4 = _podman_before_5(version)
         if self._counts_content():
-            # Facts cached by a gcd that counted no packed blobs: read again, once.
+            # Facts cached by a gcd that counted no packed blobs, or that estimated every
+            # blob (`<id>/own`, before it read the manifests: gcd.content): read again, once.
             facts = {
-                i: f for i, f in facts.items() if not f.layers or f.layers[-1].endswith("/own")
+                i: f for i, f in facts.items() if not f.layers or f.layers[-1].endswith("/content")
             }
         raw_images = self._list_images()
         raw_containers = self._json("/containers/json?all=1")
@@ -377,6 +382,17 @@ class DockerEngine:
                 return image_id, None
 
         self.api_version()  # negotiated once, before the threads start
+        if self._counts_content() and self._content is None:
+            parsed = urllib.parse.urlparse(self.url)
+            socket_path = parsed.path if parsed.scheme == "unix" else None
+            self._content = ContentStore(folders(socket_path, self.data_root()))
+            if not self._content.readable() and not _SAID.get("content"):
+                _SAID["content"] = True
+                log.info(
+                    "the engine's content store is not readable here (%s): the packed bytes "
+                    "of layers that images share are estimated (docs/engines.md)",
+                    ", ".join(self._content.folders),
+                )
         with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(ids))) as pool:
             answers = [(i, raw) for i, raw in pool.map(read, ids) if raw is not None]
             by_depth: dict[int, list[tuple[str, Any]]] = {}
@@ -449,12 +465,27 @@ class DockerEngine:
             # Docker 28.2 on counts the content store's blobs in /system/df too: a layer's
             # packed blob goes when its unpacked layer does.
             content, own_guess = _content(raw, history)
-            blobs = layers.blob_keys(chain, content, sized)
-            blob_sizes, own = layers.content_sizes(blobs, sizes, content, own_guess, sized)
-            chain = (*chain, *blobs, f"{image_id}/own")
+            exact = self._packed_sizes(raw, len(chain))
+            if exact is not None and sum(exact) > content:
+                exact = None  # not this image's manifest after all: the estimate
+            blobs = layers.blob_keys(chain, content, sized, exact)
+            if exact is not None:
+                blob_sizes, own = exact, content - sum(exact)
+            else:
+                blob_sizes, own = layers.content_sizes(blobs, sizes, content, own_guess, sized)
+            chain = (*chain, *blobs, f"{image_id}/content")
             sizes = (*sizes, *blob_sizes, own)
         sized.update(zip(chain, sizes, strict=True))  # one item at a time: safe across threads
         return ImageFacts(tags, chain, sizes, last_tag_time, created)
+
+    def _packed_sizes(self, raw: Mapping[str, Any], count: int) -> tuple[int, ...] | None:
+        """Each layer's packed blob size from the image's manifest in the content store
+        (gcd.content), where the image holds one platform's layers and gcd can read it."""
+        manifest = _platform_manifest(raw)
+        digest = manifest.get("ID") if manifest is not None else None
+        if self._content is None or not isinstance(digest, str):
+            return None
+        return self._content.layer_sizes(digest, count)
 
     def current(self, image_id: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         try:
@@ -941,17 +972,24 @@ def _capped(version: str) -> str:
     return MAX_API_VERSION if _version_key(version) > _version_key(MAX_API_VERSION) else version
 
 
-def _unpacked(raw: Mapping[str, Any]) -> int | None:
-    """An image's unpacked size from `?manifests=1`, where it holds one platform's layers
-    (the sum of their snapshots' sizes, as the history tells them); None otherwise."""
+def _platform_manifest(raw: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """From `?manifests=1`: the one platform's manifest the image holds, or None where it
+    holds several (a multi-platform image pulled for more than one) or none."""
     images = [
         m
         for m in raw.get("Manifests") or ()
         if isinstance(m, dict) and m.get("Available") and m.get("Kind") == "image"
     ]
-    if len(images) != 1:
+    return images[0] if len(images) == 1 else None
+
+
+def _unpacked(raw: Mapping[str, Any]) -> int | None:
+    """An image's unpacked size from `?manifests=1`, where it holds one platform's layers
+    (the sum of their snapshots' sizes, as the history tells them); None otherwise."""
+    manifest = _platform_manifest(raw)
+    if manifest is None:
         return None
-    size = ((images[0].get("ImageData") or {}).get("Size") or {}).get("Unpacked")
+    size = ((manifest.get("ImageData") or {}).get("Size") or {}).get("Unpacked")
     return size if isinstance(size, int) and size >= 0 else None
 
 
@@ -991,6 +1029,8 @@ def _content(raw: Mapping[str, Any], history: Any) -> tuple[int, int]:
     return content + index, own
 
 
+# What this process has said once (a store it cannot read is said once, not each cycle).
+_SAID: dict[str, bool] = {}
 # What _facts reads of an inspect; and where packed blobs are counted, what _content does.
 _FIELDS = ("Created", "Metadata", "RootFS", "Size")
 _PACKED_FIELDS = (*_FIELDS, "Architecture", "Config", "Descriptor", "Manifests", "Os")

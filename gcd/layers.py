@@ -73,15 +73,25 @@ def history_sizes(
     return tuple(sizes)
 
 
-def blob_keys(chain: Sequence[str], content: int, sized: Mapping[str, int]) -> tuple[str, ...]:
+def blob_keys(
+    chain: Sequence[str],
+    content: int,
+    sized: Mapping[str, int],
+    exact: Sequence[int] | None = None,
+) -> tuple[str, ...]:
     """The keys of an image's packed blobs, one per layer: `<chain ID>/blob`, unless the
-    blobs already sized under those keys are more than the image's whole content. Then the
-    image holds other blobs of the same layers (a layer loaded uncompressed, and built or
-    pulled compressed: two blobs, one unpacked layer), and the next set of keys is tried,
-    `<chain ID>/blob.1` and on, until one fits or is new."""
+    blobs already sized under those keys are more than the image's whole content, or, with
+    the blobs' `exact` sizes (from the manifest), other sizes. Then the image holds other
+    blobs of the same layers (a layer loaded uncompressed, and built or pulled compressed:
+    two blobs, one unpacked layer), and the next set of keys is tried, `<chain ID>/blob.1`
+    and on, until one fits or is new."""
     for variant in range(len(sized) + 1):
         suffix = f".{variant}" if variant else ""
         keys = tuple(f"{layer}/blob{suffix}" for layer in chain)
+        if exact is not None:
+            if all(sized.get(key, size) == size for key, size in zip(keys, exact, strict=True)):
+                return keys
+            continue
         known = [sized[key] for key in keys if key in sized]
         if not known or sum(known) <= content:
             return keys

@@ -206,27 +206,13 @@ def store_bytes(engine: PrivateEngine, api: docker.APIClient) -> int:
     )
 
 
-# How far gcd's bytes may be from the engine's count where gcd estimates how an image's
-# content blobs split (Docker 28.2 on, containerd store: docs/engines.md); exact elsewhere.
-# The suite's fixtures are the hard case: layers of 10-20 kB, where a tar's headers weigh.
-CONTENT_ESTIMATE = 0.15
-
-
 def counts_content(api: docker.APIClient) -> bool:
     """Docker 28.2 (API 1.50) on, on the containerd store: LayersSize counts the content
-    store's blobs, whose split between images gcd estimates."""
+    store's packed blobs too."""
     if podman(api) or "containerd" not in str(api.info().get("DriverStatus")):
         return False
     version = api.version()["ApiVersion"]
     return tuple(int(n) for n in version.split(".")) >= (1, 50)
-
-
-def same_bytes(api: docker.APIClient, by_gcd: float, by_engine: float) -> bool:
-    """gcd's bytes and the engine's own count of the same: equal, or within
-    CONTENT_ESTIMATE of it where gcd estimates the content blobs."""
-    if counts_content(api):
-        return abs(by_gcd - by_engine) <= CONTENT_ESTIMATE * by_engine
-    return by_gcd == by_engine
 
 
 _PODMAN: dict[str, bool] = {}

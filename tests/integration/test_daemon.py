@@ -26,7 +26,6 @@ from tests.integration.conftest import (
     Gcd,
     ids_now,
     podman,
-    same_bytes,
     store_bytes,
     tags_now,
 )
@@ -182,12 +181,12 @@ def test_notify_protocol_schedule_and_scraped_metrics(
     assert d.value("gcd_images_removed_total", reason="expired") == 3
     assert d.value("gcd_tags_removed_total", rule="ci") == 3
     freed = layers_before - store_bytes(dockerd, client)
-    assert same_bytes(client, d.value("gcd_bytes_reclaimed_total"), freed)
+    assert d.value("gcd_bytes_reclaimed_total") == freed
     assert d.value("gcd_engine_up") == 1
     assert d.value("gcd_images", state="keep") == 2
     assert d.value("gcd_images", state="remove") == 0
     assert d.value("gcd_reclaimable_bytes") == 0
-    assert same_bytes(client, d.value("gcd_image_store_bytes"), store_bytes(dockerd, client))
+    assert d.value("gcd_image_store_bytes") == store_bytes(dockerd, client)
     assert d.value("gcd_last_success_timestamp_seconds") > time.time() - 10
     assert d.value("gcd_cycle_duration_seconds_count") >= 3
     assert d.value("gcd_build_info", version=__import__("gcd").__version__) == 1

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import docker
 import pytest
 
 from gcd.engine import DockerEngine
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError
-from gcd.model import ImageFacts
+from gcd.model import Image, ImageFacts
 from gcd.transport import Tls
 from tests.dockerd import PrivateEngine, make_certificates
 from tests.images import Layer, Spec, busybox_layer, load, tarball
 from tests.integration.conftest import counts_content, podman, short_refs
+
+F = TypeVar("F", Image, ImageFacts)
 
 
 def test_warm_snapshots_cost_three_calls_and_a_retag_one_inspect(
@@ -49,11 +53,19 @@ def test_warm_snapshots_cost_three_calls_and_a_retag_one_inspect(
     assert retagged[ids[0]].layers == learned[ids[0]].layers
 
 
+def _unpacked(facts: F) -> F:
+    """Image facts without the packed blobs and the image's own content."""
+    pairs = zip(facts.layers, facts.layer_sizes, strict=True)
+    kept = [(k, n) for k, n in pairs if not k.endswith(("/own", "/content")) and "/blob" not in k]
+    return dataclasses.replace(
+        facts, layers=tuple(k for k, _ in kept), layer_sizes=tuple(n for _, n in kept)
+    )
+
+
 def layer_sizes(facts: ImageFacts) -> list[int]:
     """The unpacked layers' sizes gcd holds: without the image's own config and manifests
     (Podman, Docker 28.2's containerd store) and the packed blobs (the latter)."""
-    pairs = zip(facts.layers, facts.layer_sizes, strict=True)
-    return [size for layer, size in pairs if not layer.endswith("/own") and "/blob" not in layer]
+    return list(_unpacked(facts).layer_sizes)
 
 
 def test_layer_sizes_come_from_history_only_where_they_cannot_be_derived(
@@ -136,8 +148,16 @@ def test_the_unix_socket_and_tcp_with_tls_read_and_remove_alike(
     own = DockerEngine(dockerd.url, 30)
     py = DockerEngine(dockerd.tcp_url, 30, Tls.from_cert_path(dockerd.tls_dir, verify=True))
     (a, learned_a), (b, learned_b) = own.snapshot({}), py.snapshot({})
+    images_a, images_b = list(a.images), list(b.images)
+    if counts_content(client) and dockerd.kind.in_root:
+        # Through tcp:// gcd looks for the content store at the engine's own paths, which
+        # are inside the Debian 13 root here: it estimates the packed blobs' split instead
+        # of reading it (gcd.content). The rest must be the same.
+        images_a, images_b = [_unpacked(i) for i in images_a], [_unpacked(i) for i in images_b]
+        learned_a = {k: _unpacked(f) for k, f in learned_a.items()}
+        learned_b = {k: _unpacked(f) for k, f in learned_b.items()}
     # The engine lists images of equal age in any order.
-    assert sorted(a.images, key=lambda i: i.id) == sorted(b.images, key=lambda i: i.id)
+    assert sorted(images_a, key=lambda i: i.id) == sorted(images_b, key=lambda i: i.id)
     assert (a.containers, learned_a, a.engine.api_version) == (
         b.containers,
         learned_b,

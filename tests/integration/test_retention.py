@@ -10,7 +10,7 @@ import pytest
 from gcd.model import short_id
 from tests.dockerd import PrivateEngine
 from tests.images import Layer, Spec, busybox_layer, legacy_build, load
-from tests.integration.conftest import WHEN, Gcd, ids_now, same_bytes, store_bytes, tags_now
+from tests.integration.conftest import WHEN, Gcd, ids_now, store_bytes, tags_now
 
 SAME_TIME = WHEN
 NO_GUARDS = """
@@ -218,10 +218,14 @@ def test_dangling_images_wait_for_their_grace_then_go(gcd: Gcd, client: docker.A
     assert young in ids_now(client)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "compressed"])
 def test_shared_layers_are_counted_once_in_reclaimed_bytes(
-    gcd: Gcd, client: docker.APIClient, dockerd: PrivateEngine
+    gcd: Gcd, client: docker.APIClient, dockerd: PrivateEngine, packed: bool
 ) -> None:
-    shared = Layer("shared-base", 400_000)
+    # compressed: layers packed as pulled images' are, the shared one incompressible and the
+    # images' own not, loaded without their base. On Docker 28.2's containerd store, which
+    # counts the packed blobs, their split cannot be told from the API (docs/engines.md).
+    shared = Layer("shared-base", 400_000, random=packed)
     load(
         client,
         [
@@ -233,6 +237,7 @@ def test_shared_layers_are_counted_once_in_reclaimed_bytes(
             )
             for n in (1, 2, 3)
         ],
+        gzipped=packed,
     )
     load(client, [Spec(["keeper:1"], [busybox_layer(), Layer("keeper", 1000)], SAME_TIME)])
     before = store_bytes(dockerd, client)
@@ -253,7 +258,7 @@ unmatched: expire
     # Each removed image held its own 10 kB layer; the shared base stays with big:3.
     reclaimed = run["summary"]["reclaimed_bytes"]
     assert run["summary"]["reclaimable_bytes"] == reclaimed
-    assert same_bytes(client, reclaimed, before - after), (reclaimed, before - after)
+    assert reclaimed == before - after
     assert sum(d["size"] for d in removed) > 10 * reclaimed
     # The report puts the engine's own count beside it: the same drop (Podman 4 keeps no
     # count).
@@ -263,7 +268,7 @@ unmatched: expire
     else:
         assert accounted == counted - int(client.df()["LayersSize"])
         if counted == before:  # where LayersSize is what store_bytes counts
-            assert same_bytes(client, reclaimed, accounted)
+            assert reclaimed == accounted
 
 
 def test_expired_parent_and_child_are_removed_children_first_without_conflicts(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from pathlib import Path
 
 import pytest
 
@@ -143,9 +146,20 @@ def test_docker_28s_containerd_store_charges_packed_blobs_and_rereads_older_fact
     snapshot, learned = docker28.snapshot({image_id: old})
     assert f"/images/{image_id}/json?manifests=1" in asked  # read again
     (image,) = snapshot.images
-    assert image.layers == (layer, f"{layer}/blob", f"{image_id}/own")
+    assert image.layers == (layer, f"{layer}/blob", f"{image_id}/content")
     assert image.layer_sizes[0] == 4096 and sum(image.layer_sizes[1:]) == 5000
     assert 500 < image.layer_sizes[2] < 1000  # the manifest and a guess at the config
+    # Facts a gcd cached before it read blob sizes from the manifests: read again, once.
+    estimated = ImageFacts(
+        ("a:1",),
+        (layer, f"{layer}/blob", f"{image_id}/own"),
+        (4096, 4000, 1000),
+        None,
+        engine._EPOCH,
+    )
+    asked.clear()
+    docker28.snapshot({image_id: estimated})
+    assert f"/images/{image_id}/json?manifests=1" in asked
     # Its one platform's unpacked size is the sum of its layers': one unknown layer is the
     # difference, and no history is read.
     manifest = answers[f"/images/{image_id}/json?manifests=1"]["Manifests"][0]  # type: ignore[index]
@@ -167,6 +181,97 @@ def test_docker_28s_containerd_store_charges_packed_blobs_and_rereads_older_fact
     monkeypatch.setattr(other, "_json", json_of)
     (image,) = other.snapshot({})[0].images
     assert image.layers == (layer,) and image.layer_sizes == (4096,)
+
+
+def _docker28(data_root: Path) -> dict[str, object]:
+    """A Docker 28.5 engine on the containerd store, its data root there, no containers."""
+    return {
+        "/version": {"ApiVersion": "1.51", "Version": "28.5.2", "Components": []},
+        "/info": {
+            "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]],
+            "DockerRootDir": str(data_root),
+        },
+        "/containers/json?all=1": [],
+    }
+
+
+def test_docker_28s_packed_blobs_come_from_the_manifests_where_gcd_can_read_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Two images on one base layer, first seen together, the base (random bytes) packing
+    # to most of its size and their own (text) layers to little: shared in proportion to
+    # the unpacked sizes, the base blob would be charged a third of its size. Their
+    # manifests in the engine's content store give each blob its own.
+    base, own = "sha256:" + "b" * 64, ["sha256:" + c * 64 for c in "cd"]
+    blobs = tmp_path / "data/containerd/daemon/io.containerd.content.v1.content/blobs/sha256"
+    blobs.mkdir(parents=True)
+    answers = _docker28(tmp_path / "data")
+    listed, manifests = [], []
+    for n, layer in enumerate(own):
+        body = json.dumps(
+            {"config": {"size": 800}, "layers": [{"size": 1_000_000}, {"size": 900 + n}]}
+        )
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        (blobs / digest).write_text(body)
+        manifests.append(body)
+        image_id = f"sha256:{digest}"
+        listed.append({"Id": image_id, "RepoTags": [f"a:{n}"], "Size": 1})
+        answers[f"/images/{image_id}/json?manifests=1"] = {
+            "Created": "2026-03-01T00:00:00Z",
+            "RootFS": {"Layers": [base, layer]},
+            "Manifests": [
+                {
+                    "ID": image_id,
+                    "Available": True,
+                    "Kind": "image",
+                    "Descriptor": {"size": len(body)},
+                    "Size": {"Content": 1_000_000 + 900 + n + 800 + len(body)},
+                    "ImageData": {"Size": {"Unpacked": 1_003_520 + 2_000_000}},
+                }
+            ],
+        }
+        answers[f"/images/{image_id}/history"] = [{"Size": 2_000_000}, {"Size": 1_003_520}]
+    answers["/images/json?all=1"] = listed
+    docker28 = DockerEngine(f"unix://{tmp_path}/nonexistent.sock", 5)
+    monkeypatch.setattr(docker28, "_json", lambda path, *_, **__: answers[path])
+    images = docker28.snapshot({})[0].images
+    for n, image in enumerate(images):
+        sizes = dict(zip(image.layers, image.layer_sizes, strict=True))
+        chain = image.layers[1]
+        assert sizes[f"{base}/blob"] == 1_000_000
+        assert sizes[f"{chain}/blob"] == 900 + n
+        assert sizes[f"{image.id}/content"] == 800 + len(manifests[n])  # config and manifest
+    # A manifest gcd cannot read (another host's engine, no permission): the estimate.
+    for path in blobs.iterdir():
+        path.unlink()
+    estimated = DockerEngine(f"unix://{tmp_path}/nonexistent.sock", 5)
+    monkeypatch.setattr(estimated, "_json", lambda path, *_, **__: answers[path])
+    (first, _) = estimated.snapshot({})[0].images
+    assert dict(zip(first.layers, first.layer_sizes, strict=True))[f"{base}/blob"] < 500_000
+
+
+def test_a_content_store_gcd_cannot_read_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    image_id = "sha256:" + "a" * 64
+    answers = _docker28(tmp_path / "elsewhere") | {
+        "/images/json?all=1": [{"Id": image_id, "RepoTags": ["a:1"], "Size": 1}],
+        f"/images/{image_id}/json?manifests=1": {"RootFS": {"Layers": ["sha256:" + "b" * 64]}},
+        f"/images/{image_id}/history": [{"Size": 4096}],
+    }
+    monkeypatch.setattr(engine, "_SAID", {})
+    # Only the data root's folder (this machine may have a /var/lib/containerd).
+    monkeypatch.setattr(engine, "folders", lambda _, root: (f"{root}/containerd/daemon/x",))
+    caplog.set_level(logging.INFO, logger="gcd.engine")
+    for _ in range(2):  # two cycles, as a daemon's (a new engine after it was lost)
+        docker28 = DockerEngine(f"unix://{tmp_path}/nonexistent.sock", 5)
+        monkeypatch.setattr(docker28, "_json", lambda path, *_, **__: answers[path])
+        docker28.snapshot({})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the engine's content store is not readable here ({tmp_path}/elsewhere/containerd/"
+        "daemon/x): the packed bytes of layers that images share are estimated "
+        "(docs/engines.md)"
+    ]
 
 
 def test_podman_events_read_as_dockers() -> None:

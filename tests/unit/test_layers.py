@@ -87,3 +87,12 @@ def test_blobs_that_do_not_fit_an_images_content_are_other_blobs_of_the_same_lay
     sized |= {"a/blob.1": 1_000_000, "c/blob.1": 90_000}
     assert blob_keys(("a", "c"), 1_100_000, sized) == ("a/blob.1", "c/blob.1")
     assert blob_keys(("a",), 900_000, sized) == ("a/blob.2",)  # neither fits: a third
+
+
+def test_blobs_with_exact_sizes_share_keys_only_with_blobs_of_those_sizes() -> None:
+    # From the manifests: a layer's blob keeps its key while the sizes agree; a blob of
+    # another size (the same layer packed otherwise) is another blob.
+    assert blob_keys(("a", "b"), 0, {}, (2_000_000, 50_000)) == ("a/blob", "b/blob")
+    sized = {"a/blob": 2_000_000, "b/blob": 50_000}
+    assert blob_keys(("a", "c"), 0, sized, (2_000_000, 7)) == ("a/blob", "c/blob")
+    assert blob_keys(("a", "c"), 0, sized, (1_000_000, 7)) == ("a/blob.1", "c/blob.1")
