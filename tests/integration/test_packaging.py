@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import configparser
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
+import docker
 import pytest
 
 from gcd.config import DEFAULT_PATH, EngineConfig
 from gcd.errors import ConfigError
+from tests.dockerd import PrivateEngine
+from tests.images import Layer, Spec, load
+from tests.integration.conftest import WHEN, Gcd, podman, tags_now
 from tests.integration.test_daemon import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("gcd.service", "gcd-once.service", "gcd.timer")
+NOBODY = 65534  # a user of no files, as DynamicUser's is
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +128,55 @@ def test_example_alert_rules_pass_promtool() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 10 rules found" in result.stdout
+
+
+def test_the_service_s_user_watches_the_data_root_with_the_unit_s_one_capability(
+    gcd: Gcd, client: docker.APIClient, dockerd: PrivateEngine, tmp_path: Path
+) -> None:
+    """gcd as gcd.service runs it: a user of its own, in the group of the engine's socket,
+    with the unit's capabilities (setpriv sets them as systemd does from those lines). The
+    data root is not this user's to read (/var/lib/docker is 0710 root:root; the private
+    engine's folder 0700): the capability lets it measure the disk there (`disk.path:
+    auto`) and, on Docker 28.2's containerd store, read the manifests (gcd.content)."""
+    if dockerd.kind.in_root or podman(client):
+        pytest.skip("the data root is inside the Debian 13 root, or Podman tells none")
+    service = _unit(ROOT / "systemd/gcd.service")
+    capabilities = service["AmbientCapabilities"].split()
+    assert capabilities == service["CapabilityBoundingSet"].split() == ["CAP_DAC_READ_SEARCH"]
+    assert _unit(ROOT / "systemd/gcd-once.service")["AmbientCapabilities"].split() == capabilities
+    load(client, [Spec([f"svc:{n}"], [Layer(f"svc-{n}")], WHEN, note=str(n)) for n in (1, 2)])
+    state = tmp_path / "service-state"  # StateDirectory: the user's own
+    state.mkdir()
+    os.chown(state, NOBODY, NOBODY)
+    config = gcd.config(
+        "safety: {min_age: 0s, max_removal_fraction: 1.0}\n"
+        "rules:\n  - {name: svc, match: {repository: svc}, keep_last: 1}\n"
+    )
+    config.write_text(config.read_text().replace(str(tmp_path / "state"), str(state)))
+    caps = ",".join("+" + c.lower().removeprefix("cap_") for c in capabilities)
+    result = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            f"--groups={os.stat(dockerd.socket).st_gid}",
+            f"--inh-caps={caps}",
+            f"--ambient-caps={caps}",
+            sys.executable,
+            "-m",
+            "gcd",
+            "run",
+            "--config",
+            str(config),
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "not watched" not in result.stderr and "not readable" not in result.stderr
+    report = json.loads(result.stdout)
+    assert report["summary"]["freed_measured_bytes"] is not None
+    assert sorted(tags_now(client)) == ["svc:2"]
