@@ -17,6 +17,7 @@ import json
 import os
 import re
 import socket
+import stat
 import struct
 from collections.abc import Sequence
 
@@ -89,11 +90,19 @@ def _opens(folder: str) -> bool:
 
 
 def _read(path: str) -> bytes | None:
+    """A blob's bytes, if it is a regular file of at most MAX_MANIFEST bytes (never a link,
+    and never a FIFO or device, which could keep a read waiting)."""
     try:
-        with open(path, "rb") as f:
-            body = f.read(MAX_MANIFEST + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            body = f.read(MAX_MANIFEST + 1)
+        except OSError:
+            return None
     return body if len(body) <= MAX_MANIFEST else None
 
 

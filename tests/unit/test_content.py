@@ -80,3 +80,20 @@ def test_a_store_is_readable_when_one_of_its_folders_opens(tmp_path: Path) -> No
     assert not ContentStore([str(tmp_path / "a")]).readable()
     (tmp_path / "b" / "blobs" / "sha256").mkdir(parents=True)
     assert ContentStore([str(tmp_path / "a"), str(tmp_path / "b")]).readable()
+
+
+def test_a_blob_that_is_not_a_regular_file_is_not_read(tmp_path: Path) -> None:
+    # A FIFO would keep the read waiting for a writer; a link may lead anywhere.
+    body = _manifest(10, 20)
+    digest = hashlib.sha256(body).hexdigest()
+    blobs = tmp_path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    os.mkfifo(blobs / digest)
+    assert ContentStore([str(tmp_path)]).layer_sizes(f"sha256:{digest}", 2) is None
+    os.unlink(blobs / digest)
+    (tmp_path / "elsewhere").write_bytes(body)
+    (blobs / digest).symlink_to(tmp_path / "elsewhere")
+    assert ContentStore([str(tmp_path)]).layer_sizes(f"sha256:{digest}", 2) is None
+    os.unlink(blobs / digest)
+    (blobs / digest).write_bytes(body)
+    assert ContentStore([str(tmp_path)]).layer_sizes(f"sha256:{digest}", 2) == (10, 20)
