@@ -9,7 +9,6 @@ while it waits for the running job, so a job that asked it anything would deadlo
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import gc
@@ -55,6 +54,8 @@ PRESSURE_MARGIN = 0.01
 STUCK_RETRY = 30.0
 # How long one sd_notify message may wait for systemd to take it.
 NOTIFY_TIMEOUT = 0.1
+# signalled.pop's default: no such signal came (one that came left a frame, or None).
+_NONE = object()
 
 
 def _one_line(text: str) -> str:
@@ -101,12 +102,17 @@ class Daemon:
         owner = env.get("WATCHDOG_PID")
         self.watchdog = usec / 1e6 if usec and (not owner or owner == str(os.getpid())) else 0.0
         self.stopping = threading.Event()
-        # The main loop sleeps on this pipe; a byte wakes it. A signal handler only appends
-        # to `signals` and writes a byte: it runs in the main thread between two bytecodes,
-        # maybe while that thread holds a lock, and setting an Event there (its lock) once
-        # deadlocked the daemon, which then never stopped on SIGTERM.
+        # The main loop sleeps on this pipe; a byte wakes it. A signal writes its byte from
+        # C (signal.set_wakeup_fd), and its handler is `signalled.__setitem__`, C too. A
+        # handler runs in the main thread between two bytecodes, maybe while that thread
+        # holds a lock: setting an Event there (its lock) once deadlocked the daemon, which
+        # then never stopped on SIGTERM. A handler written in Python also runs inside
+        # itself when the next signal comes before it returns: one that wrote the byte
+        # itself (a few microseconds) was found nested 1,000 deep in a burst of 20,000
+        # SIGHUPs (RecursionError, the daemon gone). A C function runs no bytecode, so no
+        # handler runs inside it. The main loop takes the signals out (_take_signals).
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.signals: collections.deque[int] = collections.deque()
+        self.signalled: dict[int, FrameType | None] = {}
         # SIGHUPs received and reloads carried out: the last SIGHUP always wins (coalesced,
         # never dropped, also while a reload runs).
         self.reloads_wanted = 0
@@ -156,9 +162,10 @@ class Daemon:
         )
         self.follower.start()
         previous = {s: signal.getsignal(s) for s in HELD}
+        previous_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         if held is None:
             held = Held()
-        held.take_over(self._on_signal)
+        held.take_over(self.signalled.__setitem__)
         self._take_signals()
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self.scheduler.add_job(
@@ -192,6 +199,7 @@ class Daemon:
             self.store.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            signal.set_wakeup_fd(previous_wakeup)
             os.close(self._wake_r)
             os.close(self._wake_w)
         log.info("gcd daemon stopped")
@@ -240,17 +248,13 @@ class Daemon:
             if self.watchdog and self._healthy():
                 self._notify("WATCHDOG=1")
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        """Takes no lock (see `signals`); the main loop acts on it (_take_signals)."""
-        self.signals.append(signum)
-        self.wake()
-
     def _take_signals(self) -> None:
-        """In the main thread: a SIGHUP asks for a reload, SIGTERM and SIGINT for the end."""
-        while self.signals:
-            if self.signals.popleft() == signal.SIGHUP:
-                self.reloads_wanted += 1
-            else:
+        """In the main thread: a SIGHUP asks for a reload (those that came since the last
+        look, one: the file is read as it is then), SIGTERM and SIGINT for the end."""
+        if self.signalled.pop(signal.SIGHUP, _NONE) is not _NONE:
+            self.reloads_wanted += 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if self.signalled.pop(signum, _NONE) is not _NONE:
                 self.stopping.set()
 
     def wake(self) -> None:
