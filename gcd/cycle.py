@@ -120,10 +120,6 @@ def prepare(
     return result
 
 
-# Why disk pressure is not measured, said once per process (not once a cycle).
-_UNMEASURED: set[str] = set()
-
-
 def watched(config: Config, engine: Engine) -> Usage | None:
     """The watched filesystem now (`disk.path`), or None where it cannot be measured (said
     once): an engine on another host with `disk.path: auto`, or a path this user cannot
@@ -133,16 +129,22 @@ def watched(config: Config, engine: Engine) -> Usage | None:
     if path == "auto":
         root = engine.data_root() if config.engine_url().startswith("unix://") else None
         if root is None or not os.path.exists(root):
-            _say_once(
+            logs.once(
+                log,
+                logging.WARNING,
                 f"disk pressure is not watched: the engine's data root ({root or 'unknown'}) "
-                "is not on this host; set disk.path"
+                "is not on this host; set disk.path",
             )
             return None
         path = root
     try:
         return disk.measure(path)
     except GcdError as e:
-        _say_once(f"disk pressure is not watched: {e}; set disk.path to a path gcd can read")
+        logs.once(
+            log,
+            logging.WARNING,
+            f"disk pressure is not watched: {e}; set disk.path to a path gcd can read",
+        )
         return None
 
 
@@ -174,12 +176,6 @@ def _meanwhile(read: Callable[[], int | None]) -> Callable[[], int | None]:
         return answer[0] if answer else None
 
     return result
-
-
-def _say_once(why: str) -> None:
-    if why not in _UNMEASURED:
-        _UNMEASURED.add(why)
-        log.warning("%s", why)
 
 
 def run(

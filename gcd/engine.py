@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
-from gcd import layers
+from gcd import layers, logs
 from gcd.content import ContentStore, folders
 from gcd.errors import ConflictError, EngineError, EngineUnavailable, NotFoundError, Stopped
 from gcd.model import (
@@ -386,12 +386,13 @@ class DockerEngine:
             parsed = urllib.parse.urlparse(self.url)
             socket_path = parsed.path if parsed.scheme == "unix" else None
             self._content = ContentStore(folders(socket_path, self.data_root()))
-            if not self._content.readable() and not _SAID.get("content"):
-                _SAID["content"] = True
-                log.info(
-                    "the engine's content store is not readable here (%s): the packed bytes "
-                    "of layers that images share are estimated (docs/engines.md)",
-                    ", ".join(self._content.folders),
+            if not self._content.readable():
+                where = ", ".join(self._content.folders)
+                logs.once(
+                    log,
+                    logging.INFO,
+                    f"the engine's content store is not readable here ({where}): the packed "
+                    "bytes of layers that images share are estimated (docs/engines.md)",
                 )
         with ThreadPoolExecutor(max_workers=min(INSPECT_WORKERS, len(ids))) as pool:
             answers = [(i, raw) for i, raw in pool.map(read, ids) if raw is not None]
@@ -1029,8 +1030,6 @@ def _content(raw: Mapping[str, Any], history: Any) -> tuple[int, int]:
     return content + index, own
 
 
-# What this process has said once (a store it cannot read is said once, not each cycle).
-_SAID: dict[str, bool] = {}
 # What _facts reads of an inspect; and where packed blobs are counted, what _content does.
 _FIELDS = ("Created", "Metadata", "RootFS", "Size")
 _PACKED_FIELDS = (*_FIELDS, "Architecture", "Config", "Descriptor", "Manifests", "Os")

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 # host that loads 500 removed builds back at once would log 500 lines). The JSON report
 # lists them all and gcd_regret_total counts them all.
 REGRETS_NAMED = 10
+# What this process has said once (a condition that lasts is said once, not each cycle).
+_SAID: set[str] = set()
 
 
 class JournalFormatter(logging.Formatter):
@@ -61,6 +63,13 @@ def setup(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def once(log: logging.Logger, level: int, text: str) -> None:
+    """Log `text` the first time this process says it."""
+    if text not in _SAID:
+        _SAID.add(text)
+        log.log(level, "%s", text)
 
 
 def regrets(log: logging.Logger, found: Sequence[Regret]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gcd import engine
+from gcd import engine, logs
 from gcd.engine import DockerEngine, followed
 from gcd.errors import EngineError
 from gcd.model import ContainerUse, ImageEvent, ImageFacts
@@ -259,7 +259,7 @@ def test_a_content_store_gcd_cannot_read_is_said_once(
         f"/images/{image_id}/json?manifests=1": {"RootFS": {"Layers": ["sha256:" + "b" * 64]}},
         f"/images/{image_id}/history": [{"Size": 4096}],
     }
-    monkeypatch.setattr(engine, "_SAID", {})
+    monkeypatch.setattr(logs, "_SAID", set())
     # Only the data root's folder (this machine may have a /var/lib/containerd).
     monkeypatch.setattr(engine, "folders", lambda _, root: (f"{root}/containerd/daemon/x",))
     caplog.set_level(logging.INFO, logger="gcd.engine")
