@@ -50,10 +50,11 @@ def _engine_root(socket_path: str) -> str:
             ucred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid = struct.unpack("3i", ucred)[0]
         root = f"/proc/{pid}/root"
-        os.stat(root)  # readable: the same user, or root
-        return root if os.path.realpath(root) != "/" else ""
+        theirs, ours = os.stat(root), os.stat("/")  # the first: the same user, or root
     except (OSError, AttributeError, struct.error):
         return ""
+    # Not by the link's text: an engine in another mount namespace (a container) reads "/".
+    return "" if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino) else root
 
 
 class ContentStore:
